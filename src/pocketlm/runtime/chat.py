@@ -1,0 +1,52 @@
+"""Terminal chat on llama.cpp. HF folders are exported to a cached GGUF first."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..models.source import resolve
+
+
+def gguf_for(source) -> str:
+    """A GGUF path for any source; HF folders are converted once (f16) and cached by content."""
+    from ..eval.reference import cache_dir, model_content_hash
+    from ..models.export_gguf import export_gguf
+
+    src = resolve(source)
+    if src.is_gguf:
+        return str(src.path)
+    path = cache_dir() / "gguf" / f"{model_content_hash(src)[:24]}.f16.gguf"
+    if not path.exists():
+        click.echo(f"converting {src.path} to GGUF for llama.cpp (cached at {path})", err=True)
+        export_gguf(src, path, "f16")
+    return str(path)
+
+
+def chat_loop(model, *, system=None, max_tokens=512, temperature=0.7, n_ctx=2048,
+              input_fn=None, out=None) -> None:
+    from .llama_cpp_backend import LlamaCppModel
+
+    out = out or sys.stdout
+    rt = LlamaCppModel(gguf_for(model), n_ctx=n_ctx)
+    messages = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty() and input_fn is None
+    read = input_fn or (lambda: input("you> ") if interactive else sys.stdin.readline())
+    while True:
+        try:
+            line = read()
+        except EOFError:
+            break
+        if line is None or not line.strip():
+            if interactive or not line:
+                break
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        reply = []
+        out.write("assistant> " if interactive else "")
+        for piece in rt.chat(messages, max_tokens=max_tokens, temperature=temperature):
+            reply.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})

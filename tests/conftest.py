@@ -1,0 +1,81 @@
+"""Tiny generated models: Llama-shaped, every Linear input a multiple of 256, a BPE tokenizer
+trained here on a paragraph, random weights scaled so that predictions are peaked (a near-uniform
+model would make every logit comparison trivially pass)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CORPUS = (
+    "The river runs past the old mill and under the stone bridge. In 1887 the town built a "
+    "school, a library and 3 new roads. Children learn to read, to count from 1 to 100, and to "
+    "write letters to friends far away. The library keeps maps, books and records of every "
+    "family; its doors open at 9 and close at 5. Rain falls often in spring, and the river rises. "
+)
+
+
+def train_tokenizer(folder: Path, vocab_size: int = 400, seed_text: str = CORPUS) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>", "<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([seed_text] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>")
+    fast.save_pretrained(folder)
+
+
+def make_tiny_llama(folder: Path, *, seed: int = 0, tied: bool = True, vocab_size: int = 400,
+                    seed_text: str = CORPUS) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(folder, vocab_size, seed_text)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1,
+                      initializer_range=0.08)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_f32(tiny_hf, tmp_path_factory) -> Path:
+    from pocketlm.models.export_gguf import export_gguf
+
+    return export_gguf(tiny_hf, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32")
+
+
+@pytest.fixture(scope="session")
+def sample_text(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "sample.txt"
+    p.write_text(CORPUS * 12)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "cache"))
+
+
+def shared_file(rel: str) -> Path:
+    p = SHARED / rel
+    if not p.exists():
+        pytest.skip(f"shared data not present: {p}")
+    return p
