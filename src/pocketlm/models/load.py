@@ -61,6 +61,7 @@ def load(source, dtype: str = "float32") -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise PocketError(f"transformers cannot load {src.path}: {exc}") from None
+        _forget_gguf_origin(model)
     else:
         config = json.loads((src.path / "config.json").read_text())
         model_type = (config.get("text_config") or config).get("model_type", config.get("model_type"))
@@ -73,6 +74,20 @@ def load(source, dtype: str = "float32") -> LoadedModel:
         add_bos = _hf_adds_bos(tokenizer, sidecar)
     model.eval()
     return LoadedModel(src, model, tokenizer, sidecar, {"add_bos": add_bos})
+
+
+def _forget_gguf_origin(model) -> None:
+    """transformers tags GGUF-loaded models as quantized and then refuses to save them, though
+    their weights are plain float tensors after loading; drop the tag."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr) and not callable(getattr(model, attr)):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except AttributeError:
+                pass
 
 
 def _hf_adds_bos(tokenizer, sidecar: dict | None) -> bool:

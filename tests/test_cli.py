@@ -1,0 +1,117 @@
+"""The CLI: happy paths, and every bad input ending in one line on stderr and exit status 1."""
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from pocketlm.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, pattern):
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_info_json(tiny_gguf_f32):
+    r = run("info", tiny_gguf_f32, "--json")
+    assert r.exit_code == 0
+    d = json.loads(r.stdout)
+    assert d["architecture"] == "llama" and d["n_embedding_params"] == 400 * 256
+    assert d["n_params"] == d["n_embedding_params"] + d["n_non_embedding_params"]
+    per_layer = 256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 512 + 2 * 256  # q,o; k,v (2 kv heads); mlp; norms
+    assert d["n_non_embedding_params"] == 2 * per_layer + 256
+
+
+def test_eval_writes_json_schema(tiny_gguf_f32, tiny_hf, sample_text, tmp_path):
+    out = tmp_path / "r.json"
+    r = run("eval", tiny_gguf_f32, "--reference", tiny_hf, "--text", sample_text, "--ctx", 64, "--json", out)
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    for key in ("model", "size_bytes", "bpw", "tokens", "ppl", "kld_mean", "kld_p99", "top1", "mmlu_acc",
+                "prefill_tps", "decode_tps", "peak_rss_mb"):
+        assert key in d
+    assert d["tokens"] > 0 and d["ppl"] > 1 and d["kld_mean"] >= 0 and 0 <= d["top1"] <= 1
+    assert "PPL" in r.stdout
+
+
+def test_export_both_ways(tiny_gguf_f32, tmp_path):
+    assert run("export", tiny_gguf_f32, "-o", tmp_path / "m.gguf", "--type", "f16").exit_code == 0
+    assert run("export", tiny_gguf_f32, "-o", tmp_path / "hf").exit_code == 0
+    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+def test_missing_model():
+    assert_one_line_error(run("info", "/nope/model.gguf"), "no such file")
+
+
+def test_not_a_model(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"hello world")
+    assert_one_line_error(run("info", p), "neither a GGUF")
+    assert_one_line_error(run("info", tmp_path), "without config.json")
+
+
+def test_truncated_gguf(tiny_gguf_f32, tmp_path):
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(tiny_gguf_f32.read_bytes()[: tiny_gguf_f32.stat().st_size // 2])
+    assert_one_line_error(run("info", p), "truncated")
+    out = tmp_path / "out.gguf"
+    assert_one_line_error(run("export", p, "-o", out), "truncated")
+    assert not out.exists() and not list(tmp_path.glob(".out.gguf.tmp*"))
+
+
+def test_corrupt_gguf_header(tiny_gguf_f32, tmp_path):
+    data = bytearray(tiny_gguf_f32.read_bytes())
+    data[8:24] = b"\xff" * 16  # tensor and key counts become absurd
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(bytes(data))
+    assert_one_line_error(run("eval", p, "--text", p), "not a readable GGUF")
+
+
+def test_unsupported_architecture(tiny_hf, tmp_path):
+    folder = tmp_path / "weird"
+    shutil.copytree(tiny_hf, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "gpt_bigcode"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run("eval", folder, "--text", folder / "config.json"), "unsupported architecture")
+    assert_one_line_error(run("export", folder, "-o", tmp_path / "w.gguf"), "unsupported architecture")
+    assert not (tmp_path / "w.gguf").exists()
+
+
+def test_text_shorter_than_a_window(tiny_gguf_f32, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("The river runs.")
+    assert_one_line_error(run("eval", tiny_gguf_f32, "--text", short), "fewer than one window")
+
+
+def test_missing_text_file(tiny_gguf_f32, tmp_path):
+    assert_one_line_error(run("eval", tiny_gguf_f32, "--text", tmp_path / "none.txt"), "text file not found")
+
+
+def test_reference_with_other_vocabulary(tiny_gguf_f32, sample_text, tmp_path):
+    from conftest import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "other", vocab_size=400, seed_text="zebra quartz vexing jumbled fox " * 30)
+    out = tmp_path / "r.json"
+    r = run("eval", tiny_gguf_f32, "--reference", other, "--text", sample_text, "--ctx", 64, "--json", out)
+    assert_one_line_error(r, "another vocabulary")
+    assert not out.exists()
+
+
+def test_export_refuses_to_overwrite(tiny_gguf_f32, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"precious")
+    assert_one_line_error(run("export", tiny_gguf_f32, "-o", out), "exists")
+    assert out.read_bytes() == b"precious"
+    assert run("export", tiny_gguf_f32, "-o", out, "--force").exit_code == 0
