@@ -58,8 +58,7 @@ def test_kld_against_torch_reference_by_hand(tiny_hf, tmp_path, sample_text):
             if p.ndim == 2:
                 p.add_(torch.randn_like(p) * 0.05 * p.std())
     f16 = export_gguf(save_hf(noisy, tmp_path / "noisy"), tmp_path / "f16.gguf", "f16")
-    # top-k = whole vocabulary, so the cached reference is exact and must equal the hand value
-    res = evaluate(str(f16), EvalOptions(texts=[sample_text], ctx=64, reference=str(tiny_hf), topk=400, progress=False))
+    res = evaluate(str(f16), EvalOptions(texts=[sample_text], ctx=64, reference=str(tiny_hf), progress=False))
     # hand: full-vocabulary KL between torch fp32 and llama.cpp f16 over the same windows
     from pocketlm.runtime.llama_cpp_backend import LlamaCppModel
 
@@ -78,9 +77,6 @@ def test_kld_against_torch_reference_by_hand(tiny_hf, tmp_path, sample_text):
     assert res["kld_p99"] == pytest.approx(np.percentile(kl.numpy(), 99), rel=0.05)
     assert res["top1"] == pytest.approx(top1, abs=1e-9)
     assert 0.001 < res["kld_mean"] < 0.5
-    approx = evaluate(str(f16), EvalOptions(texts=[sample_text], ctx=64, reference=str(tiny_hf), topk=64, progress=False))
-    assert 0 < approx["kld_mean"] <= res["kld_mean"]  # a lower bound (closeness is checked on a real model)
-    assert approx["top1"] == res["top1"]
 
 
 def test_reference_pass_is_cached(tiny_gguf_f32, tiny_hf, sample_text, monkeypatch, tmp_path):

@@ -57,4 +57,4 @@ def print_eval(d: dict) -> None:
     t.add_row(*[v for _, v in cols])
     console.print(t)
     if d.get("reference"):
-        console.print(f"reference: {d['reference']} ({d['reference_backend']}); KLD over its top-{d['kld_topk']} tokens + tail")
+        console.print(f"reference: {d['reference']} ({d['reference_backend']}); KLD over the full vocabulary")

@@ -1,6 +1,9 @@
-"""Reference top-k log-probs, computed once per (reference, tokens, scheme) and cached on disk.
+"""Reference log-probs, computed once per (reference, tokens, backend) and cached on disk.
 
-Comparing ten quantized files against one original then costs one reference pass.
+Comparing ten quantized files against one original then costs one reference pass. Every
+position keeps the whole vocabulary's log-probs as uint16 codes over that position's range
+(llama.cpp's KLD tool stores its reference the same way): 2 bytes a token-entry, ~0.1 GB
+per 1k tokens for a 49k vocabulary, with a log-prob step of ~1e-3 that moves KLD by <1e-5.
 """
 from __future__ import annotations
 
@@ -11,55 +14,92 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.source import ModelSource
 from ..util.atomic import atomic_path
 from ..util.hashing import array_sha256, file_sha256, tree_sha256
-from ..models.source import ModelSource
 
-DEFAULT_TOPK = 256
+FLOOR = 40.0  # log-probs below (max - FLOOR) are stored as the floor: p < 5e-18 adds nothing
+LEVELS = 65535
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("POCKETLM_CACHE") or Path.home() / ".cache" / "pocketlm"
-    return Path(base)
+    return Path(os.environ.get("POCKETLM_CACHE") or Path.home() / ".cache" / "pocketlm")
 
 
 def model_content_hash(src: ModelSource) -> str:
     """Keyed by bytes, not path: a copied or renamed model still hits the cache."""
-    if src.is_gguf:
-        return file_sha256(src.path)
-    return tree_sha256(src.path)
+    return file_sha256(src.path) if src.is_gguf else tree_sha256(src.path)
+
+
+def encode_logp(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes uint16 (n, V), lo float32 (n,)); the step is FLOOR / LEVELS for every row."""
+    hi = logp.max(axis=-1)
+    lo = (hi - FLOOR).astype(np.float32)
+    codes = np.rint((np.maximum(logp, lo[:, None]) - lo[:, None]) * (LEVELS / FLOOR))
+    return codes.astype(np.uint16), lo
+
+
+def decode_logp(codes: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Log-probs back from codes, renormalized so each row is a distribution again."""
+    logp = codes.astype(np.float64) * (FLOOR / LEVELS) + lo[:, None]
+    logp -= logp.max(axis=-1, keepdims=True)
+    return logp - np.log(np.exp(logp).sum(axis=-1, keepdims=True))
 
 
 @dataclass
 class ReferenceLogits:
-    top_logp: np.ndarray  # (n_windows, ctx-1, k) float32
-    top_idx: np.ndarray  # (n_windows, ctx-1, k) int32
+    codes: np.ndarray  # (n_windows, ctx-1, V) uint16, memory-mapped
+    lo: np.ndarray  # (n_windows, ctx-1) float32
     nll: np.ndarray  # (n_windows, ctx-1) the reference's own loss on the targets
+    argmax: np.ndarray  # (n_windows, ctx-1) int32, the reference's top-1 token
+
+    def logp(self, window: int) -> np.ndarray:
+        return decode_logp(np.asarray(self.codes[window]), self.lo[window])
 
 
-def reference_key(src: ModelSource, inputs: np.ndarray, k: int, backend: str) -> str:
-    return array_sha256(
-        np.frombuffer(model_content_hash(src).encode(), dtype=np.uint8),
-        inputs,
-        np.frombuffer(f"{k}|{backend}".encode(), dtype=np.uint8),
-    )[:32]
+def reference_key(src: ModelSource, inputs: np.ndarray, backend: str) -> str:
+    return array_sha256(np.frombuffer(f"{model_content_hash(src)}|{backend}".encode(), dtype=np.uint8), inputs)[:32]
+
+
+def _entry(key: str) -> Path:
+    return cache_dir() / "reference" / key
 
 
 def load_cached(key: str) -> ReferenceLogits | None:
-    path = cache_dir() / "reference" / f"{key}.npz"
-    if not path.exists():
-        return None
+    folder = _entry(key)
     try:
-        with np.load(path) as z:
-            return ReferenceLogits(z["top_logp"], z["top_idx"], z["nll"])
+        side = np.load(folder / "side.npz")
+        codes = np.load(folder / "codes.npy", mmap_mode="r")
+        return ReferenceLogits(codes, side["lo"], side["nll"], side["argmax"])
     except (OSError, ValueError, KeyError):
-        return None  # a damaged cache entry is recomputed, never trusted
+        return None  # missing or damaged: recompute, never trust
 
 
-def store(key: str, ref: ReferenceLogits, about: dict) -> None:
-    folder = cache_dir() / "reference"
-    with atomic_path(folder / f"{key}.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, top_logp=ref.top_logp, top_idx=ref.top_idx, nll=ref.nll)
-    with atomic_path(folder / f"{key}.json") as tmp:
-        tmp.write_text(json.dumps(about, indent=2))
+class ReferenceWriter:
+    """Fills a cache entry window by window; the entry appears only when complete."""
+
+    def __init__(self, key: str, n_windows: int, width: int, n_vocab: int, about: dict):
+        self.key, self.about = key, about
+        self._ctx = atomic_path(_entry(key), is_dir=True)
+        self.tmp = self._ctx.__enter__()
+        self.codes = np.lib.format.open_memmap(self.tmp / "codes.npy", mode="w+", dtype=np.uint16,
+                                               shape=(n_windows, width, n_vocab))
+        self.lo = np.empty((n_windows, width), np.float32)
+        self.nll = np.empty((n_windows, width), np.float64)
+        self.argmax = np.empty((n_windows, width), np.int32)
+
+    def add(self, i: int, logp: np.ndarray, nll: np.ndarray) -> None:
+        self.codes[i], self.lo[i] = encode_logp(logp)
+        self.nll[i], self.argmax[i] = nll, logp.argmax(-1)
+
+    def finish(self) -> ReferenceLogits:
+        self.codes.flush()
+        del self.codes
+        np.savez(self.tmp / "side.npz", lo=self.lo, nll=self.nll, argmax=self.argmax)
+        (self.tmp / "about.json").write_text(json.dumps(self.about, indent=2))
+        self._ctx.__exit__(None, None, None)
+        return load_cached(self.key)
+
+    def abort(self, exc) -> None:
+        del self.codes
+        self._ctx.__exit__(type(exc), exc, exc.__traceback__)

@@ -14,7 +14,7 @@ from ..models.info import inspect
 from ..models.source import ModelSource, resolve
 from . import metrics
 from .mmlu import evaluate_mmlu, load_questions
-from .reference import DEFAULT_TOPK, ReferenceLogits, load_cached, reference_key, store
+from .reference import ReferenceLogits, ReferenceWriter, load_cached, reference_key
 from .windows import Windows, make_windows, read_texts
 
 PROBE_CHARS = 4000  # text tokenized by both models to prove they share a vocabulary
@@ -29,7 +29,6 @@ class EvalOptions:
     mmlu: str | None = None
     mmlu_limit: int | None = None
     speed: bool = False
-    topk: int = DEFAULT_TOPK
     torch_dtype: str = "float32"
     threads: int = 2
     progress: bool = True
@@ -54,16 +53,17 @@ def _windows_for(runtime, text: str, opts: EvalOptions) -> Windows:
     return make_windows(tokens, opts.ctx, runtime.bos_id if runtime.add_bos else None, opts.max_tokens)
 
 
-def _compute_reference(runtime, windows: Windows, k: int, progress: bool) -> ReferenceLogits:
+def _compute_reference(runtime, windows: Windows, key: str, about: dict, progress: bool) -> ReferenceLogits:
     n, width = windows.targets.shape
-    top_logp = np.empty((n, width, min(k, runtime.n_vocab)), np.float32)
-    top_idx = np.empty_like(top_logp, dtype=np.int32)
-    nll = np.empty((n, width), np.float64)
-    for i in tqdm(range(n), desc="reference", unit="window", disable=not progress):
-        logp = metrics.log_softmax(runtime.logits(windows.inputs[i].tolist())[:-1])
-        nll[i] = metrics.nll(logp, windows.targets[i])
-        top_logp[i], top_idx[i] = metrics.topk_reference(logp, k)
-    return ReferenceLogits(top_logp, top_idx, nll)
+    writer = ReferenceWriter(key, n, width, runtime.n_vocab, about)
+    try:
+        for i in tqdm(range(n), desc="reference", unit="window", disable=not progress):
+            logp = metrics.log_softmax(runtime.logits(windows.inputs[i].tolist())[:-1])
+            writer.add(i, logp, metrics.nll(logp, windows.targets[i]))
+    except BaseException as exc:  # Ctrl-C included: no half-written cache entry survives
+        writer.abort(exc)
+        raise
+    return writer.finish()
 
 
 def _reference(ref_src: ModelSource, cand_runtime, text: str, windows: Windows, opts: EvalOptions) -> tuple[ReferenceLogits, str]:
@@ -71,14 +71,12 @@ def _reference(ref_src: ModelSource, cand_runtime, text: str, windows: Windows, 
     if ref_runtime.n_vocab != cand_runtime.n_vocab or \
             ref_runtime.tokenize(text[:PROBE_CHARS]) != cand_runtime.tokenize(text[:PROBE_CHARS]):
         raise PocketError(f"the reference {ref_src.name} uses another vocabulary than the model; KLD needs the same tokenizer")
-    key = reference_key(ref_src, windows.inputs, opts.topk, backend)
+    key = reference_key(ref_src, windows.inputs, backend)
     cached = load_cached(key)
     if cached is not None:
         return cached, backend
-    ref = _compute_reference(ref_runtime, windows, opts.topk, opts.progress)
-    store(key, ref, {"reference": str(ref_src.path), "backend": backend, "ctx": opts.ctx, "topk": opts.topk,
-                     "windows": int(windows.inputs.shape[0])})
-    return ref, backend
+    about = {"reference": str(ref_src.path), "backend": backend, "ctx": opts.ctx, "windows": int(windows.inputs.shape[0])}
+    return _compute_reference(ref_runtime, windows, key, about, opts.progress), backend
 
 
 def evaluate(model: str, opts: EvalOptions) -> dict:
@@ -101,14 +99,14 @@ def evaluate(model: str, opts: EvalOptions) -> dict:
             logp = metrics.log_softmax(runtime.logits(windows.inputs[i].tolist())[:-1])
             nll.append(metrics.nll(logp, windows.targets[i]))
             if ref is not None:
-                kld.append(metrics.kld_from_topk(ref.top_logp[i], ref.top_idx[i], logp))
-                top1.append(logp.argmax(-1) == ref.top_idx[i][:, 0])
+                kld.append(metrics.kld(ref.logp(i), logp))
+                top1.append(logp.argmax(-1) == ref.argmax[i])
         cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
         result.update(metrics.summarize(cat(nll), cat(kld), cat(top1)))
         result["bos"] = windows.bos
         if ref is not None:
             result.update(reference=ref_src.name, reference_backend=ref_backend,
-                          reference_ppl=float(np.exp(ref.nll.mean())), kld_topk=int(ref.top_idx.shape[-1]))
+                          reference_ppl=float(np.exp(ref.nll.mean())))
     if opts.mmlu:
         questions = load_questions(opts.mmlu, opts.mmlu_limit)
         with tqdm(total=len(questions), desc="mmlu", unit="q", disable=not opts.progress) as bar:
