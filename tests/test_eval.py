@@ -126,5 +126,6 @@ def test_mmlu_stratification(tmp_path):
 
 def test_speed_in_child_process(tiny_gguf_f32):
     res = evaluate(str(tiny_gguf_f32), EvalOptions(speed=True, progress=False))
-    assert res["prefill_tps"] > 0 and res["decode_tps"] > 0 and 10 < res["peak_rss_mb"] < 4000
+    # a fresh child holding a 3 MB model: far below the evaluating process (torch, logits buffers)
+    assert res["prefill_tps"] > 0 and res["decode_tps"] > 0 and 10 < res["peak_rss_mb"] < 500
     assert res["size_bytes"] == tiny_gguf_f32.stat().st_size and res["bpw"] == pytest.approx(32, rel=0.01)

@@ -19,7 +19,15 @@ PROMPT = ("The history of the city begins with a small settlement on the river, 
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across
+    the fork/exec that started us and report the evaluator's memory, not the model's."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024.0 if sys.platform != "darwin" else 1024.0**2)
 
 
 def _measure_gguf(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# `make run`: the main job on the bundled default model. Until `pocketlm compress` exists this
+# shows what the model is and measures it on bundled text (the Python FAQ, PSF licence).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+PL=.venv/bin/pocketlm
+DOCS=src/pocketlm/data/python-faq
+mkdir -p out
+$PL info smollm2-135m
+$PL eval smollm2-135m --text "$DOCS/programming.rst" --max-tokens 4096 --speed --json out/eval-smollm2.json
