@@ -1,0 +1,1 @@
+"""Quantization: GGUF block formats, methods that choose their values, plans, the GGUF writer."""
