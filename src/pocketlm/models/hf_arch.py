@@ -49,6 +49,13 @@ def interleave_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def deinterleave_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of interleave_rotary_rows (GGUF layout back to HF's)."""
+    rows = w.shape[0]
+    head_dim = rows // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def rope_theta(cfg) -> float:
     params = getattr(cfg, "rope_parameters", None) or {}
     if isinstance(params, dict) and "full_attention" in params:  # Gemma 3: one set per layer kind

@@ -70,6 +70,8 @@ class BlockFormat:
         """Nearest level for each value given its (already expanded) scale and offset."""
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.where(scale != 0, (x - offset) / np.where(scale == 0, 1, scale), 0.0)
+        if self.levels[-1] - self.levels[0] == len(self.levels) - 1:  # uniform grid: rounding
+            return np.clip(np.rint(t - self.levels[0]), 0, len(self.levels) - 1).astype(np.int64)
         mids = (self.levels[1:] + self.levels[:-1]) / 2  # a negative scale just mirrors the grid
         return np.searchsorted(mids, t).astype(np.int64)
 

@@ -11,8 +11,10 @@ class _Symmetric(BlockFormat):
     """value = d * level; bytes: d (f16) + the format's packed indices."""
     block_size = sub_size = 32
 
+    search_steps = 5
+
     def choose(self, x, w):
-        d, _ = f16(fit_scale(x, w, self.levels))
+        d, _ = f16(fit_scale(x, w, self.levels, steps=self.search_steps))
         return BlockParams(d[:, None], np.zeros_like(d)[:, None])
 
     def pack(self, idx, params):
@@ -61,6 +63,7 @@ class _FiveBit:
 
 class Q8_0(_Symmetric):
     name, type_size = "Q8_0", 34
+    search_steps = 1  # 256 levels: rounding error is already tiny, a wider search buys nothing
     levels = np.arange(-128, 128, dtype=np.float32)
 
     def pack_indices(self, idx):

@@ -12,82 +12,77 @@ import numpy as np
 
 
 def _nearest(t: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    if levels[-1] - levels[0] == len(levels) - 1:  # a uniform integer grid: plain rounding
+        return np.clip(np.rint(t), levels[0], levels[-1])
     mids = (levels[1:] + levels[:-1]) / 2
     return levels[np.searchsorted(mids, t)]
 
 
-def fit_scale(x: np.ndarray, w: np.ndarray, levels: np.ndarray, steps: int = 9, spread: float = 0.5) -> np.ndarray:
+def fit_scale(x: np.ndarray, w: np.ndarray, levels: np.ndarray, steps: int = 5, spread: float = 0.5) -> np.ndarray:
     """Scale s per row minimising sum w (x - s * nearest_level(x / s))^2 over a symmetric grid.
 
     Candidates map the largest-magnitude value onto either end of the grid (the sign of s
     picks which end, so asymmetric grids like -8..7 use their longer side), nudged by up to
-    `spread` levels, each refined by least squares.
+    `spread` levels. For each candidate's assignment q the best scale has a closed form,
+    sum(wqx)/sum(wqq), and so does its error, sum(wxx) - sum(wqx)^2/sum(wqq).
     """
     levels = np.asarray(levels, dtype=np.float32)
     imax = np.abs(x).argmax(axis=-1)
     xmax = np.take_along_axis(x, imax[:, None], axis=-1)[:, 0]
+    zero = xmax == 0
+    xmax = np.where(zero, 1.0, xmax)
     best_s = np.zeros(x.shape[0], np.float32)
     best_err = np.full(x.shape[0], np.inf, np.float32)
-    ends = [levels[0], levels[-1]]
-    for end in ends:
-        for nudge in np.linspace(-spread, spread, steps):
-            target = end + np.sign(end) * nudge
-            with np.errstate(divide="ignore", invalid="ignore"):
-                s = np.where(xmax != 0, xmax / target, 0.0).astype(np.float32)
-                q = _nearest(np.where(s[:, None] != 0, x / np.where(s == 0, 1, s)[:, None], 0), levels)
-                wq = w * q
-                den = (wq * q).sum(-1)
-                s_ls = np.where(den > 0, (wq * x).sum(-1) / np.where(den > 0, den, 1), 0.0).astype(np.float32)
-            for cand in (s, s_ls):
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    qc = _nearest(np.where(cand[:, None] != 0, x / np.where(cand == 0, 1, cand)[:, None], 0), levels)
-                err = (w * (x - cand[:, None] * qc) ** 2).sum(-1)
-                better = err < best_err
-                best_err = np.where(better, err, best_err)
-                best_s = np.where(better, cand, best_s)
-    return best_s
+    swxx = (w * x * x).sum(-1)
+    for end in (levels[0], levels[-1]):
+        for nudge in np.linspace(-spread, spread, steps) if steps > 1 else (0.0,):
+            inv = (end + np.sign(end) * nudge) / xmax
+            q = _nearest(x * inv[:, None], levels)
+            wq = w * q
+            num, den = (wq * x).sum(-1), (wq * q).sum(-1)
+            ok = den > 0
+            safe = np.where(ok, den, 1)
+            err = np.where(ok, swxx - num * num / safe, np.inf)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, np.where(ok, num / safe, 0), best_s)
+    return np.where(zero, 0.0, best_s).astype(np.float32)
 
 
-def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, *, offset_le_zero: bool, steps: int = 12,
+def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, *, offset_le_zero: bool, steps: int = 8,
                   lo: float = -0.5, hi: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(scale, offset) per row minimising sum w (x - (s*q + m))^2 with q in 0..nmax.
 
+    Each candidate step size gives an assignment q; (s, m) then come from the 2x2 weighted
+    least-squares normal equations, whose residual is sum(wxx) - s*sum(wqx) - m*sum(wx).
     offset_le_zero: k-quants store -offset as an unsigned code, so m must not be positive.
     """
     xmin = x.min(axis=-1)
     if offset_le_zero:
         xmin = np.minimum(xmin, 0)
-    xmax = x.max(axis=-1)
-    rng = np.maximum(xmax - xmin, 1e-30)
-    best = (rng / nmax, xmin)
-    best_err = _err_affine(x, w, best[0], best[1], nmax)
-    sw = w.sum(-1)
-    swx = (w * x).sum(-1)
+    rng = np.maximum(x.max(axis=-1) - xmin, 1e-30)
+    sw, swx, swxx = w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1)
+    best_s, best_m = rng / nmax, xmin.copy()
+    best_err = np.full(x.shape[0], np.inf)
+    shifted = x - xmin[:, None]
     for k in np.linspace(lo, hi, steps):
-        iscale = (nmax + k) / rng
-        q = np.clip(np.rint((x - xmin[:, None]) * iscale[:, None]), 0, nmax)
-        swq, swqq, swqx = (w * q).sum(-1), (w * q * q).sum(-1), (w * q * x).sum(-1)
+        q = np.clip(np.rint(shifted * ((nmax + k) / rng)[:, None]), 0, nmax)
+        wq = w * q
+        swq, swqq, swqx = wq.sum(-1), (wq * q).sum(-1), (wq * x).sum(-1)
         det = sw * swqq - swq * swq
         ok = det > 0
         safe = np.where(ok, det, 1)
-        s = np.where(ok, (sw * swqx - swq * swx) / safe, best[0])
-        m = np.where(ok, (swqq * swx - swq * swqx) / safe, xmin)
+        s = (sw * swqx - swq * swx) / safe
+        m = (swqq * swx - swq * swqx) / safe
         if offset_le_zero:
             pos = m > 0
-            s = np.where(pos, np.where(swqq > 0, swqx / np.where(swqq > 0, swqq, 1), s), s)
+            s = np.where(pos, swqx / np.where(swqq > 0, swqq, 1), s)
             m = np.where(pos, 0.0, m)
-        s = np.maximum(s, 0)
-        err = _err_affine(x, w, s, m, nmax)
+        err = np.where(ok & (s > 0), swxx - s * swqx - m * swx, np.inf)
         better = err < best_err
         best_err = np.where(better, err, best_err)
-        best = (np.where(better, s, best[0]), np.where(better, m, best[1]))
-    return best[0].astype(np.float32), best[1].astype(np.float32)
-
-
-def _err_affine(x, w, s, m, nmax):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.clip(np.rint(np.where(s[:, None] > 0, (x - m[:, None]) / np.where(s > 0, s, 1)[:, None], 0)), 0, nmax)
-    return (w * (x - (s[:, None] * q + m[:, None])) ** 2).sum(-1)
+        best_s, best_m = np.where(better, s, best_s), np.where(better, m, best_m)
+    return best_s.astype(np.float32), best_m.astype(np.float32)
 
 
 def quantize_codes(values: np.ndarray, bits: int, *, signed: bool) -> tuple[np.ndarray, np.ndarray]:

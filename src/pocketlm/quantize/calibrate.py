@@ -1,0 +1,134 @@
+"""Calibration statistics, gathered one decoder layer at a time.
+
+The inputs of layer 0 are captured for every calibration window; then each layer in turn is
+run over them with hooks on its Linear modules (collecting mean x^2 per input channel and
+H = X^T X), handed to a callback that quantizes it, and run again with the callback's
+dequantized weights to produce the next layer's inputs (GPTQ's sequential scheme: later
+layers calibrate on what the quantized earlier layers really produce). Peak memory is the
+model plus one layer's statistics plus the hidden states of the calibration windows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+@dataclass
+class LinearStats:
+    sq_sum: torch.Tensor  # (in,) sum of x^2 over tokens
+    xtx: torch.Tensor | None  # (in, in) sum of x x^T, when a Hessian is wanted
+    tokens: int = 0
+
+    @property
+    def importance(self) -> np.ndarray:
+        return (self.sq_sum / max(self.tokens, 1)).numpy()
+
+    @property
+    def hessian(self) -> np.ndarray:
+        return (self.xtx / max(self.tokens, 1)).numpy()
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _decoder_layers(model):
+    inner = getattr(model, "model", model)
+    inner = getattr(inner, "language_model", inner)
+    return inner, inner.layers
+
+
+def _capture_layer_inputs(model, windows: list[torch.Tensor]):
+    """Hidden states entering layer 0 for every window, and each layer's keyword arguments
+    (rotary embeddings, masks: the same for all windows of one length)."""
+    inner, layers = _decoder_layers(model)
+    kwargs_by_layer: list[dict] = [None] * len(layers)
+    inputs: list[torch.Tensor] = []
+
+    def record(i):
+        def hook(module, args, kwargs):
+            if kwargs_by_layer[i] is None:
+                kwargs_by_layer[i] = dict(kwargs)
+            if i == 0:
+                inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+                if all(k is not None for k in kwargs_by_layer):
+                    raise _StopForward
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            for ids in windows:
+                try:
+                    model(input_ids=ids[None], use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    for kw in kwargs_by_layer:
+        kw.pop("hidden_states", None)
+        kw.pop("past_key_values", None)
+        kw.pop("past_key_value", None)
+        kw["use_cache"] = False
+    return inputs, kwargs_by_layer
+
+
+def _run_layer(layer, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    out = []
+    with torch.inference_mode():
+        for hs in hidden:
+            res = layer(hs, **kwargs)
+            out.append(res[0] if isinstance(res, tuple) else res)
+    return out
+
+
+def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
+                        on_layer: Callable[[int, dict[str, LinearStats]], dict[str, torch.Tensor]],
+                        progress: bool = True) -> LinearStats:
+    """Calls on_layer(i, {module name within layer: stats}) for each layer; it returns new
+    weights {module name: tensor} to load before the layer's outputs are propagated.
+    Returns the statistics of the final normed hidden states (the output projection's input)."""
+    hidden, kwargs_by_layer = _capture_layer_inputs(model, windows)
+    inner, layers = _decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc="calibrate+quantize", unit="layer", disable=not progress)):
+        stats: dict[str, LinearStats] = {}
+        handles = []
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                handles.append(mod.register_forward_hook(_accumulator(stats, name, mod.in_features, want_hessian)))
+        try:
+            _run_layer(layer, hidden, kwargs_by_layer[i])
+        finally:
+            for h in handles:
+                h.remove()
+        new_weights = on_layer(i, stats)
+        with torch.no_grad():
+            for name, weight in new_weights.items():
+                layer.get_submodule(name).weight.copy_(weight)
+        hidden = _run_layer(layer, hidden, kwargs_by_layer[i])
+    final = LinearStats(torch.zeros(hidden[0].shape[-1], dtype=torch.float64), None)
+    with torch.inference_mode():
+        for hs in hidden:
+            x = inner.norm(hs).reshape(-1, hs.shape[-1]).double()
+            final.sq_sum += (x * x).sum(0)
+            final.tokens += x.shape[0]
+    final.sq_sum = final.sq_sum.float()
+    return final
+
+
+def _accumulator(stats: dict, name: str, width: int, want_hessian: bool):
+    def hook(module, args, output):
+        x = args[0].detach().reshape(-1, width).float()
+        st = stats.get(name)
+        if st is None:
+            st = stats[name] = LinearStats(torch.zeros(width), torch.zeros(width, width) if want_hessian else None)
+        st.sq_sum += (x * x).sum(0)
+        if want_hessian:
+            st.xtx += x.T @ x
+        st.tokens += x.shape[0]
+    return hook

@@ -1,0 +1,80 @@
+"""GPTQ inside exact GGUF blocks.
+
+Columns (input channels) are quantized in order; each column's rounding error is spread over
+the columns not yet quantized through the Cholesky factor of the inverse Hessian H = X^T X of
+the layer's calibration inputs, so later columns compensate for earlier ones. A block's scales
+are chosen when the sweep reaches its first column, from the weights as updated so far, with
+importance weights from diag(H): the result is an ordinary GGUF block that llama.cpp reads.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..formats.base import BlockFormat, BlockParams
+from .rtn import importance_weights
+
+LAZY_BATCH = 256  # columns updated together before the trailing matrix is touched
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    h = h.clone()
+    diag = torch.arange(h.shape[0])
+    h[diag, diag] += damp * torch.mean(torch.diag(h))
+    for attempt in range(5):  # near-singular Hessians (few tokens) need more damping
+        try:
+            lower = torch.linalg.cholesky(h)
+            inv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inv, upper=True)
+        except RuntimeError:
+            h[diag, diag] += damp * torch.mean(torch.diag(h)) * (10 ** attempt)
+    raise RuntimeError("Hessian is not positive definite even after damping")
+
+
+def _stack_params(parts: list[BlockParams], rows: int) -> BlockParams:
+    """Per-block-column params (each over all rows) -> params in row-major block order."""
+    def stack(arrs):
+        a = np.stack(arrs, axis=1)  # (rows, n_block_cols, ...)
+        return a.reshape(rows * len(arrs), *a.shape[2:])
+
+    raw = {k: stack([p.raw[k] for p in parts]) for k in parts[0].raw}
+    return BlockParams(stack([p.scale for p in parts]), stack([p.offset for p in parts]), raw)
+
+
+def quantize_gptq(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    rows, cols = values.shape
+    bs, sub = fmt.block_size, fmt.sub_size
+    w = torch.from_numpy(np.array(values, dtype=np.float32))
+    h = torch.from_numpy(np.asarray(hessian, dtype=np.float32))
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    u = _inverse_cholesky(h, damp)
+    importance = torch.diag(h).numpy() / max(float(torch.diag(h).mean()), 1e-30)
+
+    idx = np.empty((rows, cols), np.int64)
+    parts: list[BlockParams] = []
+    batch = max(LAZY_BATCH // bs, 1) * bs
+    for b0 in range(0, cols, batch):
+        b1 = min(b0 + batch, cols)
+        w1 = w[:, b0:b1].clone()
+        err = torch.zeros_like(w1)
+        for j in range(b1 - b0):
+            c = b0 + j
+            if c % bs == 0:
+                block = w1[:, j:j + bs].numpy()
+                imp = importance[c:c + bs]
+                params = fmt.choose(block, importance_weights(block, imp, bs))
+                parts.append(params)
+                scale, offset = params.scale, params.offset
+            s = (c % bs) // sub
+            col = w1[:, j].numpy()
+            q = fmt.assign(col[:, None], scale[:, s:s + 1], offset[:, s:s + 1])[:, 0]
+            idx[:, c] = q
+            deq = torch.from_numpy(fmt.levels[q] * scale[:, s] + offset[:, s])
+            e = (w1[:, j] - deq) / u[c, c]
+            w1[:, j:] -= e[:, None] * u[c, c:b1][None, :]
+            err[:, j] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    data = fmt.pack(idx.reshape(-1, bs), _stack_params(parts, rows))
+    return data.reshape(rows, -1)

@@ -1,0 +1,205 @@
+"""`pocketlm quantize`: float tensors in, a GGUF of the chosen preset out.
+
+Every tensor is read in GGUF layout (a HF folder is first converted to an f32 GGUF, cached),
+planned (plan.py), quantized by the method (methods/), and written with the source's metadata.
+With calibration, tensors inside decoder layers are quantized layer by layer while the
+calibration activations flow through the already-quantized layers (calibrate.py).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import PocketError
+from ..models.gguf_file import field_value, open_gguf
+from ..models.hf_arch import deinterleave_rotary_rows
+from ..models.source import ModelSource, resolve
+from ..util.atomic import atomic_path
+from .formats import get as get_format
+from .methods.gptq import quantize_gptq
+from .methods.rtn import quantize_rtn
+from .plan import FILE_TYPE, TensorPlan, plan
+
+METHODS = ("rtn", "imatrix", "gptq")
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeOptions:
+    preset: str
+    method: str | None = None
+    calib: list = field(default_factory=list)
+    calib_tokens: int = 16384
+    calib_ctx: int = 512
+    keep: dict = field(default_factory=dict)
+    allow_requant: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: tuple
+    type: str
+    method: str
+    weighted_error: float  # sum imp*(w - q)^2 / sum imp*w^2 over the tensor
+
+
+def _float_source(src: ModelSource) -> Path:
+    if src.is_gguf:
+        return src.path
+    from ..eval.reference import cache_dir, model_content_hash
+    from ..models.export_gguf import export_gguf
+
+    path = cache_dir() / "gguf" / f"{model_content_hash(src)[:24]}.f32.gguf"
+    if not path.exists():
+        export_gguf(src, path, "f32")
+    return path
+
+
+def _values(t) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    return dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)]).astype(np.float32)
+
+
+def _check_requant(reader, plans: dict[str, TensorPlan], allow: bool) -> None:
+    for t in reader.tensors:
+        src_type, dst = t.tensor_type.name, plans[t.name].type
+        if src_type in FLOAT_TYPES or dst in FLOAT_TYPES:
+            continue
+        src_bpw, dst_bpw = get_format(src_type).bits_per_weight, get_format(dst).bits_per_weight
+        if src_bpw < dst_bpw:
+            msg = (f"the input is already quantized ({t.name} is {src_type}, {src_bpw:.2f} bpw) below the requested "
+                   f"{dst} ({dst_bpw:.2f} bpw): the file grows without regaining precision")
+            if not allow:
+                raise PocketError(msg + "; pass --allow-requant to do it anyway")
+            log.warning(msg)
+            return
+
+
+def _weighted_error(values, deq, importance) -> float:
+    imp = np.ones(values.shape[1], np.float32) if importance is None else importance
+    den = float(((values * values) * imp).sum())
+    return float((((values - deq) ** 2) * imp).sum() / den) if den > 0 else 0.0
+
+
+def _quantize_one(name, values, type_name, method, stats) -> tuple[np.ndarray, TensorReport]:
+    if type_name in FLOAT_TYPES:
+        data = values.astype(np.float16) if type_name == "F16" else values
+        return data, TensorReport(name, values.shape, type_name, "float", 0.0)
+    fmt = get_format(type_name)
+    importance = stats.importance if stats is not None and method != "rtn" else None
+    if method == "gptq" and stats is not None and stats.xtx is not None:
+        data = quantize_gptq(values, fmt, stats.hessian)
+    else:
+        method = "imatrix" if importance is not None else "rtn"
+        data = quantize_rtn(values, fmt, importance)
+    deq = fmt.dequantize(data.reshape(-1, fmt.type_size)).reshape(values.shape)
+    return data, TensorReport(name, values.shape, type_name, method, _weighted_error(values, deq, importance))
+
+
+def calibration_windows(tokenizer, add_bos: bool, files, n_tokens: int, ctx: int) -> list[torch.Tensor]:
+    from ..data import SAMPLE_DOCS
+    from ..eval.windows import read_texts
+
+    text = read_texts(files) if files else read_texts(sorted(SAMPLE_DOCS.glob("*.rst")))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    per = ctx - 1 if add_bos else ctx
+    if len(ids) < n_tokens:
+        raise PocketError(f"calibration text has {len(ids)} tokens, fewer than --calib-tokens {n_tokens}; give more text or a smaller number")
+    n = max(n_tokens // per, 1)
+    bos = [tokenizer.bos_token_id] if add_bos else []
+    return [torch.tensor(bos + ids[i * per:(i + 1) * per]) for i in range(n)]
+
+
+def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[TensorReport]:
+    import gguf
+
+    method = opts.method or ("gptq" if opts.calib else "imatrix")
+    if method not in METHODS:
+        raise PocketError(f"unknown --method {method!r} (choose one of {', '.join(METHODS)})")
+    src = resolve(source)
+    reader = open_gguf(_float_source(src))
+    arch = field_value(reader, "general.architecture")
+    n_layers = int(field_value(reader, f"{arch}.block_count", 0))
+    n_heads = int(field_value(reader, f"{arch}.attention.head_count", 1))
+    n_kv = int(field_value(reader, f"{arch}.attention.head_count_kv", n_heads))
+    by_name = {t.name: t for t in reader.tensors}
+    shapes = [(t.name, tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors]
+    plans = {p.name: p for p in plan(shapes, opts.preset, n_layers, max(n_heads // max(n_kv, 1), 1), opts.keep)}
+    _check_requant(reader, plans, opts.allow_requant)
+
+    results: dict[str, tuple[np.ndarray, TensorReport]] = {}
+    final_stats = None
+    if method != "rtn":
+        final_stats = _calibrated_pass(src, reader, by_name, plans, method, opts, arch, n_layers, n_heads, n_kv, results)
+    for t in tqdm(reader.tensors, desc="quantize", unit="tensor", disable=not opts.progress, leave=False):
+        if t.name not in results:
+            is_output = t.name == "output.weight" or (t.name == "token_embd.weight" and "output.weight" not in by_name)
+            stats = final_stats if is_output else None
+            results[t.name] = _quantize_one(t.name, _values(t), plans[t.name].type, method, stats)
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for key, f in reader.fields.items():
+            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.quantization_version"):
+                continue
+            writer.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+        writer.add_file_type(FILE_TYPE[opts.preset.upper()])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for t in reader.tensors:
+            data, rep = results[t.name]
+            if rep.type in FLOAT_TYPES:
+                writer.add_tensor(t.name, data)
+            else:
+                writer.add_tensor(t.name, data, raw_dtype=get_format(rep.type).ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return [results[t.name][1] for t in reader.tensors]
+
+
+def _calibrated_pass(src, reader, by_name, plans, method, opts, arch, n_layers, n_heads, n_kv, results):
+    import gguf
+
+    from ..models.load import load
+
+    loaded = load(src)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    windows = calibration_windows(loaded.tokenizer, loaded.add_bos, opts.calib, opts.calib_tokens, opts.calib_ctx)
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    names = gguf.get_tensor_name_map(arch_enum, n_layers)
+    permuted = arch == "llama"
+
+    def on_layer(i, stats):
+        new_weights = {}
+        for rel, st in stats.items():
+            gname = names.get_name(f"model.layers.{i}.{rel}")
+            if gname is None or f"{gname}.weight" not in by_name:
+                continue
+            tname = f"{gname}.weight"
+            data, rep = _quantize_one(tname, _values(by_name[tname]), plans[tname].type, method, st)
+            results[tname] = (data, rep)
+            if rep.type in FLOAT_TYPES:
+                continue
+            fmt = get_format(rep.type)
+            deq = fmt.dequantize(data.reshape(-1, fmt.type_size)).reshape(data.shape[0], -1)
+            if permuted and tname.endswith("attn_q.weight"):
+                deq = deinterleave_rotary_rows(deq, n_heads)
+            elif permuted and tname.endswith("attn_k.weight"):
+                deq = deinterleave_rotary_rows(deq, n_kv)
+            new_weights[rel] = torch.from_numpy(deq)
+        return new_weights
+
+    from .calibrate import calibrate_layerwise
+
+    return calibrate_layerwise(loaded.model, windows, method == "gptq", on_layer, opts.progress)
