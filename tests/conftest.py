@@ -34,14 +34,15 @@ def train_tokenizer(folder: Path, vocab_size: int = 400, seed_text: str = CORPUS
 
 
 def make_tiny_llama(folder: Path, *, seed: int = 0, tied: bool = True, vocab_size: int = 400,
-                    seed_text: str = CORPUS) -> Path:
+                    seed_text: str = CORPUS, layers: int = 2, hidden: int = 256, heads: int = 4, kv_heads: int = 2,
+                    ffn: int = 512) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     train_tokenizer(folder, vocab_size, seed_text)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
                       rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1,
                       initializer_range=0.08)
     torch.manual_seed(seed)

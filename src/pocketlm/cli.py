@@ -121,6 +121,38 @@ def eval_cmd(model, reference, texts, max_tokens, ctx, mmlu, mmlu_limit, speed, 
         click.echo(f"wrote {json_out}")
 
 
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
+@click.option("--type", "preset", required=True, help="llama.cpp preset: Q8_0, Q6_K, Q5_K_M, ..., Q2_K.")
+@click.option("--method", type=click.Choice(["rtn", "imatrix", "gptq"]), default=None,
+              help="Default: gptq with --calib, else imatrix on bundled text.")
+@click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
+@click.option("--calib-tokens", default=16384, show_default=True)
+@click.option("--keep", multiple=True, help="PATTERN=TYPE per-tensor override, e.g. 'blk.*.ffn_down.weight=Q6_K'.")
+@click.option("--allow-requant", is_flag=True, help="Allow a target type above the input's own quantization.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="No per-tensor table.")
+@user_errors
+def quantize(model, output, preset, method, calib, calib_tokens, keep, allow_requant, force, quiet):
+    """Quantize MODEL to a GGUF file that llama.cpp, Ollama and LM Studio run."""
+    from .quantize.pipeline import QuantizeOptions, quantize_model
+    from .quantize.plan import PRESETS, parse_keep
+    from .report_table import print_quantize
+
+    _refuse_existing(output, force)
+    if preset.upper() not in PRESETS:
+        raise PocketError(f"unknown --type {preset!r} (choose one of {', '.join(PRESETS)})")
+    if output.suffix.lower() != ".gguf":
+        raise PocketError("the output of quantize is a .gguf file")
+    opts = QuantizeOptions(preset=preset.upper(), method=method, calib=[str(c) for c in calib], calib_tokens=calib_tokens,
+                           keep=parse_keep(keep), allow_requant=allow_requant)
+    reports = quantize_model(model, output, opts)
+    if not quiet:
+        print_quantize(reports)
+    click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+
+
 def main():
     cli()
 

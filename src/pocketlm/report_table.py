@@ -58,3 +58,12 @@ def print_eval(d: dict) -> None:
     console.print(t)
     if d.get("reference"):
         console.print(f"reference: {d['reference']} ({d['reference_backend']}); KLD over the full vocabulary")
+
+
+def print_quantize(reports) -> None:
+    t = Table(title="quantized tensors")
+    for col in ("tensor", "shape", "type", "method", "weighted error"):
+        t.add_column(col, justify="left" if col in ("tensor", "type", "method") else "right")
+    for r in reports:
+        t.add_row(r.name, "x".join(map(str, r.shape)), r.type, r.method, f"{r.weighted_error:.2e}")
+    console.print(t)

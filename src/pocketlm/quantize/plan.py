@@ -66,7 +66,7 @@ def _preset_type(preset: str, kind: str, layer: int | None, n_layers: int, n_gqa
             return "Q6_K"
         if preset == "Q4_K_S" and layer < 4:
             return "Q5_K"
-        if n_gqa >= 4 and preset in ("Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S") and base != "Q6_K":
+        if preset == "IQ4_NL" and n_gqa >= 4:
             return "Q5_K"
         return base
     if kind == "ffn_down":
@@ -107,11 +107,13 @@ def plan(tensors: list[tuple[str, tuple[int, ...]]], preset: str, n_layers: int,
         m = _LAYER.match(name)
         layer, kind = (int(m.group(1)), m.group(2)) if m else (None, name.removesuffix(".weight"))
         is_output = name == "output.weight" or (not has_output and name == "token_embd.weight")
-        wanted = _preset_type(preset, kind, layer, n_layers, n_gqa, is_output)
+        wanted = _fallback(_preset_type(preset, kind, layer, n_layers, n_gqa, is_output), shape[-1])
         for pattern, forced in (keep or {}).items():
             if fnmatch.fnmatch(name, pattern):
                 wanted = forced.upper()
-        out.append(TensorPlan(name, _fallback(wanted, shape[-1])))
+                if not fits(wanted, shape[-1]):
+                    raise PocketError(f"{name} has rows of {shape[-1]} values; {wanted} needs a multiple of {block_size_of(wanted)}")
+        out.append(TensorPlan(name, wanted))
     return out
 
 
