@@ -140,11 +140,11 @@ def quantize(model, output, preset, method, calib, calib_tokens, keep, allow_req
     from .quantize.plan import PRESETS, parse_keep
     from .report_table import print_quantize
 
-    _refuse_existing(output, force)
     if preset.upper() not in PRESETS:
         raise PocketError(f"unknown --type {preset!r} (choose one of {', '.join(PRESETS)})")
     if output.suffix.lower() != ".gguf":
         raise PocketError("the output of quantize is a .gguf file")
+    _refuse_existing(output, force)
     opts = QuantizeOptions(preset=preset.upper(), method=method, calib=[str(c) for c in calib], calib_tokens=calib_tokens,
                            keep=parse_keep(keep), allow_requant=allow_requant)
     reports = quantize_model(model, output, opts)
