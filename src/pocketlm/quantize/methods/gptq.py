@@ -41,7 +41,10 @@ def _stack_params(parts: list[BlockParams], rows: int) -> BlockParams:
     return BlockParams(stack([p.scale for p in parts]), stack([p.offset for p in parts]), raw)
 
 
-def quantize_gptq(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, damp: float = 0.01) -> np.ndarray:
+def quantize_gptq(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, damp: float = 0.01,
+                  act_order: bool = True) -> np.ndarray:
+    if act_order:
+        return _gptq_act_order(values, fmt, hessian, damp)
     rows, cols = values.shape
     bs, sub = fmt.block_size, fmt.sub_size
     w = torch.from_numpy(np.array(values, dtype=np.float32))
@@ -78,3 +81,47 @@ def quantize_gptq(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, dam
         w[:, b1:] -= err @ u[b0:b1, b1:]
     data = fmt.pack(idx.reshape(-1, bs), _stack_params(parts, rows))
     return data.reshape(rows, -1)
+
+
+def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, damp: float) -> np.ndarray:
+    """GPTQ sweeping columns from the most to the least activated input channel.
+
+    Block scales cannot then be chosen when the sweep reaches a block (its columns arrive out
+    of order), so they are fixed first from the importance-weighted weights ("static
+    groups"); the sweep decides every value within them with error feedback. Quantizing the
+    channels that matter most while the most compensating freedom remains is the point.
+    """
+    rows, cols = values.shape
+    bs, sub = fmt.block_size, fmt.sub_size
+    h = torch.from_numpy(np.asarray(hessian, dtype=np.float32)).clone()
+    w = torch.from_numpy(np.array(values, dtype=np.float32))
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    importance = torch.diag(h).numpy() / max(float(torch.diag(h).mean()), 1e-30)
+    blocks = w.numpy().reshape(-1, bs)
+    params = fmt.choose(blocks, importance_weights(w.numpy(), importance, bs).reshape(-1, bs))
+    n_blk = cols // bs
+    scale = params.scale.reshape(rows, n_blk, -1)
+    offset = params.offset.reshape(rows, n_blk, -1)
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = _inverse_cholesky(h, damp)
+    order = perm.numpy()
+    idx = np.empty((rows, cols), np.int64)
+    for b0 in range(0, cols, LAZY_BATCH):
+        b1 = min(b0 + LAZY_BATCH, cols)
+        w1 = w[:, b0:b1].clone()
+        err = torch.zeros_like(w1)
+        for j in range(b1 - b0):
+            c = int(order[b0 + j])
+            blk, s = c // bs, (c % bs) // sub
+            sc, off = scale[:, blk, s], offset[:, blk, s]
+            q = fmt.assign(w1[:, j].numpy()[:, None], sc[:, None], off[:, None])[:, 0]
+            idx[:, c] = q
+            deq = torch.from_numpy(fmt.levels[q] * sc + off)
+            e = (w1[:, j] - deq) / u[b0 + j, b0 + j]
+            w1[:, j:] -= e[:, None] * u[b0 + j, b0 + j:b1][None, :]
+            err[:, j] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return fmt.pack(idx.reshape(-1, bs), params).reshape(rows, -1)

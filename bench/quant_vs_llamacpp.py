@@ -1,0 +1,163 @@
+"""pocketlm's quantizer vs llama.cpp's, side by side, in one run on one machine.
+
+Same F32 reference, same calibration text (first 80% of wiki.txt), same evaluation text
+(last 20% of wiki.txt), same preset (so the same per-tensor types and file size). Columns:
+file MiB, bpw, PPL, mean KLD vs the F32 reference, top-1 agreement, quantize seconds.
+
+  .venv/bin/python bench/quant_vs_llamacpp.py [--model smollm2-135m] [--types Q4_K_M,Q2_K]
+      [--eval-tokens 40960] [--tag NAME]
+
+Work files live in ~/.cache/pocketlm-bench/quant/<tag>/ and are reused by reruns. The table
+goes to bench/results/quant_vs_llamacpp.md (one section per --tag) and to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
+from pocketlm.models.export_gguf import export_gguf  # noqa: E402
+from pocketlm.quantize.llamacpp_reference import llamacpp_imatrix, llamacpp_quantize  # noqa: E402
+from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model  # noqa: E402
+from pocketlm.quantize.plan import PRESETS  # noqa: E402
+from pocketlm.util.atomic import write_json  # noqa: E402
+
+WIKI = ROOT.parent / "shared" / "data" / "text" / "wiki.txt"
+CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench"))
+VARIANTS = ["llama.cpp", "llama.cpp+imatrix", "pocketlm rtn", "pocketlm imatrix", "pocketlm gptq"]
+RESULTS = ROOT / "bench" / "results" / "quant_vs_llamacpp.md"
+
+
+def tools_dir() -> Path | None:
+    try:
+        out = subprocess.run(["bash", str(ROOT / "bench" / "build_llamacpp_tools.sh")], capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip().splitlines()[-1])
+    except (subprocess.CalledProcessError, IndexError):
+        print("llama.cpp tools could not be built: the llama.cpp+imatrix column is skipped", file=sys.stderr)
+        return None
+
+
+def split_texts(work: Path, calib_chars: int) -> tuple[Path, Path]:
+    text = WIKI.read_text()
+    cut = int(len(text) * 0.8)
+    calib, held_out = work / "calib.txt", work / "eval.txt"
+    calib.write_text(text[:cut][:calib_chars])
+    held_out.write_text(text[cut:])
+    return calib, held_out
+
+
+def produce(variant: str, ref: Path, out: Path, preset: str, calib: Path, calib_tokens: int, imatrix: Path | None,
+            tools: Path | None) -> float | None:
+    if variant == "llama.cpp+imatrix" and imatrix is None:
+        return None
+    t0 = time.perf_counter()
+    if variant == "llama.cpp":
+        llamacpp_quantize(ref, out, preset)
+    elif variant == "llama.cpp+imatrix":
+        llamacpp_quantize(ref, out, preset, imatrix=imatrix, tools_dir=tools)
+    else:
+        method = variant.split()[1]
+        quantize_model(str(ref), out, QuantizeOptions(preset=preset, method=method, calib=[str(calib)],
+                                                      calib_tokens=calib_tokens, allow_requant=True, progress=False))
+    return time.perf_counter() - t0
+
+
+def fmt_row(preset, variant, r) -> str:
+    if r is None:
+        return f"| {preset} | {variant} | - | - | - | - | - | - |"
+    return (f"| {preset} | {variant} | {r['size_bytes'] / 2**20:.1f} | {r['bpw']:.3f} | {r['ppl']:.4f} | "
+            f"{r['kld_mean']:.5f} | {100 * r['top1']:.2f}% | {r['quantize_s']:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--types", default=",".join(PRESETS))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--eval-tokens", type=int, default=40960)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--note", default="")
+    args = ap.parse_args()
+    if not WIKI.exists():
+        sys.exit(f"needs {WIKI}")
+    tag = args.tag or Path(args.model).name.replace(".gguf", "")
+    work = CACHE / "quant" / tag
+    work.mkdir(parents=True, exist_ok=True)
+    ref = work / "ref-f32.gguf"
+    if not ref.exists():
+        export_gguf(args.model, ref, "f32")
+    calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
+    tools = tools_dir()
+    imatrix = work / "llamacpp.imatrix"
+    if tools and not imatrix.exists():
+        llamacpp_imatrix(ref, calib, imatrix, tools, chunks=args.calib_tokens // 512)
+    rows, results = [], {}
+    for preset in args.types.split(","):
+        for variant in args.variants.split(","):
+            key = f"{preset}-{variant.replace(' ', '_').replace('+', '_')}"
+            res_path = work / f"{key}.json"
+            if res_path.exists():
+                results[(preset, variant)] = json.loads(res_path.read_text())
+            else:
+                out = work / f"{key}.gguf"
+                seconds = produce(variant, ref, out, preset, calib, args.calib_tokens, imatrix if tools else None, tools)
+                if seconds is None:
+                    results[(preset, variant)] = None
+                    continue
+                r = evaluate(str(out), EvalOptions(texts=[str(held_out)], reference=str(ref), max_tokens=args.eval_tokens,
+                                                   ctx=512, progress=False))
+                r["quantize_s"] = seconds
+                write_json(res_path, r)
+                out.unlink()  # keep the numbers, not 100 MB per variant
+                results[(preset, variant)] = r
+            print(fmt_row(preset, variant, results[(preset, variant)]), flush=True)
+    write_section(tag, args, results)
+
+
+def write_section(tag, args, results) -> None:
+    lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/quant_vs_llamacpp.py --model {args.model} --tag {tag} "
+             f"--types {args.types} --eval-tokens {args.eval_tokens}`", "",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, llama.cpp at 2 threads. "
+             f"Reference: the model in F32. Calibration: {args.calib_tokens} tokens from the first 80% of wiki.txt "
+             f"(the same text for llama.cpp's imatrix). Evaluation: {args.eval_tokens} tokens from the last 20%, "
+             "ctx 512, KLD over the full vocabulary.", ""]
+    if args.note:
+        lines += [args.note, ""]
+    lines += ["| type | quantizer | MiB | bpw | PPL | mean KLD | top-1 | quantize s |", "|---|---|---|---|---|---|---|---|"]
+    goals = []
+    for preset in args.types.split(","):
+        for variant in args.variants.split(","):
+            lines.append(fmt_row(preset, variant, results.get((preset, variant))))
+        g, base, imat = (results.get((preset, v)) for v in ("pocketlm gptq", "llama.cpp", "llama.cpp+imatrix"))
+        if g and base:
+            r1 = g["kld_mean"] / base["kld_mean"]
+            r2 = g["kld_mean"] / imat["kld_mean"] if imat else None
+            goals.append(f"| {preset} | {r1:.2f} {'met' if r1 <= 0.7 else 'NOT met'} | "
+                         + (f"{r2:.2f} {'met' if r2 <= 0.9 else 'NOT met'} |" if r2 else "- |"))
+    lines += ["", "Goal: pocketlm gptq's mean KLD ≤ 0.7× llama.cpp's (no imatrix) and ≤ 0.9× llama.cpp's with imatrix.", "",
+              "| type | gptq / llama.cpp (≤ 0.70) | gptq / llama.cpp+imatrix (≤ 0.90) |", "|---|---|---|", *goals, ""]
+    section = "\n".join(lines)
+    text = RESULTS.read_text() if RESULTS.exists() else "# pocketlm quantizer vs llama.cpp\n\n"
+    start = text.find(f"## {tag}\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + ("" if end < 0 else text[end + 1:])
+    else:
+        text = text.rstrip() + "\n\n" + section
+    RESULTS.write_text(text.rstrip() + "\n")
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

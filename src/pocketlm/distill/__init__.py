@@ -1,0 +1,1 @@
+"""Distillation: prune a teacher into a student (and, later, heal it with knowledge distillation)."""
