@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..errors import PocketError
 from ..util.atomic import atomic_path
-from .gguf_file import open_gguf
+from .gguf_file import copy_metadata, finish_writer, open_gguf
 from .gguf_tokenizer import add_hf_tokenizer_to_writer
 from .hf_arch import arch_for, check_rope_scaling, interleave_rotary_rows, rope_theta
 from .source import ModelSource, resolve
@@ -54,8 +54,6 @@ def encode_float(values: np.ndarray, dtype: str) -> tuple[np.ndarray, object]:
 
 
 def _add_encoded(writer, name: str, data: np.ndarray, ggml_type) -> None:
-    import gguf
-
     if data.dtype in (np.float32, np.float16):
         writer.add_tensor(name, data)
     else:
@@ -82,25 +80,14 @@ def _retype_gguf(src: ModelSource, tmp: Path, dtype: str) -> None:
     reader = open_gguf(src.path)
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(tmp, arch)
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, f.contents(), f.types[0], sub)
+    copy_metadata(reader, writer, skip=("general.file_type",))
     writer.add_file_type(_file_type(dtype))
     for t in tqdm(reader.tensors, desc=f"export {dtype}", unit="tensor", leave=False):
         shape = tuple(int(x) for x in reversed(t.shape))
         values = dequantize(t.data, t.tensor_type).reshape(shape)
         data, ggml_type = encode_float(values, dtype)
         _add_encoded(writer, t.name, data, ggml_type)
-    _finish(writer)
-
-
-def _finish(writer) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()
+    finish_writer(writer)
 
 
 def _convert_hf(src: ModelSource, tmp: Path, dtype: str) -> None:
@@ -158,4 +145,4 @@ def _convert_hf(src: ModelSource, tmp: Path, dtype: str) -> None:
             values = values + 1.0
         data, ggml_type = encode_float(values, dtype)
         _add_encoded(writer, gguf_name, data, ggml_type)
-    _finish(writer)
+    finish_writer(writer)

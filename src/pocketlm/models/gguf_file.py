@@ -32,3 +32,22 @@ def field_value(reader, key: str, default=None):
 def all_fields(reader) -> dict:
     """Every key/value pair except the GGUF header's own bookkeeping."""
     return {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def copy_metadata(reader, writer, skip: tuple[str, ...] = ()) -> None:
+    """Every key/value pair of `reader` into `writer`, types preserved, except `skip` and the
+    header's own bookkeeping (and the architecture, which the writer is created with)."""
+    import gguf
+
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in skip:
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), f.types[0], sub)
+
+
+def finish_writer(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()

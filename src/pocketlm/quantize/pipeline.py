@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import PocketError
-from ..models.gguf_file import field_value, open_gguf
+from ..models.gguf_file import copy_metadata, field_value, finish_writer, open_gguf
 from ..models.hf_arch import deinterleave_rotary_rows
 from ..models.source import ModelSource, resolve
 from ..util.atomic import atomic_path
@@ -149,10 +149,7 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
     out = Path(out)
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
-        for key, f in reader.fields.items():
-            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.quantization_version"):
-                continue
-            writer.add_key_value(key, f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+        copy_metadata(reader, writer, skip=("general.file_type", "general.quantization_version"))
         writer.add_file_type(FILE_TYPE[opts.preset.upper()])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for t in reader.tensors:
@@ -161,10 +158,7 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
                 writer.add_tensor(t.name, data)
             else:
                 writer.add_tensor(t.name, data, raw_dtype=get_format(rep.type).ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        finish_writer(writer)
     return [results[t.name][1] for t in reader.tensors]
 
 

@@ -41,19 +41,29 @@ def _stack_params(parts: list[BlockParams], rows: int) -> BlockParams:
     return BlockParams(stack([p.scale for p in parts]), stack([p.offset for p in parts]), raw)
 
 
+def _prepare(values: np.ndarray, hessian: np.ndarray):
+    """Weights and Hessian as torch tensors, channels never activated zeroed out, and the
+    per-channel importance (diag H, normalised) that weights the block scale search."""
+    w = torch.from_numpy(np.array(values, dtype=np.float32))
+    h = torch.from_numpy(np.array(hessian, dtype=np.float32))
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    importance = torch.diag(h).numpy() / max(float(torch.diag(h).mean()), 1e-30)
+    return w, h, importance
+
+
 def quantize_gptq(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, damp: float = 0.01,
                   act_order: bool = True) -> np.ndarray:
+    """act_order=True (default) sweeps by decreasing activation with static block scales;
+    False sweeps in column order, choosing each block's scales when the sweep reaches it.
+    On SmolLM2 Q4_K_M act-order cut mean KLD from 0.035 to 0.026 (bench/results)."""
     if act_order:
         return _gptq_act_order(values, fmt, hessian, damp)
     rows, cols = values.shape
     bs, sub = fmt.block_size, fmt.sub_size
-    w = torch.from_numpy(np.array(values, dtype=np.float32))
-    h = torch.from_numpy(np.asarray(hessian, dtype=np.float32))
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w, h, importance = _prepare(values, hessian)
     u = _inverse_cholesky(h, damp)
-    importance = torch.diag(h).numpy() / max(float(torch.diag(h).mean()), 1e-30)
 
     idx = np.empty((rows, cols), np.int64)
     parts: list[BlockParams] = []
@@ -93,12 +103,7 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
     """
     rows, cols = values.shape
     bs, sub = fmt.block_size, fmt.sub_size
-    h = torch.from_numpy(np.asarray(hessian, dtype=np.float32)).clone()
-    w = torch.from_numpy(np.array(values, dtype=np.float32))
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    importance = torch.diag(h).numpy() / max(float(torch.diag(h).mean()), 1e-30)
+    w, h, importance = _prepare(values, hessian)
     blocks = w.numpy().reshape(-1, bs)
     params = fmt.choose(blocks, importance_weights(w.numpy(), importance, bs).reshape(-1, bs))
     n_blk = cols // bs
