@@ -17,7 +17,7 @@ def test_kld_by_hand():
     p = np.log(np.array([[0.5, 0.25, 0.25]]))
     q = np.log(np.array([[0.25, 0.5, 0.25]]))
     expected = 0.5 * np.log(2) + 0.25 * np.log(0.5)
-    assert metrics.kld(p, q)[0] == pytest.approx(expected, rel=1e-12)
+    assert metrics.kld(p, q)[0] == pytest.approx(expected, rel=1e-6)  # float32 by design
     assert metrics.kld(p, p)[0] == 0.0
 
 

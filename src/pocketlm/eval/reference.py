@@ -40,10 +40,11 @@ def encode_logp(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_logp(codes: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    """Log-probs back from codes, renormalized so each row is a distribution again."""
-    logp = codes.astype(np.float64) * (FLOOR / LEVELS) + lo[:, None]
-    logp -= logp.max(axis=-1, keepdims=True)
-    return logp - np.log(np.exp(logp).sum(axis=-1, keepdims=True))
+    """Log-probs back from codes (float32), renormalized so each row is a distribution again."""
+    import torch
+
+    logp = torch.from_numpy(np.asarray(codes).astype(np.float32)) * (FLOOR / LEVELS) + torch.from_numpy(lo)[:, None]
+    return torch.log_softmax(logp, dim=-1).numpy()
 
 
 @dataclass
