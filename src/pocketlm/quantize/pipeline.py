@@ -168,7 +168,6 @@ def _calibrated_pass(src, reader, by_name, plans, method, opts, arch, n_layers, 
     from ..models.load import load
 
     loaded = load(src)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     windows = calibration_windows(loaded.tokenizer, loaded.add_bos, opts.calib, opts.calib_tokens, opts.calib_ctx)
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(arch_enum, n_layers)
