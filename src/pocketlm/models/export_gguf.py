@@ -73,6 +73,21 @@ def export_gguf(source, out: str | Path, dtype: str = "f16") -> Path:
     return out
 
 
+def cached_gguf(source, dtype: str) -> Path:
+    """A GGUF path for any source: GGUF files as they are, HF folders converted once to
+    `dtype` and cached by content (so an edited folder gets a fresh conversion)."""
+    from ..eval.reference import cache_dir, model_content_hash
+
+    src = resolve(source)
+    if src.is_gguf:
+        return src.path
+    path = cache_dir() / "gguf" / f"{model_content_hash(src)[:24]}.{dtype}.gguf"
+    if not path.exists():
+        log.info("converting %s to GGUF (cached at %s)", src.path, path)
+        export_gguf(src, path, dtype)
+    return path
+
+
 def _retype_gguf(src: ModelSource, tmp: Path, dtype: str) -> None:
     import gguf
     from gguf.quants import dequantize

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from ..errors import PocketError
 from ..models.gguf_file import copy_metadata, field_value, finish_writer, open_gguf
+from ..models.export_gguf import cached_gguf
 from ..models.hf_arch import deinterleave_rotary_rows
-from ..models.source import ModelSource, resolve
+from ..models.source import resolve
 from ..util.atomic import atomic_path
 from .formats import get as get_format
 from .methods.gptq import quantize_gptq
@@ -49,18 +50,6 @@ class TensorReport:
     type: str
     method: str
     weighted_error: float  # sum imp*(w - q)^2 / sum imp*w^2 over the tensor
-
-
-def _float_source(src: ModelSource) -> Path:
-    if src.is_gguf:
-        return src.path
-    from ..eval.reference import cache_dir, model_content_hash
-    from ..models.export_gguf import export_gguf
-
-    path = cache_dir() / "gguf" / f"{model_content_hash(src)[:24]}.f32.gguf"
-    if not path.exists():
-        export_gguf(src, path, "f32")
-    return path
 
 
 def _values(t) -> np.ndarray:
@@ -126,7 +115,7 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
     if method not in METHODS:
         raise PocketError(f"unknown --method {method!r} (choose one of {', '.join(METHODS)})")
     src = resolve(source)
-    reader = open_gguf(_float_source(src))
+    reader = open_gguf(cached_gguf(src, "f32"))
     arch = field_value(reader, "general.architecture")
     n_layers = int(field_value(reader, f"{arch}.block_count", 0))
     n_heads = int(field_value(reader, f"{arch}.attention.head_count", 1))

@@ -3,32 +3,14 @@ from __future__ import annotations
 
 import sys
 
-import click
-
-from ..models.source import resolve
-
-
-def gguf_for(source) -> str:
-    """A GGUF path for any source; HF folders are converted once (f16) and cached by content."""
-    from ..eval.reference import cache_dir, model_content_hash
-    from ..models.export_gguf import export_gguf
-
-    src = resolve(source)
-    if src.is_gguf:
-        return str(src.path)
-    path = cache_dir() / "gguf" / f"{model_content_hash(src)[:24]}.f16.gguf"
-    if not path.exists():
-        click.echo(f"converting {src.path} to GGUF for llama.cpp (cached at {path})", err=True)
-        export_gguf(src, path, "f16")
-    return str(path)
-
 
 def chat_loop(model, *, system=None, max_tokens=512, temperature=0.7, n_ctx=2048,
               input_fn=None, out=None) -> None:
+    from ..models.export_gguf import cached_gguf
     from .llama_cpp_backend import LlamaCppModel
 
     out = out or sys.stdout
-    rt = LlamaCppModel(gguf_for(model), n_ctx=n_ctx)
+    rt = LlamaCppModel(cached_gguf(model, "f16"), n_ctx=n_ctx)
     messages = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty() and input_fn is None
     read = input_fn or (lambda: input("you> ") if interactive else sys.stdin.readline())
