@@ -53,12 +53,17 @@ def _windows_for(runtime, text: str, opts: EvalOptions) -> Windows:
     return make_windows(tokens, opts.ctx, runtime.bos_id if runtime.add_bos else None, opts.max_tokens)
 
 
+def _window_logp(runtime, windows: Windows, i: int) -> np.ndarray:
+    """Log-probs at the scored positions of window i."""
+    return metrics.log_softmax(runtime.logits(windows.inputs[i].tolist())[:-1])
+
+
 def _compute_reference(runtime, windows: Windows, key: str, about: dict, progress: bool) -> ReferenceLogits:
     n, width = windows.targets.shape
     writer = ReferenceWriter(key, n, width, runtime.n_vocab, about)
     try:
         for i in tqdm(range(n), desc="reference", unit="window", disable=not progress):
-            logp = metrics.log_softmax(runtime.logits(windows.inputs[i].tolist())[:-1])
+            logp = _window_logp(runtime, windows, i)
             writer.add(i, logp, metrics.nll(logp, windows.targets[i]))
     except BaseException as exc:  # Ctrl-C included: no half-written cache entry survives
         writer.abort(exc)
@@ -96,7 +101,7 @@ def evaluate(model: str, opts: EvalOptions) -> dict:
             ref, ref_backend = _reference(ref_src, runtime, text, windows, opts)
         nll, kld, top1 = [], [], []
         for i in tqdm(range(windows.inputs.shape[0]), desc="model", unit="window", disable=not opts.progress):
-            logp = metrics.log_softmax(runtime.logits(windows.inputs[i].tolist())[:-1])
+            logp = _window_logp(runtime, windows, i)
             nll.append(metrics.nll(logp, windows.targets[i]))
             if ref is not None:
                 kld.append(metrics.kld(ref.logp(i), logp))

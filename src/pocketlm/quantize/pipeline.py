@@ -79,10 +79,11 @@ def _weighted_error(values, deq, importance) -> float:
     return float((((values - deq) ** 2) * imp).sum() / den) if den > 0 else 0.0
 
 
-def _quantize_one(name, values, type_name, method, stats) -> tuple[np.ndarray, TensorReport]:
+def _quantize_one(name, values, type_name, method, stats) -> tuple[np.ndarray, TensorReport, np.ndarray]:
+    """(bytes to write, report row, the values the bytes decode to)."""
     if type_name in FLOAT_TYPES:
         data = values.astype(np.float16) if type_name == "F16" else values
-        return data, TensorReport(name, values.shape, type_name, "float", 0.0)
+        return data, TensorReport(name, values.shape, type_name, "float", 0.0), data.astype(np.float32)
     fmt = get_format(type_name)
     importance = stats.importance if stats is not None and method != "rtn" else None
     if method == "gptq" and stats is not None and stats.xtx is not None:
@@ -91,21 +92,21 @@ def _quantize_one(name, values, type_name, method, stats) -> tuple[np.ndarray, T
         method = "imatrix" if importance is not None else "rtn"
         data = quantize_rtn(values, fmt, importance)
     deq = fmt.dequantize(data.reshape(-1, fmt.type_size)).reshape(values.shape)
-    return data, TensorReport(name, values.shape, type_name, method, _weighted_error(values, deq, importance))
+    return data, TensorReport(name, values.shape, type_name, method, _weighted_error(values, deq, importance)), deq
 
 
 def calibration_windows(tokenizer, add_bos: bool, files, n_tokens: int, ctx: int) -> list[torch.Tensor]:
     from ..data import SAMPLE_DOCS
-    from ..eval.windows import read_texts
+    from ..eval.windows import make_windows, read_texts
 
     text = read_texts(files) if files else read_texts(sorted(SAMPLE_DOCS.glob("*.rst")))
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    per = ctx - 1 if add_bos else ctx
     if len(ids) < n_tokens:
         raise PocketError(f"calibration text has {len(ids)} tokens, fewer than --calib-tokens {n_tokens}; give more text or a smaller number")
-    n = max(n_tokens // per, 1)
-    bos = [tokenizer.bos_token_id] if add_bos else []
-    return [torch.tensor(bos + ids[i * per:(i + 1) * per]) for i in range(n)]
+    bos_id = tokenizer.bos_token_id if add_bos else None
+    per = ctx - 1 if add_bos else ctx
+    windows = make_windows(ids, ctx, bos_id, max_tokens=max(n_tokens, per))  # at least one window
+    return [torch.from_numpy(row) for row in windows.inputs]
 
 
 def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[TensorReport]:
@@ -133,7 +134,7 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
         if t.name not in results:
             is_output = t.name == "output.weight" or (t.name == "token_embd.weight" and "output.weight" not in by_name)
             stats = final_stats if is_output else None
-            results[t.name] = _quantize_one(t.name, _values(t), plans[t.name].type, method, stats)
+            results[t.name] = _quantize_one(t.name, _values(t), plans[t.name].type, method, stats)[:2]
 
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -169,12 +170,8 @@ def _calibrated_pass(src, reader, by_name, plans, method, opts, arch, n_layers, 
             if gname is None or f"{gname}.weight" not in by_name:
                 continue
             tname = f"{gname}.weight"
-            data, rep = _quantize_one(tname, _values(by_name[tname]), plans[tname].type, method, st)
+            data, rep, deq = _quantize_one(tname, _values(by_name[tname]), plans[tname].type, method, st)
             results[tname] = (data, rep)
-            if rep.type in FLOAT_TYPES:
-                continue
-            fmt = get_format(rep.type)
-            deq = fmt.dequantize(data.reshape(-1, fmt.type_size)).reshape(data.shape[0], -1)
             if permuted and tname.endswith("attn_q.weight"):
                 deq = deinterleave_rotary_rows(deq, n_heads)
             elif permuted and tname.endswith("attn_k.weight"):
