@@ -153,6 +153,59 @@ def quantize(model, output, preset, method, calib, calib_tokens, keep, allow_req
     click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
 
 
+def _int_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise PocketError(f"--drop-layers wants comma-separated layer numbers, got {text!r}") from None
+
+
+@cli.command()
+@click.argument("teacher")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output HF folder.")
+@click.option("--data", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Training text: files or folders of documents (.txt .md .rst .html).")
+@click.option("--layers", type=int, default=None, help="Keep the N most important layers.")
+@click.option("--drop-layers", default=None, help="Drop these layers, e.g. '3,7,12'.")
+@click.option("--hidden", type=int, default=None, help="Hidden size (default: aligned down to 256).")
+@click.option("--ffn", type=int, default=None, help="MLP width.")
+@click.option("--heads", type=int, default=None, help="Attention heads.")
+@click.option("--kv-heads", type=int, default=None, help="Key/value heads (= heads: plain multi-head).")
+@click.option("--student", default=None, help="Start from this model instead of pruning the teacher.")
+@click.option("--tokens", default=500_000, show_default=True, help="Training tokens.")
+@click.option("--seq", default=512, show_default=True, help="Sequence length.")
+@click.option("--loss", default="fkl", show_default=True, help="fkl | rkl | jsd:BETA | tvd | ce.")
+@click.option("--topk", default=64, show_default=True, help="Teacher log-probs kept per position.")
+@click.option("--lr", default=3e-4, show_default=True)
+@click.option("--batch", default=8, show_default=True, help="Sequences per optimizer step (all processes).")
+@click.option("--micro-batch", default=2, show_default=True, help="Sequences per forward pass.")
+@click.option("--eval-every", default=50, show_default=True, help="Steps between held-out evaluations.")
+@click.option("--save-every", default=50, show_default=True, help="Steps between checkpoints.")
+@click.option("--fp32", is_flag=True, help="Train in float32 instead of bf16 autocast.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the checkpoint an interrupted run left.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@user_errors
+def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_heads, student, tokens, seq, loss, topk,
+            lr, batch, micro_batch, eval_every, save_every, fp32, seed, resume, force):
+    """Prune TEACHER into a smaller student and heal it with knowledge distillation."""
+    from .distill.run import DistillOptions, distill as run_distill
+
+    _refuse_existing(output, force)
+    opts = DistillOptions(data=[str(d) for d in data], tokens=tokens, seq=seq, layers=layers,
+                          drop_layers=_int_list(drop_layers), hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
+                          student=student, loss=loss, topk=topk, lr=lr, batch=batch, micro_batch=micro_batch,
+                          eval_every=eval_every, save_every=save_every, bf16=not fp32, seed=seed, resume=resume,
+                          force=force, say=click.echo)
+    manifest = run_distill(teacher, output, opts)
+    last = next((h for h in reversed(manifest["history"]) if "ppl" in h), None)
+    if last:
+        click.echo(f"held-out perplexity {last['ppl']:.3f}" + (f", KLD vs teacher {last['kld']:.4f}" if last.get("kld") else ""))
+    click.echo(f"wrote {output} ({manifest['tokens']} tokens in {manifest['seconds']:.0f} s)")
+
+
 def main():
     cli()
 

@@ -1,10 +1,10 @@
-"""Width pruning of Llama-family models by weight-magnitude importance, without healing.
+"""Cut a Llama-family teacher down to a student shape, keeping what importance ranks highest.
 
-A first, data-free cut: residual channels ranked by the norm of their embedding column,
-attention heads by the norm of their slice of o_proj, MLP units by |up| * |down|. GQA groups
-that cannot be kept whole become plain multi-head attention (each kept query head gets its own
-copy of its group's key/value rows), which computes exactly what the grouped layout did and
-lets the head count be a multiple of 4 so that every Linear input is 256-aligned.
+Layers, residual channels, attention heads (or whole key/value groups) and MLP units are
+selected by an Importance (activation-based from importance.py, or weight magnitudes without
+data). When the kept heads cannot form whole GQA groups the student becomes plain multi-head
+attention: each kept query head gets its own copy of its group's key/value rows, which
+computes exactly what the grouped layout did.
 """
 from __future__ import annotations
 
@@ -12,56 +12,86 @@ import torch
 
 from ..errors import PocketError
 from ..models.load import LoadedModel
+from .importance import Importance, magnitude
+from .shapes import StudentShape, TeacherDims, validate
+
+PRUNABLE = ("llama", "mistral")
 
 
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.sort(torch.topk(scores, k).indices).values
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(torch.topk(scores, k).indices.tolist())
 
 
-def prune_llama_width(loaded: LoadedModel, hidden: int, heads: int, ffn: int | None = None) -> LoadedModel:
+def _rows(units: list[int], size: int) -> torch.Tensor:
+    return torch.cat([torch.arange(u * size, (u + 1) * size) for u in units])
+
+
+def _heads_and_groups(score: torch.Tensor, t: TeacherDims, s: StudentShape) -> tuple[list[int], list[int]]:
+    """(kept query heads, the teacher group each student key/value head copies)."""
+    group = t.heads // t.kv_heads
+    if s.kv_heads == s.heads:
+        heads = _top(score, s.heads)
+        return heads, [h // group for h in heads]
+    groups = _top(score.reshape(t.kv_heads, group).sum(dim=1), s.kv_heads)
+    per = s.heads // s.kv_heads
+    heads = [g * group + j for g in groups for j in _top(score[g * group:(g + 1) * group], per)]
+    return heads, groups
+
+
+def prune(loaded: LoadedModel, shape: StudentShape, importance: Importance | None = None) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     teacher = loaded.model
     cfg = teacher.config
-    if cfg.model_type not in ("llama", "mistral"):
-        raise PocketError(f"width pruning supports Llama/Mistral models, not {cfg.model_type}")
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    group = cfg.num_attention_heads // cfg.num_key_value_heads
-    ffn = ffn or cfg.intermediate_size
-    if hidden > cfg.hidden_size or heads > cfg.num_attention_heads or ffn > cfg.intermediate_size:
-        raise PocketError("pruned sizes must not exceed the teacher's")
+    if cfg.model_type not in PRUNABLE:
+        raise PocketError(f"pruning supports {'/'.join(PRUNABLE)} models, not {cfg.model_type}")
+    t = TeacherDims.of(cfg)
+    validate(t, shape)
+    imp = importance or magnitude(teacher)
     sd = teacher.state_dict()
-    keep_c = _top(sd["model.embed_tokens.weight"].float().norm(dim=0), hidden)
-    new_cfg = LlamaConfig(**{**cfg.to_dict(), "hidden_size": hidden, "num_attention_heads": heads,
-                             "num_key_value_heads": heads, "head_dim": head_dim, "intermediate_size": ffn})
+    keep_c = torch.tensor(_top(imp.channel, shape.hidden))
+    new_cfg = LlamaConfig(**{**cfg.to_dict(), "hidden_size": shape.hidden, "num_attention_heads": shape.heads,
+                             "num_key_value_heads": shape.kv_heads, "head_dim": t.head_dim,
+                             "intermediate_size": shape.ffn, "num_hidden_layers": len(shape.keep_layers)})
     new_cfg.architectures = ["LlamaForCausalLM"]
     student = LlamaForCausalLM(new_cfg).eval()
     out = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"][:, keep_c],
            "model.norm.weight": sd["model.norm.weight"][keep_c]}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        o = sd[p + "self_attn.o_proj.weight"]
-        head_score = o.float().reshape(o.shape[0], -1, head_dim).norm(dim=(0, 2))
-        keep_h = _top(head_score, heads)
-        q_rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in keep_h.tolist()])
-        kv_rows = torch.cat([torch.arange((h // group) * head_dim, (h // group + 1) * head_dim) for h in keep_h.tolist()])
-        up, down = sd[p + "mlp.up_proj.weight"], sd[p + "mlp.down_proj.weight"]
-        keep_f = _top(up.float().norm(dim=1) * down.float().norm(dim=0), ffn)
+    for new_i, i in enumerate(shape.keep_layers):
+        p, q = f"model.layers.{i}.", f"model.layers.{new_i}."
+        heads, kv_units = _heads_and_groups(imp.head[i], t, shape)
+        q_rows, kv_rows = _rows(heads, t.head_dim), _rows(kv_units, t.head_dim)
+        keep_f = torch.tensor(_top(imp.unit[i], shape.ffn))
         out.update({
-            p + "input_layernorm.weight": sd[p + "input_layernorm.weight"][keep_c],
-            p + "post_attention_layernorm.weight": sd[p + "post_attention_layernorm.weight"][keep_c],
-            p + "self_attn.q_proj.weight": sd[p + "self_attn.q_proj.weight"][q_rows][:, keep_c],
-            p + "self_attn.k_proj.weight": sd[p + "self_attn.k_proj.weight"][kv_rows][:, keep_c],
-            p + "self_attn.v_proj.weight": sd[p + "self_attn.v_proj.weight"][kv_rows][:, keep_c],
-            p + "self_attn.o_proj.weight": o[keep_c][:, q_rows],
-            p + "mlp.gate_proj.weight": sd[p + "mlp.gate_proj.weight"][keep_f][:, keep_c],
-            p + "mlp.up_proj.weight": up[keep_f][:, keep_c],
-            p + "mlp.down_proj.weight": down[keep_c][:, keep_f],
+            q + "input_layernorm.weight": sd[p + "input_layernorm.weight"][keep_c],
+            q + "post_attention_layernorm.weight": sd[p + "post_attention_layernorm.weight"][keep_c],
+            q + "self_attn.q_proj.weight": sd[p + "self_attn.q_proj.weight"][q_rows][:, keep_c],
+            q + "self_attn.k_proj.weight": sd[p + "self_attn.k_proj.weight"][kv_rows][:, keep_c],
+            q + "self_attn.v_proj.weight": sd[p + "self_attn.v_proj.weight"][kv_rows][:, keep_c],
+            q + "self_attn.o_proj.weight": sd[p + "self_attn.o_proj.weight"][keep_c][:, q_rows],
+            q + "mlp.gate_proj.weight": sd[p + "mlp.gate_proj.weight"][keep_f][:, keep_c],
+            q + "mlp.up_proj.weight": sd[p + "mlp.up_proj.weight"][keep_f][:, keep_c],
+            q + "mlp.down_proj.weight": sd[p + "mlp.down_proj.weight"][keep_c][:, keep_f],
         })
+        for bias in ("q_proj", "k_proj", "v_proj"):
+            if p + f"self_attn.{bias}.bias" in sd:
+                raise PocketError("pruning models with attention biases is not supported")
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"][:, keep_c]
-    missing, unexpected = student.load_state_dict(out, strict=False)
+    missing, unexpected = student.load_state_dict({k: v.clone() for k, v in out.items()}, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise PocketError(f"pruning produced mismatched weights: missing {missing}, unexpected {unexpected}")
     student.tie_weights()
     return LoadedModel(loaded.source, student, loaded.tokenizer, loaded.gguf_tokenizer, dict(loaded.meta))
+
+
+def prune_llama_width(loaded: LoadedModel, hidden: int, heads: int, ffn: int | None = None) -> LoadedModel:
+    """Data-free width cut keeping every layer (used for the quantization benchmark's model)."""
+    cfg = loaded.model.config
+    if cfg.model_type not in PRUNABLE:
+        raise PocketError(f"pruning supports {'/'.join(PRUNABLE)} models, not {cfg.model_type}")
+    t = TeacherDims.of(cfg)
+    if hidden > t.hidden or heads > t.heads or (ffn or t.ffn) > t.ffn:
+        raise PocketError("pruned sizes must not exceed the teacher's")
+    shape = StudentShape(tuple(range(t.layers)), hidden, heads, heads, ffn or t.ffn)
+    return prune(loaded, shape)

@@ -8,7 +8,6 @@ per 1k tokens for a 49k vocabulary, with a log-prob step of ~1e-3 that moves KLD
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,19 +15,11 @@ import numpy as np
 
 from ..models.source import ModelSource
 from ..util.atomic import atomic_path
-from ..util.hashing import array_sha256, file_sha256, tree_sha256
+from ..util.cache import cache_dir, model_content_hash
+from ..util.hashing import array_sha256
 
 FLOOR = 40.0  # log-probs below (max - FLOOR) are stored as the floor: p < 5e-18 adds nothing
 LEVELS = 65535
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("POCKETLM_CACHE") or Path.home() / ".cache" / "pocketlm")
-
-
-def model_content_hash(src: ModelSource) -> str:
-    """Keyed by bytes, not path: a copied or renamed model still hits the cache."""
-    return file_sha256(src.path) if src.is_gguf else tree_sha256(src.path)
 
 
 def encode_logp(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -76,7 +76,7 @@ def export_gguf(source, out: str | Path, dtype: str = "f16") -> Path:
 def cached_gguf(source, dtype: str) -> Path:
     """A GGUF path for any source: GGUF files as they are, HF folders converted once to
     `dtype` and cached by content (so an edited folder gets a fresh conversion)."""
-    from ..eval.reference import cache_dir, model_content_hash
+    from ..util.cache import cache_dir, model_content_hash
 
     src = resolve(source)
     if src.is_gguf:

@@ -12,7 +12,7 @@ from .load import LoadedModel, load
 HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
-def save_hf(loaded: LoadedModel, out: str | Path, dtype: str = "f32") -> Path:
+def save_hf(loaded: LoadedModel, out: str | Path, dtype: str = "f32", extra_files: dict[str, str] | None = None) -> Path:
     import torch
 
     if dtype not in HF_DTYPES:
@@ -24,6 +24,8 @@ def save_hf(loaded: LoadedModel, out: str | Path, dtype: str = "f32") -> Path:
         loaded.tokenizer.save_pretrained(tmp)
         if loaded.gguf_tokenizer:
             (tmp / SIDECAR).write_text(json.dumps(loaded.gguf_tokenizer))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 

@@ -19,6 +19,7 @@ from .source import ModelSource, resolve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+LOAD_META = "pocketlm_load.json"  # what the GGUF said that a HF folder cannot (add_bos)
 
 
 @dataclass
@@ -49,31 +50,59 @@ def load(source, dtype: str = "float32") -> LoadedModel:
     src = resolve(source)
     torch_dtype = getattr(torch, dtype)
     if src.is_gguf:
+        return _load_gguf(src, torch_dtype)
+    config = json.loads((src.path / "config.json").read_text())
+    model_type = (config.get("text_config") or config).get("model_type", config.get("model_type"))
+    if model_type not in ARCHS:
+        raise PocketError(f"unsupported architecture {model_type!r} in {src.path} (supported: {', '.join(sorted(ARCHS))})")
+    side = src.path / SIDECAR
+    sidecar = json.loads(side.read_text()) if side.exists() else None
+    tokenizer = AutoTokenizer.from_pretrained(src.path)
+    model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype)
+    add_bos = _hf_adds_bos(tokenizer, sidecar)
+    model.eval()
+    return LoadedModel(src, model, tokenizer, sidecar, {"add_bos": add_bos})
+
+
+def _load_gguf(src: ModelSource, torch_dtype) -> LoadedModel:
+    """transformers' GGUF loader parses the whole vocabulary several times and dequantizes
+    every tensor (~50 s for SmolLM2 on 2 cores); the result is kept as a float32 HF folder
+    keyed by the file's content, so later loads of the same file take seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..util.atomic import atomic_path
+    from ..util.cache import cache_dir, model_content_hash
+
+    folder = cache_dir() / "hf-from-gguf" / model_content_hash(src)[:24]
+    if not (folder / LOAD_META).exists():
         reader = open_gguf(src.path)
         arch = field_value(reader, "general.architecture", "unknown")
         if arch not in SUPPORTED_GGUF_ARCHS:
             raise PocketError(f"unsupported architecture {arch!r} in {src.path} (supported: {', '.join(sorted(SUPPORTED_GGUF_ARCHS))})")
         sidecar = sidecar_from_reader(reader)
-        add_bos = bool(field_value(reader, "tokenizer.ggml.add_bos_token", False))
-        folder, name = src.path.parent, src.path.name
+        meta = {"add_bos": bool(field_value(reader, "tokenizer.ggml.add_bos_token", False))}
+        del reader
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+            model = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise PocketError(f"transformers cannot load {src.path}: {exc}") from None
         _forget_gguf_origin(model)
-    else:
-        config = json.loads((src.path / "config.json").read_text())
-        model_type = (config.get("text_config") or config).get("model_type", config.get("model_type"))
-        if model_type not in ARCHS:
-            raise PocketError(f"unsupported architecture {model_type!r} in {src.path} (supported: {', '.join(sorted(ARCHS))})")
-        side = src.path / SIDECAR
-        sidecar = json.loads(side.read_text()) if side.exists() else None
-        tokenizer = AutoTokenizer.from_pretrained(src.path)
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype)
-        add_bos = _hf_adds_bos(tokenizer, sidecar)
+        with atomic_path(folder, is_dir=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / SIDECAR).write_text(json.dumps(sidecar))
+            (tmp / LOAD_META).write_text(json.dumps(meta))
+        if torch_dtype == torch.float32:
+            model.eval()
+            return LoadedModel(src, model, tokenizer, sidecar, meta)
+    sidecar = json.loads((folder / SIDECAR).read_text())
+    meta = json.loads((folder / LOAD_META).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     model.eval()
-    return LoadedModel(src, model, tokenizer, sidecar, {"add_bos": add_bos})
+    return LoadedModel(src, model, tokenizer, sidecar, meta)
 
 
 def _forget_gguf_origin(model) -> None:

@@ -97,15 +97,16 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
     inner, layers = _decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="calibrate+quantize", unit="layer", disable=not progress)):
         stats: dict[str, LinearStats] = {}
-        handles = []
+        handles, last_input = [], {}
         for name, mod in layer.named_modules():
             if isinstance(mod, torch.nn.Linear):
-                handles.append(mod.register_forward_hook(_accumulator(stats, name, mod.in_features, want_hessian)))
+                handles.append(mod.register_forward_hook(_accumulator(stats, name, mod.in_features, want_hessian, last_input)))
         try:
             _run_layer(layer, hidden, kwargs_by_layer[i])
         finally:
             for h in handles:
                 h.remove()
+            last_input.clear()
         new_weights = on_layer(i, stats)
         with torch.no_grad():
             for name, weight in new_weights.items():
@@ -121,14 +122,21 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
     return final
 
 
-def _accumulator(stats: dict, name: str, width: int, want_hessian: bool):
+def _accumulator(stats: dict, name: str, width: int, want_hessian: bool, last: dict):
+    """Linears fed the same tensor (q/k/v, gate/up) share one LinearStats: X^T X is the
+    costliest part of calibration, so it is computed once per distinct input. `last` holds the
+    previous hook's input by reference (not address, which a freed tensor's successor reuses)."""
     def hook(module, args, output):
+        if last.get("input") is args[0] and last["stats"].sq_sum.shape[0] == width:
+            stats[name] = last["stats"]
+            return
         x = args[0].detach().reshape(-1, width).float()
         st = stats.get(name)
         if st is None:
             st = stats[name] = LinearStats(torch.zeros(width), torch.zeros(width, width) if want_hessian else None)
         st.sq_sum += (x * x).sum(0)
         if want_hessian:
-            st.xtx += x.T @ x
+            st.xtx.addmm_(x.T, x)
         st.tokens += x.shape[0]
+        last["input"], last["stats"] = args[0], st
     return hook

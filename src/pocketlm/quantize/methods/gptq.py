@@ -112,21 +112,49 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
     perm = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
     u = _inverse_cholesky(h, damp)
-    order = perm.numpy()
-    idx = np.empty((rows, cols), np.int64)
+    # Work on the transpose so each column is a contiguous row: the rank-1 updates then run
+    # as in-place BLAS (addr_) ~20x faster than broadcasting over strided columns, and every
+    # column's per-row scale/offset is gathered up front so the loop never leaves torch.
+    cols_blk, cols_sub = perm // bs, (perm % bs) // sub
+    col_scale = torch.from_numpy(np.ascontiguousarray(scale))[:, cols_blk, cols_sub].T.contiguous()
+    col_offset = torch.from_numpy(np.ascontiguousarray(offset))[:, cols_blk, cols_sub].T.contiguous()
+    safe_scale = torch.where(col_scale == 0, torch.ones_like(col_scale), col_scale)
+    assign = _torch_assign(fmt)
+    levels = torch.from_numpy(np.asarray(fmt.levels, dtype=np.float32))
+    wt = w.T.contiguous()
+    idx_sorted = torch.empty((cols, rows), dtype=torch.int64)
     for b0 in range(0, cols, LAZY_BATCH):
         b1 = min(b0 + LAZY_BATCH, cols)
-        w1 = w[:, b0:b1].clone()
-        err = torch.zeros_like(w1)
+        w1 = wt[b0:b1].clone()
+        err = torch.empty_like(w1)
         for j in range(b1 - b0):
-            c = int(order[b0 + j])
-            blk, s = c // bs, (c % bs) // sub
-            sc, off = scale[:, blk, s], offset[:, blk, s]
-            q = fmt.assign(w1[:, j].numpy()[:, None], sc[:, None], off[:, None])[:, 0]
-            idx[:, c] = q
-            deq = torch.from_numpy(fmt.levels[q] * sc + off)
-            e = (w1[:, j] - deq) / u[b0 + j, b0 + j]
-            w1[:, j:] -= e[:, None] * u[b0 + j, b0 + j:b1][None, :]
-            err[:, j] = e
-        w[:, b1:] -= err @ u[b0:b1, b1:]
+            c = b0 + j
+            sc, off = col_scale[c], col_offset[c]
+            q = assign((w1[j] - off) / safe_scale[c], sc == 0)
+            idx_sorted[c] = q
+            e = (w1[j] - (levels[q] * sc + off)) / u[c, c]
+            w1[j:].addr_(u[c, c:b1], e, alpha=-1)
+            err[j] = e
+        wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)
+    idx = np.empty((rows, cols), np.int64)
+    idx[:, perm.numpy()] = idx_sorted.T.numpy()
     return fmt.pack(idx.reshape(-1, bs), params).reshape(rows, -1)
+
+
+def _torch_assign(fmt: BlockFormat):
+    """BlockFormat.assign for one column of scaled values t = (x - offset) / scale, in torch;
+    where the scale is zero every value takes the level nearest 0, as the numpy path does."""
+    levels = np.asarray(fmt.levels, dtype=np.float64)
+    n = len(levels)
+    if levels[-1] - levels[0] == n - 1:
+        low = float(levels[0])
+
+        def uniform(t, zero):
+            t = torch.where(zero, torch.zeros_like(t), t)
+            return torch.clamp(torch.round(t - low), 0, n - 1).to(torch.int64)
+        return uniform
+    mids = torch.from_numpy(((levels[1:] + levels[:-1]) / 2).astype(np.float32))
+
+    def nonuniform(t, zero):
+        return torch.searchsorted(mids, torch.where(zero, torch.zeros_like(t), t).contiguous())
+    return nonuniform

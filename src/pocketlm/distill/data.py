@@ -1,0 +1,51 @@
+"""Training text -> fixed-length token sequences, with a held-out slice for evaluation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import PocketError
+from ..eval.windows import make_windows
+from ..rag.loaders import find_documents, read_document
+
+
+@dataclass
+class Sequences:
+    train: torch.Tensor  # (n, seq) int64; position t predicts token t+1
+    held_out: torch.Tensor
+    documents: int
+
+    @property
+    def train_tokens(self) -> int:
+        return int(self.train.shape[0] * (self.train.shape[1] - 1))
+
+
+def load_sequences(tokenizer, paths, seq: int, add_bos: bool, max_train_tokens: int | None = None,
+                   held_out_fraction: float = 0.05, max_held_out: int = 32) -> Sequences:
+    """Documents (files or folders, the RAG loaders) joined with EOS between them, cut into
+    sequences of `seq` tokens. The last sequences are held out (never trained on)."""
+    files = find_documents(paths)
+    if not files:
+        raise PocketError(f"no usable documents in {', '.join(map(str, paths))}")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for f in files:
+        text = read_document(f).strip()
+        if text:
+            ids += tokenizer(text, add_special_tokens=False).input_ids
+            if eos is not None:
+                ids.append(eos)
+    per = seq - 1 if add_bos else seq
+    if len(ids) < per:
+        raise PocketError(f"the data has {len(ids)} tokens, fewer than one sequence of {seq}; give more text or a smaller --seq")
+    windows = make_windows(ids, seq, tokenizer.bos_token_id if add_bos else None).inputs
+    n = len(windows)
+    n_held = 0 if n < 2 else max(1, min(max_held_out, int(n * held_out_fraction)))
+    train, held = windows[: n - n_held], windows[n - n_held:]
+    if max_train_tokens:
+        train = train[: max(1, -(-max_train_tokens // (seq - 1)))]
+    if not len(held):
+        held = train  # a single sequence: evaluation can only look at what it trains on
+    return Sequences(torch.from_numpy(np.ascontiguousarray(train)), torch.from_numpy(np.ascontiguousarray(held)), len(files))

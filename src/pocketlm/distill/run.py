@@ -1,0 +1,174 @@
+"""`pocketlm distill`: teacher -> importance -> pruned student -> teacher top-k -> KD -> HF folder."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import PocketError
+from ..util.cache import model_content_hash
+from ..util.hashing import array_sha256
+from .data import load_sequences
+from .importance import measure
+from .losses import parse_loss
+from .prune import PRUNABLE, prune
+from .shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
+from .teacher_cache import teacher_targets
+from .trainer import Checkpoint, Dist, TrainConfig, train
+
+log = logging.getLogger(__name__)
+MANIFEST = "distill.json"
+
+
+@dataclass
+class DistillOptions:
+    data: list
+    tokens: int = 500_000
+    seq: int = 512
+    layers: int | None = None
+    drop_layers: list[int] | None = None
+    hidden: int | None = None
+    ffn: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    fraction: float = 0.5  # of the teacher's non-embedding parameters, when no shape is given
+    student: str | None = None  # start from this model instead of pruning the teacher
+    loss: str = "fkl"
+    topk: int = 64
+    lr: float = 3e-4
+    batch: int = 8
+    micro_batch: int = 2
+    warmup: int | None = None
+    importance_tokens: int = 16384
+    eval_every: int = 50
+    save_every: int = 50
+    bf16: bool = True
+    seed: int = 0
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+    say: Callable[[str], None] | None = None  # where to tell the user what was chosen
+
+
+def choose_shape(t: TeacherDims, layer_order: list[int], opts: DistillOptions) -> StudentShape:
+    if opts.drop_layers is not None and opts.layers is not None:
+        raise PocketError("give --layers or --drop-layers, not both")
+    if opts.drop_layers is not None:
+        bad = [i for i in opts.drop_layers if not 0 <= i < t.layers]
+        if bad:
+            raise PocketError(f"--drop-layers {bad} are not layers of the teacher (0..{t.layers - 1})")
+        keep = [i for i in range(t.layers) if i not in set(opts.drop_layers)]
+        shape = default_shape(t, keep, opts.fraction, layers=len(keep), hidden=opts.hidden, ffn=opts.ffn,
+                              heads=opts.heads, kv_heads=opts.kv_heads)
+    else:
+        shape = default_shape(t, layer_order, opts.fraction, layers=opts.layers, hidden=opts.hidden, ffn=opts.ffn,
+                              heads=opts.heads, kv_heads=opts.kv_heads)
+    validate(t, shape)
+    return shape
+
+
+def describe(t: TeacherDims, shape: StudentShape) -> list[str]:
+    teacher_p = non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)
+    student_p = non_embedding_params(t, len(shape.keep_layers), shape.hidden, shape.heads, shape.kv_heads, shape.ffn)
+    sizes = predicted_sizes(t, shape)
+    lines = [f"student: {len(shape.keep_layers)} layers (teacher's {list(shape.keep_layers)}), hidden {shape.hidden}, "
+             f"{shape.heads} heads / {shape.kv_heads} kv, ffn {shape.ffn}",
+             f"non-embedding parameters: {student_p / 1e6:.1f}M ({100 * student_p / teacher_p:.0f}% of the teacher's "
+             f"{teacher_p / 1e6:.1f}M); embeddings {t.vocab * shape.hidden / 1e6:.1f}M",
+             "predicted GGUF sizes: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items())]
+    unaligned = [n for n, v in (("hidden", shape.hidden), ("attention width", shape.heads * t.head_dim),
+                                ("ffn", shape.ffn)) if v % 256]
+    if unaligned:
+        lines.append(f"note: {', '.join(unaligned)} not a multiple of 256: k-quants fall back to legacy types there")
+    return lines
+
+
+def _run_key(teacher_hash: str, shape: StudentShape, seqs: torch.Tensor, cfg: TrainConfig, topk: int, student: str | None) -> str:
+    settings = json.dumps({"teacher": teacher_hash, "shape": shape.to_dict() if shape else None, "student": student,
+                           "loss": cfg.loss, "beta": cfg.beta, "topk": topk, "lr": cfg.lr, "batch": cfg.batch,
+                           "steps": cfg.steps, "warmup": cfg.warmup, "seed": cfg.seed, "bf16": cfg.bf16}, sort_keys=True)
+    return array_sha256(np.frombuffer(settings.encode(), dtype=np.uint8), seqs.numpy())[:32]
+
+
+def _check_same_vocab(teacher, student) -> None:
+    tv, sv = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
+    if tv != sv or teacher.model.config.vocab_size != student.model.config.vocab_size:
+        raise PocketError(f"the student's vocabulary ({len(sv)} tokens) differs from the teacher's ({len(tv)}): "
+                          "distillation compares them token by token, so they must share one tokenizer")
+
+
+def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
+    from ..models.export_hf import save_hf
+    from ..models.load import load
+    from ..models.source import resolve
+
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise PocketError(f"{out} exists; pass --force to replace it")
+    loss, beta = parse_loss(opts.loss)
+    dist = Dist.from_env()
+
+    def say(line: str) -> None:
+        if dist.main:
+            (opts.say or log.info)(line)
+    t_start = time.perf_counter()
+    src = resolve(teacher_source)
+    teacher = load(src)
+    t = TeacherDims.of(teacher.model.config)
+    seqs = load_sequences(teacher.tokenizer, opts.data, opts.seq, teacher.add_bos)
+    steps = max(1, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))
+    cfg = TrainConfig(loss=loss, beta=beta, steps=steps, batch=opts.batch, micro_batch=opts.micro_batch, lr=opts.lr,
+                      warmup=opts.warmup if opts.warmup is not None else max(1, steps // 20),
+                      eval_every=opts.eval_every, save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed)
+
+    shape = None
+    if opts.student:
+        student = load(opts.student)
+        _check_same_vocab(teacher, student)
+        say(f"student: {opts.student} as given (no pruning)")
+    else:
+        if teacher.model.config.model_type not in PRUNABLE:
+            raise PocketError(f"pruning supports {'/'.join(PRUNABLE)} models, not {teacher.model.config.model_type}")
+        n_imp = max(1, min(len(seqs.train), opts.importance_tokens // opts.seq))
+        importance = measure(teacher.model, seqs.train[:n_imp], progress=opts.progress and dist.main)
+        shape = choose_shape(t, importance.layer_order(), opts)
+        for line in describe(t, shape):
+            say(line)
+        student = prune(teacher, shape, importance)
+
+    teacher_hash = model_content_hash(src)
+    ckpt = Checkpoint(out.with_name(out.name + ".ckpt"), _run_key(teacher_hash, shape, seqs.train, cfg, opts.topk, opts.student))
+    teacher.model.to(torch.bfloat16 if opts.bf16 else torch.float32)
+
+    def targets(rows):
+        if dist.local_rank != 0:
+            dist.barrier()  # local rank 0 fills the shared cache; the others then read it
+        result = teacher_targets(teacher.model, rows, opts.topk, teacher_hash, progress=opts.progress and dist.main,
+                                 bf16=False)
+        if dist.local_rank == 0:
+            dist.barrier()
+        return result
+
+    train_targets = None if loss == "ce" else targets(seqs.train)
+    held_targets = targets(seqs.held_out)
+    del teacher.model
+    history = train(student.model, seqs.train, train_targets, seqs.held_out, held_targets, cfg, ckpt, opts.resume,
+                    opts.progress)
+    manifest = {"teacher": str(src.path), "teacher_sha256": teacher_hash, "shape": shape.to_dict() if shape else None,
+                "student_init": opts.student, "loss": opts.loss, "topk": opts.topk, "tokens": steps * cfg.batch * (opts.seq - 1),
+                "train_tokens_available": seqs.train_tokens, "documents": seqs.documents, "seq": opts.seq,
+                "steps": steps, "lr": opts.lr, "batch": opts.batch, "history": history,
+                "seconds": time.perf_counter() - t_start}
+    if dist.main:
+        student.model.to("cpu").float()
+        save_hf(student, out, "f32", extra_files={MANIFEST: json.dumps(manifest, indent=1)})
+        ckpt.remove()
+    dist.barrier()
+    return manifest

@@ -1,0 +1,1 @@
+"""Retrieval over a folder of documents: loaders, chunking, embeddings, store, answers."""

@@ -1,0 +1,133 @@
+"""Distillation building blocks: losses, shapes, importance, pruning, teacher cache."""
+import numpy as np
+import pytest
+import torch
+
+from pocketlm.distill.importance import measure
+from pocketlm.distill.losses import bucket_logprobs, divergence, distill_loss, parse_loss
+from pocketlm.distill.prune import prune
+from pocketlm.distill.shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
+from pocketlm.distill.teacher_cache import teacher_targets
+from pocketlm.errors import PocketError
+from pocketlm.eval.metrics import kld as reference_kld
+from pocketlm.models import load
+from conftest import make_tiny_llama
+
+SMOLLM2 = TeacherDims(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, ffn=1536, vocab=49152, tied=True)
+
+
+def _teacher_topk(t_logits, k):
+    logp = torch.log_softmax(t_logits, -1)
+    values, idx = torch.topk(logp, k, -1)
+    tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0))
+    return idx, values, tail
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "tvd", "jsd"])
+def test_folded_divergence_is_a_lower_bound_and_exact_with_full_vocab(name):
+    torch.manual_seed(0)
+    t_logits, s_logits = torch.randn(3, 7, 50) * 2, torch.randn(3, 7, 50) * 2
+    full_t, full_s = bucket_logprobs(s_logits, *_teacher_topk(t_logits, 50))
+    full = divergence(name, full_t, full_s[..., :], 0.5)
+    if name == "fkl":  # every token its own bucket: the folded KL is the plain KL
+        exact = torch.as_tensor(reference_kld(torch.log_softmax(t_logits, -1).numpy(), torch.log_softmax(s_logits, -1).numpy()))
+        assert torch.allclose(full, exact.reshape(full.shape).float(), atol=1e-4)
+    t8, s8 = bucket_logprobs(s_logits, *_teacher_topk(t_logits, 8))
+    folded = divergence(name, t8, s8, 0.5)
+    assert (folded <= full + 1e-5).all() and (folded > 0).all()
+    same_t, same_s = bucket_logprobs(t_logits, *_teacher_topk(t_logits, 8))
+    assert divergence(name, same_t, same_s, 0.5).abs().max() < 1e-4
+
+
+def test_losses_train_towards_the_teacher():
+    torch.manual_seed(0)
+    t_logits = torch.randn(2, 5, 40) * 3
+    teacher = _teacher_topk(t_logits, 6)
+    targets = t_logits.argmax(-1)
+    for spec in ("fkl", "rkl", "jsd:0.3", "tvd", "ce"):
+        name, beta = parse_loss(spec)
+        s = torch.zeros(2, 5, 40, requires_grad=True)
+        opt = torch.optim.Adam([s], lr=0.1)
+        first = None
+        for _ in range(60):
+            loss = distill_loss(name, beta, s, targets, teacher)
+            first = first if first is not None else loss.item()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loss.item() < 0.5 * first, spec
+
+
+def test_parse_loss_rejects_bad_specs():
+    for bad in ("kl", "jsd:1.5", "jsd:x", "fkl:0.2"):
+        with pytest.raises(PocketError):
+            parse_loss(bad)
+    assert parse_loss("jsd") == ("jsd", 0.5)
+
+
+def test_default_student_of_smollm2_is_aligned_and_about_half():
+    shape = default_shape(SMOLLM2, list(range(30)))
+    assert shape.hidden % 256 == 0 and (shape.heads * 64) % 256 == 0 and shape.ffn % 256 == 0
+    ratio = non_embedding_params(SMOLLM2, len(shape.keep_layers), shape.hidden, shape.heads, shape.kv_heads, shape.ffn) / \
+        non_embedding_params(SMOLLM2, 30, 576, 9, 3, 1536)
+    assert 0.4 < ratio <= 0.5
+    sizes = predicted_sizes(SMOLLM2, shape)
+    assert sizes["Q2_K"] < sizes["Q4_K_M"] < sizes["Q8_0"] < sizes["F16"]
+    validate(SMOLLM2, shape)
+
+
+def test_impossible_shapes_are_refused():
+    keep = tuple(range(30))
+    for shape, words in ((StudentShape(keep, 640, 8, 8, 1024), "--hidden"),
+                         (StudentShape(keep, 512, 8, 3, 1024), "whole groups"),
+                         (StudentShape(keep, 512, 8, 2, 1024), "whole groups"),
+                         (StudentShape((0, 30), 512, 8, 8, 1024), "layer indices")):
+        with pytest.raises(PocketError, match=words):
+            validate(SMOLLM2, shape)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return load(make_tiny_llama(tmp_path_factory.mktemp("t") / "t", hidden=256, heads=4, kv_heads=2, ffn=512, layers=3))
+
+
+def test_keeping_whole_kv_groups_is_exact(teacher):
+    student = prune(teacher, StudentShape((0, 1, 2), 256, 4, 2, 512))
+    assert student.model.config.num_key_value_heads == 2
+    ids = torch.arange(3, 50)[None]
+    with torch.inference_mode():
+        assert torch.allclose(teacher.model(ids).logits, student.model(ids).logits, atol=1e-5)
+
+
+def test_a_layer_that_does_nothing_is_ranked_last_and_dropped(tmp_path):
+    loaded = load(make_tiny_llama(tmp_path / "m", hidden=256, heads=4, kv_heads=2, ffn=512, layers=3, seed=1))
+    with torch.no_grad():  # block 1 adds nothing to the residual stream: output == input
+        loaded.model.model.layers[1].self_attn.o_proj.weight.zero_()
+        loaded.model.model.layers[1].mlp.down_proj.weight.zero_()
+    seqs = torch.randint(2, 300, (4, 32))
+    imp = measure(loaded.model, seqs, progress=False)
+    assert imp.layer_order()[-1] == 1 and imp.layer[1] < 1e-6
+    student = prune(loaded, StudentShape(tuple(sorted(imp.layer_order()[:2])), 256, 4, 2, 512), imp)
+    ids = torch.arange(3, 40)[None]
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model(ids).logits, student.model(ids).logits, atol=1e-4)
+
+
+def test_teacher_cache_matches_the_model_and_resumes(teacher, tmp_path):
+    seqs = torch.randint(2, 300, (5, 24))
+    targets = teacher_targets(teacher.model, seqs, 8, "tiny", batch=2, progress=False, bf16=False)
+    with torch.inference_mode():
+        logp = torch.log_softmax(teacher.model(seqs).logits[:, :-1], -1)
+    values, idx = torch.topk(logp, 8, -1)
+    assert np.array_equal(targets.idx.astype(np.int64), idx.numpy())
+    assert np.allclose(targets.logp.astype(np.float32), values.numpy(), atol=2e-3)
+    assert np.allclose(np.exp(targets.tail), 1 - values.exp().sum(-1).numpy(), atol=1e-4)
+
+    class Exploding(torch.nn.Module):  # a second call must read the cache, not run the model
+        config = teacher.model.config
+
+        def forward(self, **_):
+            raise AssertionError("teacher ran again")
+
+    again = teacher_targets(Exploding(), seqs, 8, "tiny", progress=False, bf16=False)
+    assert np.array_equal(again.idx, targets.idx)
