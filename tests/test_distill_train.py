@@ -135,3 +135,29 @@ def test_two_processes_train_the_same_model_as_one(tiny_teacher, corpus, tmp_pat
     assert [h["step"] for h in h1] == [h["step"] for h in h2]
     assert h1[-1]["kld"] < h1[0]["kld"]  # it trained: the equality above is not the untouched init
     assert h2[-1]["kld"] == pytest.approx(h1[-1]["kld"], rel=1e-3)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resume_finishes(tiny_teacher, corpus, tmp_path):
+    import signal
+    import time
+
+    exe = Path(sys.executable).with_name("pocketlm")
+    env = {**os.environ, "POCKETLM_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "student"
+    args = [str(exe), *_distill_args(tiny_teacher, out, corpus, "--fp32", "--tokens", "8000")]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = "", time.time() + 120
+    while "distill (fkl)" not in seen and time.time() < deadline:  # training has started
+        seen += proc.stdout.read(1)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "checkpoint saved" in rest, rest[-1500:]
+    assert "Traceback" not in rest and not out.exists()
+    step = torch.load(tmp_path / "student.ckpt" / "last.pt", weights_only=False)["step"]
+    assert 1 <= step < 65
+    res = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-1500:] + res.stderr[-1500:]
+    steps = [h["step"] for h in json.loads((out / "distill.json").read_text())["history"]]
+    assert steps == list(range(0, steps[-1] + 1)) and steps[-1] == 65
+    assert not (tmp_path / "student.ckpt").exists()

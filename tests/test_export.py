@@ -84,3 +84,17 @@ def test_untied_output_is_written(tmp_path):
     tokens = list(range(5, 60))
     got = LlamaCppModel(out, n_ctx=512, logits_all=True).logits(tokens)
     assert rel_err(got, torch_logits(hf, tokens)) < 3e-3
+
+
+def test_second_gguf_load_comes_from_the_cache_and_is_identical(tiny_gguf_f32):
+    from pocketlm.util.cache import cache_dir
+
+    first = load(tiny_gguf_f32)
+    cached = list((cache_dir() / "hf-from-gguf").iterdir())
+    assert len(cached) == 1 and (cached[0] / "pocketlm_load.json").exists()
+    second = load(tiny_gguf_f32)
+    ids = torch.arange(3, 40)[None]
+    with torch.inference_mode():
+        assert torch.equal(first.model(ids).logits, second.model(ids).logits)
+    assert first.add_bos == second.add_bos and first.gguf_tokenizer == second.gguf_tokenizer
+    assert first.tokenizer("hello world").input_ids == second.tokenizer("hello world").input_ids

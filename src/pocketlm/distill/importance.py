@@ -42,21 +42,21 @@ def measure(model, sequences: torch.Tensor, batch: int = 4, progress: bool = Tru
     handles = []
 
     def norm_hook(_m, _a, out):
-        channel.add_(out.detach().abs().double().sum(dim=(0, 1)))
+        channel.add_(out.detach().abs().float().sum(dim=(0, 1)).double())
 
     for i, block in enumerate(inner.layers):
         def block_hook(_m, args, kwargs, out, i=i):
             x = args[0] if args else kwargs["hidden_states"]
             y = out[0] if isinstance(out, tuple) else out
-            cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
-            layer[i] += (1 - cos).sum()
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            layer[i] += (1 - cos).double().sum()
 
         def o_hook(_m, args, i=i):
-            x = args[0].detach().double()
-            head[i] += x.reshape(*x.shape[:-1], -1, head_dim).norm(dim=-1).sum(dim=(0, 1))
+            x = args[0].detach().float()
+            head[i] += x.reshape(*x.shape[:-1], -1, head_dim).norm(dim=-1).sum(dim=(0, 1)).double()
 
         def down_hook(_m, args, i=i):
-            unit[i] += args[0].detach().abs().double().sum(dim=(0, 1))
+            unit[i] += args[0].detach().abs().float().sum(dim=(0, 1)).double()
 
         handles += [block.register_forward_hook(block_hook, with_kwargs=True),
                     block.self_attn.o_proj.register_forward_pre_hook(o_hook),

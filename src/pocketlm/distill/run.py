@@ -122,8 +122,8 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     src = resolve(teacher_source)
     teacher = load(src)
     t = TeacherDims.of(teacher.model.config)
-    seqs = load_sequences(teacher.tokenizer, opts.data, opts.seq, teacher.add_bos)
-    steps = max(1, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))
+    seqs = load_sequences(teacher.tokenizer, opts.data, opts.seq, teacher.add_bos, max_train_tokens=opts.tokens or None)
+    steps = max(0, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))  # 0: prune only
     cfg = TrainConfig(loss=loss, beta=beta, steps=steps, batch=opts.batch, micro_batch=opts.micro_batch, lr=opts.lr,
                       warmup=opts.warmup if opts.warmup is not None else max(1, steps // 20),
                       eval_every=opts.eval_every, save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed)
@@ -156,7 +156,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
             dist.barrier()
         return result
 
-    train_targets = None if loss == "ce" else targets(seqs.train)
+    train_targets = None if loss == "ce" or steps == 0 else targets(seqs.train)
     held_targets = targets(seqs.held_out)
     del teacher.model
     history = train(student.model, seqs.train, train_targets, seqs.held_out, held_targets, cfg, ckpt, opts.resume,

@@ -36,7 +36,7 @@ class QuantizeOptions:
     preset: str
     method: str | None = None
     calib: list = field(default_factory=list)
-    calib_tokens: int = 16384
+    calib_tokens: int = 8192  # 16384 measured the same KLD (0.02432 vs 0.02435) at 1.5x the time
     calib_ctx: int = 512
     keep: dict = field(default_factory=dict)
     allow_requant: bool = False

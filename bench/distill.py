@@ -1,0 +1,181 @@
+"""Healing a pruned student: no healing vs cross-entropy vs KD losses, same everything else.
+
+Teacher: the default model. Student: the default shape (about half the teacher's non-embedding
+parameters, every Linear input a multiple of 256), pruned by activation importance. Data: the
+first 80% of wiki.txt plus c4.txt. Held out: the last 20% of wiki.txt. Each run trains on the
+same sequences in the same order for the same number of tokens; only the loss differs.
+A domain run distills on the Python docs (every 10th page held out) and compares held-out PPL.
+
+  .venv/bin/python bench/distill.py [--tokens 1000000] [--losses ce,fkl,rkl] [--eval-tokens 20480]
+      [--mmlu 500] [--domain-tokens N]
+
+Work files live in ~/.cache/pocketlm-bench/distill/ (students, per-run JSON) and are reused by
+reruns with the same settings; the tables go to bench/results/distill.md and stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pocketlm.distill.run import DistillOptions, distill  # noqa: E402
+from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
+from pocketlm.util.atomic import write_json  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+WIKI, C4, MMLU = DATA / "text" / "wiki.txt", DATA / "text" / "c4.txt", DATA / "qa" / "mmlu_test.jsonl"
+PYDOCS = DATA / "corpora" / "python-docs"
+CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench")) / "distill"
+RESULTS = ROOT / "bench" / "results" / "distill.md"
+TEACHER = "smollm2-135m"
+
+
+def split_wiki(work: Path) -> tuple[Path, Path]:
+    text = WIKI.read_text()
+    cut = text.rfind("</doc>", 0, int(len(text) * 0.8)) + len("</doc>")  # at an article boundary
+    train, held = work / "train-wiki.txt", work / "heldout-wiki.txt"
+    train.write_text(text[:cut])
+    held.write_text(text[cut:])
+    return train, held
+
+
+def split_pydocs(work: Path) -> tuple[Path, Path]:
+    pages = sorted(p for p in PYDOCS.rglob("*.txt") if p.name != "license.rst.txt")
+    train_dir, held = work / "pydocs-train", work / "heldout-pydocs.txt"
+    train_dir.mkdir(exist_ok=True)
+    held_parts = []
+    for i, p in enumerate(pages):
+        if i % 10 == 0:
+            held_parts.append(p.read_text())
+        else:
+            (train_dir / p.relative_to(PYDOCS).as_posix().replace("/", "__")).write_text(p.read_text())
+    held.write_text("\n\n".join(held_parts))
+    return train_dir, held
+
+
+def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: dict, args) -> dict:
+    res_path = work / f"{name}.json"
+    if res_path.exists():
+        return json.loads(res_path.read_text())
+    out = work / name
+    t0 = time.perf_counter()
+    manifest = distill(TEACHER, out, DistillOptions(data=data, tokens=tokens, loss=loss, force=True, eval_every=10**9,
+                                                    save_every=25, resume=True, say=print))
+    row = {"name": name, "loss": loss if tokens else "-", "tokens": manifest["tokens"],
+           "wall_s": time.perf_counter() - t0,
+           "tok_s": (manifest["history"][-1].get("tok_s") if tokens else None)}
+    for label, (text, mmlu) in evals.items():
+        r = evaluate(str(out), EvalOptions(texts=[str(text)], reference=TEACHER, max_tokens=args.eval_tokens,
+                                           mmlu=str(MMLU) if mmlu and args.mmlu else None, mmlu_limit=args.mmlu,
+                                           progress=False))
+        row[label] = {"ppl": r["ppl"], "kld": r["kld_mean"], "top1": r["top1"], "teacher_ppl": r["reference_ppl"],
+                      "mmlu": r.get("mmlu_acc")}
+    write_json(res_path, row)
+    return row
+
+
+def teacher_row(work: Path, evals: dict, args) -> dict:
+    res_path = work / "teacher.json"
+    if res_path.exists():
+        return json.loads(res_path.read_text())
+    row = {"name": "teacher"}
+    for label, (text, mmlu) in evals.items():
+        r = evaluate(TEACHER, EvalOptions(texts=[str(text)], max_tokens=args.eval_tokens,
+                                          mmlu=str(MMLU) if mmlu and args.mmlu else None, mmlu_limit=args.mmlu,
+                                          progress=False))
+        row[label] = {"ppl": r["ppl"], "mmlu": r.get("mmlu_acc")}
+    write_json(res_path, row)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=1_000_000)
+    ap.add_argument("--losses", default="ce,fkl,rkl")
+    ap.add_argument("--eval-tokens", type=int, default=20480)
+    ap.add_argument("--mmlu", type=int, default=500)
+    ap.add_argument("--domain-tokens", type=int, default=None, help="default: --tokens")
+    ap.add_argument("--skip-domain", action="store_true")
+    args = ap.parse_args()
+    if not WIKI.exists():
+        sys.exit(f"needs {WIKI}")
+    work = CACHE / f"t{args.tokens}"
+    work.mkdir(parents=True, exist_ok=True)
+    train_wiki, held_wiki = split_wiki(work)
+    evals = {"wiki": (held_wiki, True)}
+    teacher = teacher_row(work, evals, args)
+    rows = [run("pruned", work, [str(train_wiki), str(C4)], "fkl", 0, evals, args)]
+    for loss in args.losses.split(","):
+        rows.append(run(f"heal-{loss.replace(':', '')}", work, [str(train_wiki), str(C4)], loss, args.tokens, evals, args))
+    domain = None
+    if not args.skip_domain:
+        train_docs, held_docs = split_pydocs(work)
+        dom_evals = {"pydocs": (held_docs, False)}
+        dom_teacher = evaluate(TEACHER, EvalOptions(texts=[str(held_docs)], max_tokens=args.eval_tokens, progress=False))
+        dom = run("domain-fkl", work, [str(train_docs)], "fkl", args.domain_tokens or args.tokens, dom_evals, args)
+        domain = (dom_teacher["ppl"], dom)
+    write_results(args, teacher, rows, domain)
+
+
+def write_results(args, teacher, rows, domain) -> None:
+    t_ppl = teacher["wiki"]["ppl"]
+    a_ppl = rows[0]["wiki"]["ppl"]
+    lines = [f"## Healing at {rows[-1]['tokens']:,} training tokens", "",
+             f"Command: `.venv/bin/python bench/distill.py --tokens {args.tokens}` on {cpu_name()} "
+             f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}. Teacher: {TEACHER} (PPL {t_ppl:.3f}"
+             + (f", MMLU {100 * teacher['wiki']['mmlu']:.1f}%" if teacher["wiki"].get("mmlu") else "") + "). "
+             f"Held-out: last 20% of wiki.txt, {args.eval_tokens} tokens; MMLU: stratified {args.mmlu}.", "",
+             "| student | loss | tokens | held-out PPL | KLD vs teacher | top-1 | MMLU | gap closed | tok/s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        w = r["wiki"]
+        gap = (a_ppl - w["ppl"]) / (a_ppl - t_ppl) if a_ppl != t_ppl else 0.0
+        lines.append(f"| {r['name']} | {r['loss']} | {r['tokens']:,} | {w['ppl']:.3f} | {w['kld']:.4f} | "
+                     f"{100 * w['top1']:.1f}% | " + (f"{100 * w['mmlu']:.1f}%" if w.get("mmlu") is not None else "-")
+                     + f" | {100 * gap:.1f}% | " + (f"{r['tok_s']:.0f}" if r.get("tok_s") else "-") + f" | {r['wall_s']:.0f} |")
+    ce = next((r for r in rows if r["loss"] == "ce"), None)
+    kd = [r for r in rows if r["loss"] not in ("ce", "-")]
+    if ce and kd:
+        best = min(kd, key=lambda r: r["wiki"]["ppl"])
+        gain = 1 - best["wiki"]["ppl"] / ce["wiki"]["ppl"]
+        lines += ["", f"Goal (KD beats ce-only by >= 10% held-out PPL at equal tokens): best KD ({best['loss']}) "
+                      f"PPL {best['wiki']['ppl']:.3f} vs ce {ce['wiki']['ppl']:.3f}: {100 * gain:.1f}% lower -> "
+                      + ("**met**" if gain >= 0.10 else "**not met**") + "."]
+    if domain:
+        t_dom, d = domain
+        ratio = d["pydocs"]["ppl"] / t_dom
+        lines += ["", "### Domain: Python docs (every 10th page held out)", "",
+                  "| model | tokens | held-out pages PPL |", "|---|---|---|",
+                  f"| teacher | - | {t_dom:.3f} |", f"| student (fkl) | {d['tokens']:,} | {d['pydocs']['ppl']:.3f} |", "",
+                  f"Goal (student within 10% of the teacher's PPL at <= 60% of its non-embedding parameters; the "
+                  f"default student has ~49%): ratio {ratio:.3f} -> " + ("**met**" if ratio <= 1.10 else "**not met**") + "."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Distillation benchmark\n\nSections are replaced per token budget; see bench/distill.py.\n\n"
+    old = RESULTS.read_text() if RESULTS.exists() else header
+    title = lines[0]
+    kept = [s for s in old.split("\n## ")[1:] if not ("## " + s).startswith(title)]
+    RESULTS.write_text(header + "".join("## " + s.rstrip() + "\n\n" for s in kept) + text)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()
