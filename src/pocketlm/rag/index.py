@@ -1,0 +1,109 @@
+"""`pocketlm index`: documents -> chunks -> embeddings -> the store, incrementally.
+
+A file whose content hash is already in the index is skipped; a changed file is re-chunked
+and re-embedded; files that vanished from the folders given are removed. Each file is
+written in its own transaction, so an interrupted run leaves a consistent index and the next
+run picks up where it stopped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import PocketError
+from ..util.hashing import file_sha256
+from .chunking import chunk_document
+from .embedder import Embedder
+from .loaders import find_documents, load_document
+from .store import Store
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    chunks: int = 0
+    skipped: list = field(default_factory=list)  # (path, why)
+    seconds: float = 0.0
+
+
+def check_settings(store: Store, embedder: Embedder, chunk_tokens: int, overlap: int, int8: bool) -> None:
+    """An index holds vectors of one embedder and chunks of one size: refuse to mix."""
+    wanted = {"embedder": embedder.identity, "chunk_tokens": str(chunk_tokens), "overlap": str(overlap),
+              "vectors": "int8" if int8 else "float32"}
+    have = {k: store.meta(k) for k in wanted}
+    if all(v is None for v in have.values()):
+        store.set_meta(**wanted, embedder_name=embedder.name)
+        return
+    for key, value in wanted.items():
+        if have[key] != value:
+            shown = store.meta("embedder_name") if key == "embedder" else have[key]
+            raise PocketError(f"{store.path} was built with {key} {shown}, not {value if key != 'embedder' else embedder.name}: "
+                              f"one index cannot mix them; rebuild it (delete {store.path} or use another --db) or "
+                              f"index with the same settings")
+
+
+def index_paths(paths, db: str | Path, embedder_name: str | None = None, chunk_tokens: int = 256, overlap: int = 32,
+                int8: bool = False, progress: bool = True, embedder: Embedder | None = None) -> IndexReport:
+    if chunk_tokens < 16 or not 0 <= overlap < chunk_tokens // 2:
+        raise PocketError("--chunk-tokens must be at least 16 and --overlap below half of it")
+    t0 = time.perf_counter()
+    files = find_documents(paths)
+    embedder = embedder or Embedder(embedder_name)
+    store = Store(db, create=True)
+    report = IndexReport()
+    try:
+        check_settings(store, embedder, chunk_tokens, overlap, int8)
+        known = store.document_hashes()
+        seen = set()
+        with tqdm(total=len(files), desc="index", unit="file", disable=not progress) as bar:
+            for f in files:
+                key = str(f.resolve())
+                seen.add(key)
+                sha = file_sha256(f)
+                if known.get(key) == sha:
+                    report.unchanged += 1
+                    bar.update(1)
+                    continue
+                try:
+                    doc = load_document(f)
+                except PocketError as exc:
+                    report.skipped.append((str(f), str(exc)))
+                    bar.update(1)
+                    continue
+                chunks = chunk_document(doc, chunk_tokens, overlap, embedder.count_tokens)
+                if not chunks:
+                    report.skipped.append((str(f), "no text"))
+                    if key in known:
+                        store.delete_document(key)
+                    bar.update(1)
+                    continue
+                vectors = embedder.encode([embed_text(doc.title, c.heading, c.text) for c in chunks])
+                store.add_document(key, sha, doc.title, chunks, vectors, int8)
+                report.chunks += len(chunks)
+                if key in known:
+                    report.updated += 1
+                else:
+                    report.added += 1
+                bar.set_postfix(chunks=report.chunks)
+                bar.update(1)
+        roots = [Path(p).resolve() for p in paths]
+        for key in known:
+            if key not in seen and any(Path(key) == r or r in Path(key).parents for r in roots):
+                store.delete_document(key)
+                report.removed += 1
+    finally:
+        store.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def embed_text(title: str, heading: str, text: str) -> str:
+    """What is embedded: the chunk with where it sits, so a passage about "it" still knows its topic."""
+    where = heading if heading.startswith(title) else " > ".join(x for x in (title, heading) if x)
+    return f"{where}\n{text}" if where else text

@@ -1,0 +1,69 @@
+"""BM25, dense and hybrid retrieval over a Store. Hybrid fuses the two rankings by
+reciprocal rank (score = sum of 1 / (60 + rank)), which needs no score calibration between
+BM25's unbounded scores and cosine similarities."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import PocketError
+from .embedder import Embedder
+from .store import ChunkRow, Store
+
+MODES = ("bm25", "dense", "hybrid")
+RRF_K = 60
+
+
+@dataclass
+class Hit:
+    chunk: ChunkRow
+    score: float
+    bm25: float | None = None
+    cosine: float | None = None
+
+
+class Retriever:
+    def __init__(self, store: Store, embedder: Embedder | None = None):
+        self.store = store
+        self.embedder = embedder
+        self.last_ms = 0.0
+
+    def search(self, query: str, mode: str = "hybrid", k: int = 5, pool: int = 50) -> list[Hit]:
+        if mode not in MODES:
+            raise PocketError(f"unknown --mode {mode!r} (choose one of {', '.join(MODES)})")
+        t0 = time.perf_counter()
+        n = max(pool, k)
+        lexical = self.store.search_text(query, n) if mode != "dense" else []
+        dense = []
+        if mode != "bm25":
+            if self.embedder is None:
+                raise PocketError("dense retrieval needs the index's embedder")
+            dense = self.store.search(self.embedder.encode([query])[0], n)
+        if mode == "bm25":
+            fused = [(cid, s) for cid, s in lexical]
+        elif mode == "dense":
+            fused = [(cid, s) for cid, s in dense]
+        else:
+            fused = rrf([[cid for cid, _ in lexical], [cid for cid, _ in dense]])
+        top = fused[:k]
+        rows = self.store.chunks([cid for cid, _ in top])
+        bm, cos = dict(lexical), dict(dense)
+        self.last_ms = 1000 * (time.perf_counter() - t0)
+        return [Hit(rows[cid], float(s), bm.get(cid), cos.get(cid)) for cid, s in top if cid in rows]
+
+
+def rrf(rankings: list[list[int]]) -> list[tuple[int, float]]:
+    """Reciprocal-rank fusion of id rankings, best first (the benchmark's baselines use it too)."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, cid in enumerate(ranking):
+            scores[cid] = scores.get(cid, 0.0) + 1.0 / (RRF_K + rank + 1)
+    return sorted(scores.items(), key=lambda x: -x[1])
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, len(scores))
+    idx = np.argpartition(-scores, k - 1)[:k]
+    return idx[np.argsort(-scores[idx])]

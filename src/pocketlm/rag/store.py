@@ -1,0 +1,150 @@
+"""The index: one SQLite file (WAL) with documents, chunks, an FTS5 table for BM25, and each
+chunk's embedding as a normalised vector (float32, or int8 with a per-vector scale).
+
+Retrieval and ingestion talk only to the `Store` methods below (add / delete / search_text /
+vectors / chunks), so another engine can take this one's place without touching them.
+Exact dense search loads every vector into one numpy matrix once per process: fine up to
+~10^6 chunks.
+"""
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PocketError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents(
+  id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, sha256 TEXT NOT NULL, title TEXT, indexed_at REAL);
+CREATE TABLE IF NOT EXISTS chunks(
+  id INTEGER PRIMARY KEY, doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+  ord INTEGER NOT NULL, heading TEXT, page INTEGER, text TEXT NOT NULL, vector BLOB NOT NULL, scale REAL);
+CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+  heading, text, content='chunks', content_rowid='id', tokenize='porter unicode61');
+CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
+  INSERT INTO chunks_fts(rowid, heading, text) VALUES (new.id, new.heading, new.text); END;
+CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
+  INSERT INTO chunks_fts(chunks_fts, rowid, heading, text) VALUES ('delete', old.id, old.heading, old.text); END;
+"""
+
+
+@dataclass
+class ChunkRow:
+    id: int
+    path: str
+    title: str
+    heading: str
+    page: int | None
+    text: str
+
+
+class Store:
+    def __init__(self, path: str | Path, create: bool = False):
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise PocketError(f"no index at {self.path}; build one with `pocketlm index FOLDER --db {self.path}`")
+        try:
+            self.db = sqlite3.connect(self.path)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise PocketError(f"{self.path} is not a pocketlm index: {exc}") from None
+        self._matrix: tuple[np.ndarray, np.ndarray] | None = None
+
+    # -- settings the index was built with ------------------------------------------------
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, **values) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                [(k, str(v)) for k, v in values.items()])
+
+    # -- documents ------------------------------------------------------------------------
+    def document_hashes(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT path, sha256 FROM documents"))
+
+    def add_document(self, path: str, sha256: str, title: str, chunks, vectors: np.ndarray, int8: bool) -> None:
+        """Replace the document's chunks in one transaction: a crash leaves the old or the new."""
+        blobs = [_encode(v, int8) for v in vectors]
+        with self.db:
+            self.db.execute("DELETE FROM documents WHERE path = ?", (path,))
+            cur = self.db.execute("INSERT INTO documents(path, sha256, title, indexed_at) VALUES (?, ?, ?, ?)",
+                                  (path, sha256, title, time.time()))
+            doc_id = cur.lastrowid
+            self.db.executemany(
+                "INSERT INTO chunks(doc_id, ord, heading, page, text, vector, scale) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(doc_id, c.ord, c.heading, c.page, c.text, blob, scale) for c, (blob, scale) in zip(chunks, blobs)])
+        self._matrix = None
+
+    def delete_document(self, path: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM documents WHERE path = ?", (path,))
+        self._matrix = None
+
+    def counts(self) -> tuple[int, int]:
+        return (self.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0],
+                self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
+
+    # -- retrieval --------------------------------------------------------------------------
+    def search_text(self, query: str, k: int) -> list[tuple[int, float]]:
+        """BM25 over heading + text; (chunk id, score) best first, higher is better."""
+        words = re.findall(r"\w+", query.lower())
+        if not words:
+            return []
+        match = " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
+        rows = self.db.execute("SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? "
+                               "ORDER BY bm25(chunks_fts) LIMIT ?", (match, k)).fetchall()
+        return [(int(r), -float(s)) for r, s in rows]
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk ids, (n, dim) float32 matrix), loaded once until the index changes."""
+        if self._matrix is None:
+            rows = self.db.execute("SELECT id, vector, scale FROM chunks ORDER BY id").fetchall()
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            mat = np.stack([_decode(b, s) for _, b, s in rows]) if rows else np.zeros((0, 0), np.float32)
+            self._matrix = (ids, mat)
+        return self._matrix
+
+    def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        ids, mat = self.vectors()
+        if not len(ids):
+            return []
+        scores = mat @ vector.astype(np.float32)
+        top = np.argpartition(-scores, min(k, len(ids)) - 1)[:k]
+        top = top[np.argsort(-scores[top])]
+        return [(int(ids[i]), float(scores[i])) for i in top]
+
+    def chunks(self, ids: list[int]) -> dict[int, ChunkRow]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(f"SELECT c.id, d.path, d.title, c.heading, c.page, c.text FROM chunks c "
+                               f"JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({marks})", ids).fetchall()
+        return {r[0]: ChunkRow(*r) for r in rows}
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _encode(v: np.ndarray, int8: bool) -> tuple[bytes, float | None]:
+    v = np.asarray(v, dtype=np.float32)
+    if not int8:
+        return v.tobytes(), None
+    scale = float(np.abs(v).max()) or 1.0
+    return np.rint(v / scale * 127).astype(np.int8).tobytes(), scale
+
+
+def _decode(blob: bytes, scale: float | None) -> np.ndarray:
+    if scale is None:
+        return np.frombuffer(blob, dtype=np.float32)
+    return np.frombuffer(blob, dtype=np.int8).astype(np.float32) * (scale / 127)
