@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pocketlm.util.machine import cpu_name  # noqa: E402
 from pocketlm.distill.run import DistillOptions, distill  # noqa: E402
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
@@ -165,16 +165,6 @@ def write_results(args, teacher, rows, domain) -> None:
     title = lines[0]
     kept = [s for s in old.split("\n## ")[1:] if not ("## " + s).startswith(title)]
     RESULTS.write_text(header + "".join("## " + s.rstrip() + "\n\n" for s in kept) + text)
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

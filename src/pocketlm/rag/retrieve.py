@@ -30,7 +30,9 @@ class Retriever:
         self.embedder = embedder
         self.last_ms = 0.0
 
-    def search(self, query: str, mode: str = "hybrid", k: int = 5, pool: int = 50) -> list[Hit]:
+    def search(self, query: str, mode: str = "hybrid", k: int = 5, pool: int = 50,
+               vector: np.ndarray | None = None) -> list[Hit]:
+        """`vector`: the query's embedding, when the caller already has it."""
         if mode not in MODES:
             raise PocketError(f"unknown --mode {mode!r} (choose one of {', '.join(MODES)})")
         t0 = time.perf_counter()
@@ -38,9 +40,9 @@ class Retriever:
         lexical = self.store.search_text(query, n) if mode != "dense" else []
         dense = []
         if mode != "bm25":
-            if self.embedder is None:
+            if self.embedder is None and vector is None:
                 raise PocketError("dense retrieval needs the index's embedder")
-            dense = self.store.search(self.embedder.encode([query])[0], n)
+            dense = self.store.search(vector if vector is not None else self.embedder.encode([query])[0], n)
         if mode == "bm25":
             fused = [(cid, s) for cid, s in lexical]
         elif mode == "dense":
