@@ -147,7 +147,8 @@ def write_results(args, teacher, rows, domain) -> None:
         best = min(kd, key=lambda r: r["wiki"]["ppl"])
         gain = 1 - best["wiki"]["ppl"] / ce["wiki"]["ppl"]
         lines += ["", f"Goal (KD beats ce-only by >= 10% held-out PPL at equal tokens): best KD ({best['loss']}) "
-                      f"PPL {best['wiki']['ppl']:.3f} vs ce {ce['wiki']['ppl']:.3f}: {100 * gain:.1f}% lower -> "
+                      f"PPL {best['wiki']['ppl']:.3f} vs ce {ce['wiki']['ppl']:.3f}: "
+                      + (f"{100 * gain:.1f}% lower" if gain >= 0 else f"{-100 * gain:.1f}% higher") + " -> "
                       + ("**met**" if gain >= 0.10 else "**not met**") + "."]
     if domain:
         t_dom, d = domain

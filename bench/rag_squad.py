@@ -161,8 +161,8 @@ def main() -> None:
     rows["numpy exact dense, fp32 embedder"] = metrics([[int(x) for x in top_k(raw32 @ v, 10)] for v in q32], gold)
     del emb32
 
-    # latency at ~10k chunks: the same documents cut into ~32-token chunks
-    index_paths([WORK / "docs"], WORK / "squad-small-chunks.db", embedder=emb, chunk_tokens=32, overlap=0, progress=True)
+    # latency at ~10k chunks: the same documents cut into ~40-token chunks
+    index_paths([WORK / "docs"], WORK / "squad-small-chunks.db", embedder=emb, chunk_tokens=40, overlap=0, progress=True)
     small = Retriever(Store(WORK / "squad-small-chunks.db"), emb)
     out["latency_chunks"] = small.store.counts()[1]
     small.search("warm up", k=5)

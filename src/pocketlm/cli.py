@@ -167,7 +167,7 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.argument("teacher")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output HF folder.")
 @click.option("--data", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Training text: files or folders of documents (.txt .md .rst .html).")
+              help="Training text: files or folders of documents (.txt .md .rst .html .pdf .docx).")
 @click.option("--layers", type=int, default=None, help="Keep the N most important layers.")
 @click.option("--drop-layers", default=None, help="Drop these layers, e.g. '3,7,12'.")
 @click.option("--hidden", type=int, default=None, help="Hidden size (default: aligned down to 256).")
