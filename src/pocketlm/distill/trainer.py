@@ -9,6 +9,7 @@ one process would (gradients are averaged over equal shares).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -194,7 +195,7 @@ def train(model, train_seqs: torch.Tensor, targets: TeacherTargets | None, held_
                 ids = train_seqs[mrows].to(device)
                 teacher = None if targets is None else tuple(t.to(device) for t in targets.batch(mrows))
                 sync = j == len(micro) - 1 or dist_ctx.world == 1
-                with (_null() if sync else wrapped.no_sync()):
+                with (contextlib.nullcontext() if sync else wrapped.no_sync()):
                     with _autocast(cfg, device):
                         logits = wrapped(input_ids=ids, use_cache=False).logits[:, :-1]
                     loss = distill_loss(cfg.loss, cfg.beta, logits, ids[:, 1:], teacher) / len(micro)
@@ -248,11 +249,3 @@ class _StopRequest:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

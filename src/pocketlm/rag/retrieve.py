@@ -44,9 +44,9 @@ class Retriever:
                 raise PocketError("dense retrieval needs the index's embedder")
             dense = self.store.search(vector if vector is not None else self.embedder.encode([query])[0], n)
         if mode == "bm25":
-            fused = [(cid, s) for cid, s in lexical]
+            fused = lexical
         elif mode == "dense":
-            fused = [(cid, s) for cid, s in dense]
+            fused = dense
         else:
             fused = rrf([[cid for cid, _ in lexical], [cid for cid, _ in dense]])
         top = fused[:k]
@@ -63,9 +63,3 @@ def rrf(rankings: list[list[int]]) -> list[tuple[int, float]]:
         for rank, cid in enumerate(ranking):
             scores[cid] = scores.get(cid, 0.0) + 1.0 / (RRF_K + rank + 1)
     return sorted(scores.items(), key=lambda x: -x[1])
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    k = min(k, len(scores))
-    idx = np.argpartition(-scores, k - 1)[:k]
-    return idx[np.argsort(-scores[idx])]

@@ -120,9 +120,7 @@ class Store:
         if not len(ids):
             return []
         scores = mat @ vector.astype(np.float32)
-        top = np.argpartition(-scores, min(k, len(ids)) - 1)[:k]
-        top = top[np.argsort(-scores[top])]
-        return [(int(ids[i]), float(scores[i])) for i in top]
+        return [(int(ids[i]), float(scores[i])) for i in top_k(scores, k)]
 
     def chunks(self, ids: list[int]) -> dict[int, ChunkRow]:
         if not ids:
@@ -134,6 +132,13 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k highest scores, best first, without sorting all of them."""
+    k = min(k, len(scores))
+    idx = np.argpartition(-scores, k - 1)[:k]
+    return idx[np.argsort(-scores[idx])]
 
 
 def _encode(v: np.ndarray, int8: bool) -> tuple[bytes, float | None]:
