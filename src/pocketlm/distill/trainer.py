@@ -179,11 +179,11 @@ def train(model, train_seqs: torch.Tensor, targets: TeacherTargets | None, held_
     tokens_per_step = cfg.batch * (train_seqs.shape[1] - 1)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"distill ({cfg.loss})", unit="step",
                disable=not (progress and dist_ctx.main))
-    if start == 0:  # the student as pruned, before any healing: the baseline the run improves on
-        history.append({"step": 0, **evaluate_student(model, held_seqs, held_targets, cfg)})
-    t0 = time.perf_counter()
     stop = _StopRequest()
     try:
+        if start == 0:  # the student as pruned, before any healing: the baseline the run improves on
+            history.append({"step": 0, **evaluate_student(model, held_seqs, held_targets, cfg)})
+        t0 = time.perf_counter()
         for step in range(start, cfg.steps):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg)
