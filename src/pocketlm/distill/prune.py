@@ -18,6 +18,13 @@ from .shapes import StudentShape, TeacherDims, validate
 PRUNABLE = ("llama", "mistral")
 
 
+def check_prunable(config) -> None:
+    if config.model_type not in PRUNABLE:
+        raise PocketError(f"pruning supports {'/'.join(PRUNABLE)} models, not {config.model_type}")
+    if getattr(config, "attention_bias", False):
+        raise PocketError("pruning models with attention biases is not supported")
+
+
 def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(torch.topk(scores, k).indices.tolist())
 
@@ -43,8 +50,7 @@ def prune(loaded: LoadedModel, shape: StudentShape, importance: Importance | Non
 
     teacher = loaded.model
     cfg = teacher.config
-    if cfg.model_type not in PRUNABLE:
-        raise PocketError(f"pruning supports {'/'.join(PRUNABLE)} models, not {cfg.model_type}")
+    check_prunable(cfg)
     t = TeacherDims.of(cfg)
     validate(t, shape)
     imp = importance or magnitude(teacher)
@@ -73,9 +79,6 @@ def prune(loaded: LoadedModel, shape: StudentShape, importance: Importance | Non
             q + "mlp.up_proj.weight": sd[p + "mlp.up_proj.weight"][keep_f][:, keep_c],
             q + "mlp.down_proj.weight": sd[p + "mlp.down_proj.weight"][keep_c][:, keep_f],
         })
-        for bias in ("q_proj", "k_proj", "v_proj"):
-            if p + f"self_attn.{bias}.bias" in sd:
-                raise PocketError("pruning models with attention biases is not supported")
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"][:, keep_c]
     missing, unexpected = student.load_state_dict({k: v.clone() for k, v in out.items()}, strict=False)
@@ -87,10 +90,7 @@ def prune(loaded: LoadedModel, shape: StudentShape, importance: Importance | Non
 
 def prune_llama_width(loaded: LoadedModel, hidden: int, heads: int, ffn: int | None = None) -> LoadedModel:
     """Data-free width cut keeping every layer (used for the quantization benchmark's model)."""
-    cfg = loaded.model.config
-    if cfg.model_type not in PRUNABLE:
-        raise PocketError(f"pruning supports {'/'.join(PRUNABLE)} models, not {cfg.model_type}")
-    t = TeacherDims.of(cfg)
+    t = TeacherDims.of(loaded.model.config)
     if hidden > t.hidden or heads > t.heads or (ffn or t.ffn) > t.ffn:
         raise PocketError("pruned sizes must not exceed the teacher's")
     shape = StudentShape(tuple(range(t.layers)), hidden, heads, heads, ffn or t.ffn)

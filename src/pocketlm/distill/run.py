@@ -18,7 +18,7 @@ from ..util.hashing import array_sha256
 from .data import load_sequences
 from .importance import measure
 from .losses import parse_loss
-from .prune import PRUNABLE, prune
+from .prune import check_prunable, prune
 from .shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
 from .teacher_cache import teacher_targets
 from .trainer import Checkpoint, Dist, TrainConfig, train
@@ -60,16 +60,15 @@ class DistillOptions:
 def choose_shape(t: TeacherDims, layer_order: list[int], opts: DistillOptions) -> StudentShape:
     if opts.drop_layers is not None and opts.layers is not None:
         raise PocketError("give --layers or --drop-layers, not both")
+    order, layers = layer_order, opts.layers
     if opts.drop_layers is not None:
         bad = [i for i in opts.drop_layers if not 0 <= i < t.layers]
         if bad:
             raise PocketError(f"--drop-layers {bad} are not layers of the teacher (0..{t.layers - 1})")
-        keep = [i for i in range(t.layers) if i not in set(opts.drop_layers)]
-        shape = default_shape(t, keep, opts.fraction, layers=len(keep), hidden=opts.hidden, ffn=opts.ffn,
-                              heads=opts.heads, kv_heads=opts.kv_heads)
-    else:
-        shape = default_shape(t, layer_order, opts.fraction, layers=opts.layers, hidden=opts.hidden, ffn=opts.ffn,
-                              heads=opts.heads, kv_heads=opts.kv_heads)
+        order = [i for i in range(t.layers) if i not in set(opts.drop_layers)]
+        layers = len(order)
+    shape = default_shape(t, order, opts.fraction, layers=layers, hidden=opts.hidden, ffn=opts.ffn,
+                          heads=opts.heads, kv_heads=opts.kv_heads)
     validate(t, shape)
     return shape
 
@@ -134,8 +133,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
         _check_same_vocab(teacher, student)
         say(f"student: {opts.student} as given (no pruning)")
     else:
-        if teacher.model.config.model_type not in PRUNABLE:
-            raise PocketError(f"pruning supports {'/'.join(PRUNABLE)} models, not {teacher.model.config.model_type}")
+        check_prunable(teacher.model.config)  # before the importance pass, not after it
         n_imp = max(1, min(len(seqs.train), opts.importance_tokens // opts.seq))
         importance = measure(teacher.model, seqs.train[:n_imp], progress=opts.progress and dist.main)
         shape = choose_shape(t, importance.layer_order(), opts)
