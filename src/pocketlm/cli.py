@@ -194,7 +194,6 @@ def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_h
     """Prune TEACHER into a smaller student and heal it with knowledge distillation."""
     from .distill.run import DistillOptions, distill as run_distill
 
-    _refuse_existing(output, force)
     opts = DistillOptions(data=[str(d) for d in data], tokens=tokens, seq=seq, layers=layers,
                           drop_layers=_int_list(drop_layers), hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
                           student=student, loss=loss, topk=topk, lr=lr, batch=batch, micro_batch=micro_batch,
