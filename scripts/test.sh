@@ -3,6 +3,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# The web page's test drives Debian's Chromium (Playwright never downloads a browser here).
+# Installed when missing and this user may; otherwise that one test skips and says why.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing Debian's chromium for the web page test (once per machine)"
+  apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+    || echo "could not install chromium: the web page test will skip" >&2
+fi
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?
 if [ $rc -eq 5 ]; then

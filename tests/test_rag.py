@@ -174,7 +174,7 @@ def test_citations_are_checked_and_irrelevant_questions_are_not_answered(corpus,
     answer = ask("How long should bread dough rise?", retriever, model, k=3)
     assert "[9]" not in answer.text and "[1]" in answer.text
     assert [c["n"] for c in answer.citations] == [1] and answer.citations[0]["source"].endswith("bread.rst")
-    assert "Sources:" in model.calls[0][1]["content"] and "[1] (Baking bread > Proofing)" in model.calls[0][1]["content"]
+    assert "Sources:" in model.calls[0][-1]["content"] and "[1] (Baking bread > Proofing)" in model.calls[0][-1]["content"]
     silent = MockModel("should not be called")
     nothing = ask("Who won the 1998 football world cup final?", retriever, silent, k=3)
     assert nothing.text == NOTHING_FOUND and not silent.calls

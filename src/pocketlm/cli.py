@@ -124,7 +124,10 @@ def eval_cmd(model, reference, texts, max_tokens, ctx, mmlu, mmlu_limit, speed, 
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
-@click.option("--type", "preset", required=True, help="llama.cpp preset: Q8_0, Q6_K, Q5_K_M, ..., Q2_K.")
+@click.option("--type", "preset", default=None, help="llama.cpp preset: Q8_0, Q6_K, Q5_K_M, ..., Q2_K.")
+@click.option("--target-size", default=None, help="Instead of --type: the file size to fit, e.g. 60MB (types per tensor "
+                                                   "chosen from measured sensitivity).")
+@click.option("--target-bpw", type=float, default=None, help="Instead of --type: bits per weight of the whole file.")
 @click.option("--method", type=click.Choice(["rtn", "imatrix", "gptq"]), default=None,
               help="Default: gptq with --calib, else imatrix on bundled text.")
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
@@ -135,23 +138,63 @@ def eval_cmd(model, reference, texts, max_tokens, ctx, mmlu, mmlu_limit, speed, 
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No per-tensor table.")
 @user_errors
-def quantize(model, output, preset, method, calib, calib_tokens, keep, allow_requant, force, quiet):
+def quantize(model, output, preset, target_size, target_bpw, method, calib, calib_tokens, keep, allow_requant, force,
+             quiet):
     """Quantize MODEL to a GGUF file that llama.cpp, Ollama and LM Studio run."""
     from .quantize.pipeline import QuantizeOptions, quantize_model
     from .quantize.plan import PRESETS, parse_keep
     from .report_table import print_quantize
 
-    if preset.upper() not in PRESETS:
+    if (preset is None) == (target_size is None and target_bpw is None):
+        raise PocketError("give either --type PRESET or a budget (--target-size or --target-bpw), not both")
+    if preset is not None and preset.upper() not in PRESETS:
         raise PocketError(f"unknown --type {preset!r} (choose one of {', '.join(PRESETS)})")
     if output.suffix.lower() != ".gguf":
         raise PocketError("the output of quantize is a .gguf file")
     _refuse_existing(output, force)
-    opts = QuantizeOptions(preset=preset.upper(), method=method, calib=[str(c) for c in calib], calib_tokens=calib_tokens,
-                           keep=parse_keep(keep), allow_requant=allow_requant)
+    types = {}
+    if preset is None:
+        types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=not quiet)
+    opts = QuantizeOptions(preset=preset.upper() if preset else None, method=method, calib=[str(c) for c in calib],
+                           calib_tokens=calib_tokens, keep=parse_keep(keep), allow_requant=allow_requant, types=types)
     reports = quantize_model(model, output, opts)
     if not quiet:
         print_quantize(reports)
     click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+
+
+def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: bool) -> dict[str, str]:
+    from .quantize.budget import target_bytes, types_for_budget
+    from .quantize.sensitivity import measure
+    from .report_table import print_allocation
+
+    if target_size is not None:
+        from .quantize.budget import parse_size
+
+        parse_size(target_size)  # a typo fails before minutes of measuring
+    sens = measure(model, [str(c) for c in calib], calib_tokens)
+    target = target_bytes(sens, target_size, target_bpw)
+    types = types_for_budget(sens, target)
+    if show:
+        print_allocation(sens, types, target)
+    return types
+
+
+@cli.command(name="plan")
+@click.argument("model")
+@click.option("--target-size", default=None, help="File size to fit, e.g. 60MB or 57MiB.")
+@click.option("--target-bpw", type=float, default=None, help="Bits per weight of the whole file.")
+@click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
+@click.option("--calib-tokens", default=8192, show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the allocation here.")
+@user_errors
+def plan_cmd(model, target_size, target_bpw, calib, calib_tokens, json_out):
+    """Dry run of a budget: each tensor's type, the file size and the predicted KLD."""
+    types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=True)
+    if json_out:
+        from .util.atomic import write_json
+
+        write_json(json_out, types)
 
 
 def _int_list(text: str | None) -> list[int] | None:
@@ -225,23 +268,6 @@ def index(paths, db, embedder, chunk_tokens, overlap, int8):
                f"{r.chunks} chunks embedded in {r.seconds:.1f} s")
 
 
-def _open_retriever(db: Path, needs_embedder: bool):
-    from .rag.embedder import Embedder
-    from .rag.retrieve import Retriever
-    from .rag.store import Store
-
-    store = Store(db)
-    if store.meta("embedder") is None:
-        raise PocketError(f"{db} holds no index yet; run `pocketlm index FOLDER --db {db}`")
-    embedder = None
-    if needs_embedder:
-        name = store.meta("embedder_name")
-        embedder = Embedder(None if name == "all-minilm-l6-v2" else name)
-        if embedder.identity != store.meta("embedder"):
-            raise PocketError(f"{db} was built with another version of embedder {name}; rebuild the index")
-    return Retriever(store, embedder)
-
-
 @cli.command()
 @click.argument("query")
 @click.option("--db", required=True, type=click.Path(path_type=Path))
@@ -252,8 +278,9 @@ def _open_retriever(db: Path, needs_embedder: bool):
 def search(query, db, mode, k, as_json):
     """Search the index: BM25, dense or hybrid (reciprocal-rank fusion)."""
     from .rag.answer import citation_json
+    from .rag.retrieve import open_retriever
 
-    retriever = _open_retriever(db, mode != "bm25")
+    retriever = open_retriever(db, mode != "bm25")
     hits = retriever.search(query, mode=mode, k=k)
     if as_json:
         click.echo(json.dumps({"hits": [{**citation_json(i, h), "score": h.score} for i, h in enumerate(hits, 1)],
@@ -280,9 +307,10 @@ def ask(question, db, model, k, max_tokens, ctx, as_json):
     """Answer QUESTION from the indexed documents with the local model, citing sources."""
     from .models.export_gguf import cached_gguf
     from .rag.answer import ask as run_ask
+    from .rag.retrieve import open_retriever
     from .runtime.llama_cpp_backend import LlamaCppModel
 
-    retriever = _open_retriever(db, True)
+    retriever = open_retriever(db, True)
     llm = LlamaCppModel(cached_gguf(model, "f16"), n_ctx=ctx)
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
     answer = run_ask(question, retriever, llm, k=k, max_tokens=max_tokens, on_text=stream)
@@ -294,6 +322,41 @@ def ask(question, db, model, k, max_tokens, ctx, as_json):
         mark = "" if c.get("cited", True) else " (retrieved, not cited)"
         click.echo(f"[{c['n']}] {c['source']}" + (f" (page {c['page']})" if c["page"] else "")
                    + (f" - {c['heading']}" if c["heading"] else "") + mark)
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--db", type=click.Path(path_type=Path), default=None, help="Index for RAG, embeddings and uploads.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback: this machine only).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", envvar="POCKETLM_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every endpoint but /health (or POCKETLM_API_KEY).")
+@click.option("--ctx", default=2048, show_default=True, help="Context length of each generation context.")
+@click.option("--parallel", default=1, show_default=True, help="Generation contexts (requests served at once).")
+@click.option("--max-queue", default=16, show_default=True, help="Requests that may wait; more get 429.")
+@click.option("--uploads", type=click.Path(path_type=Path), default=None,
+              help="Folder for uploaded documents (default: beside the index).")
+@click.option("--max-upload-mb", default=10.0, show_default=True)
+@user_errors
+def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max_upload_mb):
+    """OpenAI-compatible API (+ RAG with citations) and a web page, on llama.cpp."""
+    import uvicorn
+
+    from .models.export_gguf import cached_gguf
+    from .serve.app import create_app
+    from .serve.engine import ContextPool
+    from .serve.knowledge import KnowledgeBase
+
+    if parallel < 1 or max_queue < 0:
+        raise PocketError("--parallel must be at least 1 and --max-queue at least 0")
+    kb = KnowledgeBase(db, uploads) if db else None
+    pool = ContextPool(cached_gguf(model, "f16"), n_ctx=ctx, parallel=parallel, max_queue=max_queue)
+    model_id = Path(model).stem if Path(model).exists() else model
+    app = create_app(pool, model_id, kb, api_key=api_key, max_upload_mb=max_upload_mb)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    click.echo(f"pocketlm: {model_id} on http://{host}:{port}/ (OpenAI base URL http://{host}:{port}/v1)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def main():

@@ -67,3 +67,25 @@ def print_quantize(reports) -> None:
     for r in reports:
         t.add_row(r.name, "x".join(map(str, r.shape)), r.type, r.method, f"{r.weighted_error:.2e}")
     console.print(t)
+
+
+def print_allocation(sens, types: dict[str, str], target: int) -> None:
+    """A budget's allocation: per type (how many tensors, bytes, predicted KLD), then totals."""
+    from .quantize.sensitivity import tensor_bytes
+
+    rows: dict[str, list] = {}
+    for name, info in sens.tensors.items():
+        r = rows.setdefault(types[name], [0, 0, 0.0, set()])
+        r[0] += 1
+        r[1] += tensor_bytes(types[name], info["shape"])
+        r[2] += sens.loss(name, types[name])
+        r[3].add(name.split(".")[-2] if name.startswith("blk.") else name.removesuffix(".weight"))
+    t = Table(title="allocation (predicted KLD from measured sensitivity)")
+    for col in ("type", "tensors", "size", "predicted KLD", "kinds"):
+        t.add_column(col, justify="left" if col in ("type", "kinds") else "right")
+    for type_name, (n, size, loss, kinds) in sorted(rows.items(), key=lambda x: -x[1][1]):
+        t.add_row(type_name, str(n), human_bytes(size), f"{loss:.4f}", ", ".join(sorted(kinds)))
+    console.print(t)
+    total = sens.file_bytes(types)
+    console.print(f"file {total / 1e6:.2f} MB of a {target / 1e6:.2f} MB budget, "
+                  f"{8 * total / sens.n_params:.2f} bits per weight, predicted KLD {sens.predicted_kld(types):.4f}")

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuantizeOptions:
-    preset: str
+    preset: str | None = None  # a llama.cpp preset, or None when `types` gives every tensor's type
     method: str | None = None
     calib: list = field(default_factory=list)
     calib_tokens: int = 8192  # 16384 measured the same KLD (0.02432 vs 0.02435) at 1.5x the time
@@ -41,6 +41,7 @@ class QuantizeOptions:
     keep: dict = field(default_factory=dict)
     allow_requant: bool = False
     progress: bool = True
+    types: dict = field(default_factory=dict)  # GGUF name -> type: a budget's allocation (budget.py)
 
 
 @dataclass
@@ -123,7 +124,10 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
     n_kv = int(field_value(reader, f"{arch}.attention.head_count_kv", n_heads))
     by_name = {t.name: t for t in reader.tensors}
     shapes = [(t.name, tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors]
-    plans = {p.name: p for p in plan(shapes, opts.preset, n_layers, max(n_heads // max(n_kv, 1), 1), opts.keep)}
+    if opts.types:
+        plans = {name: TensorPlan(name, opts.types.get(name, "F32")) for name, _ in shapes}
+    else:
+        plans = {p.name: p for p in plan(shapes, opts.preset, n_layers, max(n_heads // max(n_kv, 1), 1), opts.keep)}
     _check_requant(reader, plans, opts.allow_requant)
 
     results: dict[str, tuple[np.ndarray, TensorReport]] = {}
@@ -140,7 +144,7 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         copy_metadata(reader, writer, skip=("general.file_type", "general.quantization_version"))
-        writer.add_file_type(FILE_TYPE[opts.preset.upper()])
+        writer.add_file_type(FILE_TYPE[(opts.preset or _nearest_preset(plans, shapes)).upper()])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for t in reader.tensors:
             data, rep = results[t.name]
@@ -150,6 +154,18 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
                 writer.add_tensor(t.name, data, raw_dtype=get_format(rep.type).ggml_type)
         finish_writer(writer)
     return [results[t.name][1] for t in reader.tensors]
+
+
+def _nearest_preset(plans: dict, shapes) -> str:
+    """For a mixed allocation's file-type field (informational to llama.cpp): the preset of
+    the type that holds the most weights."""
+    weight: dict[str, int] = {}
+    for name, shape in shapes:
+        t = plans[name].type
+        if t not in FLOAT_TYPES:
+            weight[t] = weight.get(t, 0) + int(np.prod(shape))
+    main = max(weight, key=weight.get) if weight else "Q8_0"
+    return {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(main, main)
 
 
 def _calibrated_pass(src, reader, by_name, plans, method, opts, arch, n_layers, n_heads, n_kv, results):

@@ -24,6 +24,7 @@ class LlamaCppModel:
         except (ValueError, RuntimeError) as exc:
             raise PocketError(f"llama.cpp cannot load {path}: {exc}") from None
         self.n_ctx = n_ctx
+        self._formatter = None  # the chat template, compiled when first needed
 
     @property
     def n_vocab(self) -> int:
@@ -50,8 +51,31 @@ class LlamaCppModel:
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
 
     def count_chat_tokens(self, messages: list[dict]) -> int:
-        """Prompt tokens of a chat, with a few per message for the template's markers."""
+        """Prompt tokens of a chat: exact through the model's own chat template when it has one,
+        else the contents plus a few per message for the template's markers."""
+        if self._formatter is None:
+            template = self.llm.metadata.get("tokenizer.chat_template")
+            self._formatter = False
+            if template:
+                from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+                vocab = self.llm._model
+                self._formatter = Jinja2ChatFormatter(template, eos_token=vocab.token_get_text(self.llm.token_eos()),
+                                                      bos_token=vocab.token_get_text(self.llm.token_bos()))
+        if self._formatter:
+            try:
+                prompt = self._formatter(messages=messages).prompt
+                return len(self.tokenize(prompt, special=True)) + 1
+            except Exception:  # a template that wants what the request lacks: fall back to the estimate
+                pass
         return sum(len(self.tokenize(m["content"])) + 8 for m in messages) + 8
+
+    def stream_chat(self, messages: list[dict], **params) -> Iterator[dict]:
+        """llama-cpp-python's OpenAI-shaped chunks, for the server (params as OpenAI names them)."""
+        return self.llm.create_chat_completion(messages=messages, stream=True, **params)
+
+    def stream_completion(self, prompt: str, **params) -> Iterator[dict]:
+        return self.llm.create_completion(prompt, stream=True, **params)
 
     def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.7,
              seed: int | None = None, repeat_penalty: float = 1.0) -> Iterator[str]:

@@ -1,0 +1,132 @@
+"""Load on `pocketlm serve`: p50/p95 latency, time to first token and total tokens/s at 1, 4
+and 16 concurrent clients, each sending 5 streamed chat requests, for --parallel 1 and 2.
+
+The server runs as its own process (`pocketlm serve`, the default model), so the clients'
+Python does not share its interpreter; both share the machine's cores, as they would on a
+laptop.
+
+  .venv/bin/python bench/serve_load.py [--requests 5] [--max-tokens 64]
+
+Results: bench/results/serve_load.md (and stdout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from pocketlm.util.machine import cpu_name  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "serve_load.md"
+QUESTIONS = ["Explain what a compiler does.", "Write a short poem about rain.", "Give three tips for learning to cook.",
+             "What is the difference between a list and a tuple?", "Describe a sunset over the sea."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(parallel: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "pocketlm"), "serve", "--port", str(port), "--parallel",
+                             str(parallel), "--max-queue", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    sys.exit(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
+
+
+def one_request(url: str, question: str, max_tokens: int) -> dict:
+    body = {"model": "x", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as res:
+        if res.status_code == 429:
+            return {"status": 429}
+        res.raise_for_status()
+        for line in res.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
+                first = time.perf_counter() - t0
+    return {"status": 200, "latency": time.perf_counter() - t0, "ttft": first or 0.0, "tokens": tokens}
+
+
+def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    def client(i):
+        return [one_request(url, QUESTIONS[(i + j) % len(QUESTIONS)], max_tokens) for j in range(requests)]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        results = [r for rs in ex.map(client, range(clients)) for r in rs]
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    lat, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok]
+    return {"clients": clients, "ok": len(ok), "refused": len(results) - len(ok),
+            "p50": np.percentile(lat, 50), "p95": np.percentile(lat, 95), "ttft50": np.percentile(ttft, 50),
+            "ttft95": np.percentile(ttft, 95), "tok_s": sum(r["tokens"] for r in ok) / wall, "wall": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=5, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    rows = []
+    for parallel in (1, 2):
+        proc, url = start_server(parallel)
+        try:
+            one_request(url, "warm up", 4)
+            for clients in (1, 4, 16):
+                row = run_level(url, clients, args.requests, args.max_tokens) | {"parallel": parallel}
+                print(row, flush=True)
+                rows.append(row)
+            alive = httpx.get(f"{url}/health").json()["status"] == "ok"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        if not alive:
+            sys.exit("the server went down under load")
+    write(rows, args)
+
+
+def write(rows, args) -> None:
+    lines = ["# `pocketlm serve` under load", "",
+             f"Command: `.venv/bin/python bench/serve_load.py` on {cpu_name()} ({os.cpu_count()} cores), "
+             f"{time.strftime('%Y-%m-%d')}. Default model (SmolLM2-135M-Instruct Q4_1) on llama.cpp, "
+             f"{args.requests} streamed chat requests per client, greedy, max_tokens {args.max_tokens}, "
+             "--max-queue 32; clients and server share the 2 cores.", "",
+             "| --parallel | clients | ok | 429 | p50 latency s | p95 latency s | TTFT p50 s | TTFT p95 s | total tok/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['parallel']} | {r['clients']} | {r['ok']} | {r['refused']} | {r['p50']:.2f} | {r['p95']:.2f} | "
+              f"{r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['tok_s']:.1f} |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Generation for the server: N llama.cpp contexts behind one fair, bounded queue.
+
+A llama.cpp context serves one generation at a time (its KV cache is one sequence), so each
+request holds a whole context while it generates. Requests that find every context busy wait
+in strict arrival order; when the line is already `max_queue` long, the request is refused at
+once (429 with Retry-After) instead of waiting without bound. asyncio.Queue is not used for
+the line because a newcomer can take a freed context ahead of a woken waiter.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class ContextPool:
+    def __init__(self, path: str | Path, *, n_ctx: int = 2048, parallel: int = 1, max_queue: int = 8,
+                 loader: Callable | None = None):
+        if parallel < 1 or max_queue < 0:
+            raise ValueError("parallel must be >= 1 and max_queue >= 0")
+        if loader is None:
+            from ..runtime.llama_cpp_backend import LlamaCppModel as loader
+        # Contexts share the cores rather than oversubscribe them. On 2 cores, two contexts of one
+        # thread each doubled throughput under load (bench/results/serve_load.md).
+        threads = max(1, (os.cpu_count() or 2) // parallel)
+        self.models = [loader(path, n_ctx=n_ctx, n_threads=threads) for _ in range(parallel)]
+        self.n_ctx = n_ctx
+        self.max_queue = max_queue
+        self._free = list(self.models)
+        self._line: collections.deque[asyncio.Future] = collections.deque()
+        # one thread per context generating, plus two for token counting that must not wait behind them
+        self._threads = ThreadPoolExecutor(max_workers=parallel + 2, thread_name_prefix="generate")
+        self.seconds_per_request = 2.0  # running estimate, for Retry-After
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for f in self._line if not f.done())
+
+    @property
+    def busy(self) -> int:
+        return len(self.models) - len(self._free)
+
+    def tokenizer(self):
+        """A model for counting tokens only (every context has the same vocabulary)."""
+        return self.models[0]
+
+    async def _acquire(self):
+        if self._free and not self.waiting:
+            return self._free.pop()
+        if self.waiting >= self.max_queue:
+            ahead = self.waiting + self.busy
+            raise QueueFull(max(1, round(ahead * self.seconds_per_request / len(self.models))))
+        future = asyncio.get_running_loop().create_future()
+        self._line.append(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # handed a context just as we left
+                self._release(future.result())
+            raise
+        finally:
+            if future in self._line:
+                self._line.remove(future)
+
+    def _release(self, model) -> None:
+        while self._line:
+            future = self._line.popleft()
+            if not future.done():
+                future.set_result(model)
+                return
+        self._free.append(model)
+
+    @asynccontextmanager
+    async def context(self) -> AsyncIterator["Lease"]:
+        lease = Lease(await self._acquire())
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            yield lease
+        finally:
+            self.seconds_per_request = 0.8 * self.seconds_per_request + 0.2 * (loop.time() - started)
+            if lease.worker is not None and not lease.worker.done():
+                # A generation thread still holds the context (the request was cancelled under
+                # it): hand the context on only when that thread has let go of it.
+                lease.worker.add_done_callback(lambda _: self._release(lease.model))
+            else:
+                self._release(lease.model)
+
+    async def run(self, fn: Callable, *args):
+        """Run blocking work (tokenizing, a prompt check) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    async def stream(self, lease: "Lease", make_chunks: Callable[[], Iterator[dict]]) -> AsyncIterator[dict]:
+        """Chunks from a blocking llama.cpp stream on the lease's context, made in a worker thread.
+        Leaving the loop early (the client went away) stops the thread after its current token."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
+                stop.set()
+
+        def produce():
+            chunks = None
+            try:
+                chunks = make_chunks()
+                for chunk in chunks:
+                    if stop.is_set():
+                        break
+                    put(("chunk", chunk))
+            except Exception as exc:  # handed to the request, which turns it into an error reply
+                put(("error", exc))
+            finally:
+                if chunks is not None and hasattr(chunks, "close"):
+                    chunks.close()
+                put(("end", None))
+
+        lease.worker = loop.run_in_executor(self._threads, produce)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "end":
+                    break
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+
+
+class Lease:
+    """One request's hold on a context, and the thread generating on it, if any."""
+
+    def __init__(self, model):
+        self.model = model
+        self.worker: asyncio.Future | None = None
