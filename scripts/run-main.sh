@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# `make run`: the main job on the bundled default model. Until `pocketlm compress` exists this
-# shows what the model is and measures it on bundled text (the Python FAQ, PSF licence).
+# `make run`: the main job on the bundled default model. Compress SmolLM2-135M-Instruct to a
+# size budget, evaluate it against the original and llama.cpp's nearest preset, write the
+# report, index the bundled Python FAQ (PSF licence) and answer one question from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 PL=.venv/bin/pocketlm
+OUT=${OUT:-out/compress}
+BUDGET=${BUDGET:-80MB}
 DOCS=src/pocketlm/data/python-faq
-mkdir -p out
-$PL info smollm2-135m
-$PL eval smollm2-135m --text "$DOCS/programming.rst" --max-tokens 4096 --speed --json out/eval-smollm2.json
-# quantize with pocketlm (imatrix, calibrated on the other FAQ pages: never on the text we
-# report on) and measure what Q4_0 keeps of the original
-CALIB=()
-for f in "$DOCS"/*.rst; do
-  case "$f" in *programming.rst|*LICENSE*) ;; *) CALIB+=(--calib "$f") ;; esac
-done
-$PL quantize smollm2-135m -o out/smollm2-Q4_0.gguf --type Q4_0 --method imatrix "${CALIB[@]}" --force --quiet
-$PL eval out/smollm2-Q4_0.gguf --reference smollm2-135m --text "$DOCS/programming.rst" --max-tokens 4096 \
-  --json out/eval-smollm2-Q4_0.json
+MMLU=../shared/data/qa/mmlu_test.jsonl  # used for a 100-question sample when this checkout has it
+extra=()
+[ -f "$MMLU" ] && extra+=(--mmlu "$MMLU")
+$PL compress smollm2-135m --target-size "$BUDGET" --domain "$DOCS" -o "$OUT" "${extra[@]}"
+echo
+echo "question: How do I make a Python script executable on Unix?"
+$PL ask "How do I make a Python script executable on Unix?" --db "$OUT/docs.db" --model "$OUT/model.gguf" --max-tokens 120
+echo
+echo "report: $OUT/report.html (and report.md)"

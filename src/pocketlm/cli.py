@@ -326,6 +326,25 @@ def ask(question, db, model, k, max_tokens, ctx, as_json):
 
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
+@click.option("--target-size", required=True, help="File size to fit, e.g. 80MB.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--domain", type=click.Path(path_type=Path), default=None, help="Documents to index for RAG.")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (see README).")
+@click.option("--tokens", type=int, default=None, help="Distillation tokens (overrides the recipe).")
+@click.option("--mmlu", type=click.Path(path_type=Path), default=None, help="MMLU jsonl for a task-accuracy sample.")
+@user_errors
+def compress(model, target_size, output, domain, recipe, tokens, mmlu):
+    """The best model that fits TARGET_SIZE, evaluated against the original, with a report."""
+    from .compress.pipeline import compress as run_compress
+
+    if output.exists() and not output.is_dir():
+        raise PocketError(f"{output} exists and is not a folder")
+    run_compress(model, output, target_size=target_size, domain=domain, recipe_path=recipe, tokens=tokens,
+                 mmlu=str(mmlu) if mmlu else None, say=click.echo)
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
 @click.option("--db", type=click.Path(path_type=Path), default=None, help="Index for RAG, embeddings and uploads.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback: this machine only).")
 @click.option("--port", default=8000, show_default=True)

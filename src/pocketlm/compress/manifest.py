@@ -1,0 +1,56 @@
+"""Resumable steps: each writes its artifact atomically and records what it was made from.
+
+A step's key hashes its inputs (content hashes of files, the parameters, pocketlm's version).
+A rerun skips a step whose key and artifact are both still there, and redoes one whose inputs
+changed, which in turn changes the keys of the steps that consume its artifact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Callable
+
+from ..util.atomic import write_json
+
+
+def key_of(*parts) -> str:
+    return hashlib.sha256(json.dumps([version("pocketlm"), *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class Manifest:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / "manifest.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"steps": {}}
+
+    def run(self, name: str, key: str, artifact: str, make: Callable[[Path], dict | None], *, params: dict,
+            say: Callable[[str], None] = print) -> dict:
+        """Run `make(artifact path)` unless this step is done with the same key; returns the
+        step's record (its `result` is whatever `make` returned)."""
+        record = self.data["steps"].get(name)
+        target = self.folder / artifact
+        if record and record["key"] == key and target.exists():
+            say(f"[{name}] done earlier, kept ({artifact})")
+            return record
+        say(f"[{name}] running")
+        t0 = time.perf_counter()
+        result = make(target)
+        record = {"key": key, "artifact": artifact, "params": params, "seconds": round(time.perf_counter() - t0, 1),
+                  "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": result}
+        self.data["steps"][name] = record
+        write_json(self.path, self.data)
+        say(f"[{name}] finished in {record['seconds']:.0f} s")
+        return record
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in ("pocketlm", "torch", "transformers", "llama_cpp_python", "gguf"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:  # a missing optional package is recorded as absent
+            out[pkg] = None
+    return out

@@ -1,0 +1,213 @@
+"""`pocketlm compress`: the best model that fits a size budget, and a report of what it kept.
+
+plan (sensitivity of the original; distill or not, and why) -> distill (optional) -> quantize
+to the budget -> llama.cpp's own preset of the original at the nearest size -> evaluate all
+three against the original -> report -> index of the domain documents (optional). Each step
+is resumable (manifest.py); a rerun with the same inputs only re-renders the report.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..data import SAMPLE_DOCS
+from ..errors import PocketError
+from ..models.source import resolve
+from ..quantize.budget import mb, parse_size, types_for_budget
+from ..util.atomic import write_json
+from ..util.cache import model_content_hash
+from ..util.hashing import file_sha256, tree_sha256
+from .manifest import Manifest, key_of
+from .recipe import load_recipe
+
+EVAL_PAGE = "programming.rst"  # the bundled page we report on; calibration never sees it
+BPW_GUESS = 4.8  # what a budget-quantized student averages, to size the student for a budget
+
+
+def default_texts() -> tuple[list[str], list[str]]:
+    pages = sorted(p for p in SAMPLE_DOCS.glob("*.rst") if "LICENSE" not in p.name)
+    return [str(p) for p in pages if p.name != EVAL_PAGE], [str(SAMPLE_DOCS / EVAL_PAGE)]
+
+
+def _hash_files(paths) -> list[str]:
+    return [tree_sha256(p) if Path(p).is_dir() else file_sha256(p) for p in paths]
+
+
+def compress(model: str, out: str | Path, *, target_size: str, domain: str | Path | None = None,
+             recipe_path: str | Path | None = None, tokens: int | None = None, mmlu: str | None = None,
+             progress: bool = True, say: Callable[[str], None] = print) -> dict:
+    recipe = load_recipe(recipe_path, **{"distill.tokens": tokens, "evaluate.mmlu": mmlu})
+    budget = parse_size(target_size)
+    src = resolve(model)
+    calib_default, eval_default = default_texts()
+    calib = [str(p) for p in recipe["quantize"]["calib"]] or calib_default
+    texts = [str(p) for p in recipe["evaluate"]["texts"]] or eval_default
+    for path in calib + texts + [str(p) for p in recipe["distill"]["data"]]:
+        if not Path(path).exists():
+            raise PocketError(f"no such file or folder: {path}")
+    if domain is not None:
+        from ..rag.loaders import find_documents
+
+        if not find_documents([domain]):
+            raise PocketError(f"{domain} has no documents pocketlm can read (.txt .md .rst .html .pdf .docx)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out)
+    src_hash = model_content_hash(src)
+    calib_hashes = _hash_files(calib)
+    q = recipe["quantize"]
+
+    def make_plan(path: Path) -> dict:
+        from ..quantize.sensitivity import measure
+
+        sens = measure(src.path, calib, q["calib_tokens"], progress)
+        smallest = sens.file_bytes({n: min(i["errors"], key=lambda t: _bytes(t, i["shape"]))
+                                    for n, i in sens.tensors.items()})
+        when = recipe["distill"]["when"]
+        if when == "always":
+            decision = {"distill": True, "why": "the recipe asks for distillation (distill.when: always)"}
+        elif budget >= smallest:
+            predicted = sens.predicted_kld(types_for_budget(sens, budget))
+            decision = {"distill": False, "predicted_kld": predicted,
+                        "why": f"quantization alone reaches {mb(budget)} (the smallest file for this model is "
+                               f"{mb(smallest)}) with a predicted KLD of {predicted:.3f}, far less than a short "
+                               "distillation loses (SmolLM2-135M healed on 200k tokens kept a KLD of ~1.3 to its "
+                               "teacher: bench/results/distill.md), so distillation was skipped"}
+        elif when == "never":
+            raise PocketError(f"{mb(budget)} is below the smallest file this model quantizes to ({mb(smallest)}) and "
+                              "the recipe forbids distillation")
+        else:
+            decision = {"distill": True,
+                        "why": f"{mb(budget)} is below the smallest file quantization alone can make of this model "
+                               f"({mb(smallest)}): a smaller student is distilled first"}
+        decision.update(budget=budget, smallest=smallest, n_params=sens.n_params)
+        write_json(path, decision)
+        return decision
+
+    plan = manifest.run("plan", key_of(src_hash, budget, recipe["distill"], q, calib_hashes), "plan.json", make_plan,
+                        params={"budget": budget, "distill": recipe["distill"]}, say=say)["result"]
+    say(f"decision: {plan['why']}")
+
+    quant_source, quant_hash = src.path, src_hash
+    if plan["distill"]:
+        d = recipe["distill"]
+        data = [str(p) for p in d["data"]] or calib
+        fraction = d["fraction"] or _fraction_for_budget(src, budget)
+
+        def make_student(path: Path) -> dict:
+            from ..distill.run import DistillOptions, distill
+
+            result = distill(src.path, path, DistillOptions(data=data, tokens=d["tokens"], loss=d["loss"], fraction=fraction,
+                                                             resume=True, force=True, progress=progress, say=say,
+                                                             eval_every=10**9, save_every=25))
+            return {"tokens": result["tokens"], "fraction": fraction}
+
+        manifest.run("distill", key_of(src_hash, d, fraction, _hash_files(data)), "student", make_student,
+                     params={**d, "fraction": fraction}, say=say)
+        quant_source, quant_hash = out / "student", tree_sha256(out / "student")
+
+    def make_model(path: Path) -> dict:
+        from ..quantize.pipeline import QuantizeOptions, quantize_model
+        from ..quantize.sensitivity import measure
+
+        sens = measure(quant_source, calib, q["calib_tokens"], progress)
+        types = types_for_budget(sens, budget)
+        quantize_model(str(quant_source), path, QuantizeOptions(types=types, method=q["method"], calib=calib,
+                                                                calib_tokens=q["calib_tokens"], progress=progress))
+        kinds = {n: sens.loss(n, t) for n, t in types.items()}
+        return {"types": types, "predicted_kld": sens.predicted_kld(types), "loss": kinds, "size": path.stat().st_size}
+
+    quantized = manifest.run("quantize", key_of(quant_hash, budget, q, calib_hashes), "model.gguf", make_model,
+                             params={"budget": budget, **q}, say=say)["result"]
+
+    ev = recipe["evaluate"]
+    preset = None
+    if ev["compare_preset"]:
+        preset = nearest_preset(src, budget)
+
+        def make_preset(path: Path) -> dict:
+            from ..models.export_gguf import cached_gguf
+            from ..quantize.llamacpp_reference import llamacpp_quantize
+
+            llamacpp_quantize(cached_gguf(src, "f32"), path, preset, allow_requantize=True)
+            return {"preset": preset, "size": path.stat().st_size}
+
+        manifest.run("preset", key_of(src_hash, preset), f"llamacpp-{preset}.gguf", make_preset,
+                     params={"preset": preset}, say=say)
+
+    def make_eval(path: Path) -> dict:
+        from ..eval.runner import EvalOptions, evaluate
+
+        base = dict(texts=texts, max_tokens=ev["max_tokens"], ctx=ev["ctx"], speed=ev["speed"], mmlu=ev["mmlu"],
+                    mmlu_limit=ev["mmlu_limit"], progress=progress)
+        rows = {"original": evaluate(str(src.path), EvalOptions(**base))}
+        rows["pocketlm"] = evaluate(str(out / "model.gguf"), EvalOptions(**base, reference=str(src.path)))
+        if preset:
+            rows[f"llama.cpp {preset}"] = evaluate(str(out / f"llamacpp-{preset}.gguf"),
+                                                   EvalOptions(**base, reference=str(src.path)))
+        write_json(path, rows)
+        return {"rows": list(rows)}
+
+    model_hash = file_sha256(out / "model.gguf")
+    manifest.run("evaluate", key_of(src_hash, model_hash, preset, ev, _hash_files(texts)), "eval.json", make_eval,
+                 params=ev, say=say)
+
+    from ..eval.report import write_report
+
+    report = write_report(out, src, plan, quantized, preset)
+    say(f"report: {report['html']} and {report['md']}")
+    say(report["headline"])
+
+    if domain is not None:
+        from ..rag.index import index_paths
+
+        r = index_paths([str(domain)], out / "docs.db", chunk_tokens=recipe["index"]["chunk_tokens"],
+                        overlap=recipe["index"]["overlap"], progress=progress)
+        for path, why in r.skipped:
+            say(f"skipped {path}: {why}")
+        say(f"index: {out / 'docs.db'} ({r.added} added, {r.updated} updated, {r.unchanged} unchanged)")
+    return {"out": str(out), **report}
+
+
+def _bytes(type_name: str, shape) -> int:
+    from ..quantize.sensitivity import tensor_bytes
+
+    return tensor_bytes(type_name, shape)
+
+
+def nearest_preset(src, budget: int) -> str:
+    """llama.cpp's preset of the original whose file is the largest not over the budget (or the
+    smallest of all, when every preset is over), predicted from its per-tensor plan."""
+    from ..models.gguf_file import field_value, open_gguf
+    from ..models.export_gguf import cached_gguf
+    from ..quantize.plan import plan
+    from ..quantize.sensitivity import tensor_bytes
+
+    reader = open_gguf(cached_gguf(src, "f32"))
+    arch = field_value(reader, "general.architecture")
+    n_layers = int(field_value(reader, f"{arch}.block_count", 0))
+    heads = int(field_value(reader, f"{arch}.attention.head_count", 1))
+    kv = int(field_value(reader, f"{arch}.attention.head_count_kv", heads))
+    shapes = [(t.name, tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors]
+    sizes = {}
+    for preset in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"):
+        types = plan(shapes, preset, n_layers, max(heads // max(kv, 1), 1))
+        sizes[preset] = int(reader.data_offset) + sum(tensor_bytes(p.type, s) for p, (_, s) in zip(types, shapes))
+    fitting = [p for p, s in sizes.items() if s <= budget]
+    return max(fitting, key=sizes.get) if fitting else min(sizes, key=sizes.get)
+
+
+def _fraction_for_budget(src, budget: int) -> float:
+    """The share of the teacher's non-embedding parameters a student can keep so that, at
+    ~4.8 bits per weight, it lands inside the budget."""
+    from ..distill.shapes import TeacherDims, _align_down, non_embedding_params
+    from ..models.load import load
+
+    t = TeacherDims.of(load(src).model.config)
+    embedding = t.vocab * _align_down(t.hidden) * (1 if t.tied else 2)
+    room = budget * 8 / BPW_GUESS - embedding
+    teacher = non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)
+    if room <= 0.05 * teacher:
+        raise PocketError(f"{mb(budget)} cannot hold even the embedding of a student of this model at ~{BPW_GUESS} bits "
+                          "per weight; choose a larger budget")
+    return min(0.9, room / teacher)

@@ -1,0 +1,147 @@
+"""The compress report: one plain sentence, a side-by-side table, and plots, in Markdown and
+HTML that carry their plots inside (base64 PNG), so either file can be mailed on its own."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from pathlib import Path
+
+from ..util.atomic import atomic_path
+
+KIND_ORDER = ["token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(rows: dict, types: dict[str, str]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..quantize.formats import get as get_format
+
+    plots = {}
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, r in rows.items():
+        kld = r.get("kld_mean", 0.0) or 0.0
+        ax.scatter(r["size_bytes"] / 1e6, kld, s=60, label=name)
+    ax.set(xlabel="file size (MB)", ylabel="mean KLD vs the original", title="size vs quality (lower left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plots["size vs quality"] = _png(fig)
+    plt.close(fig)
+
+    speed = {n: r for n, r in rows.items() if r.get("decode_tps")}
+    if speed:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        names = list(speed)
+        ax.barh(names, [speed[n]["decode_tps"] for n in names], color="#4c72b0")
+        ax.set(xlabel="decode tokens/s (llama.cpp, 2 threads)", title="speed")
+        fig.tight_layout()
+        plots["speed"] = _png(fig)
+        plt.close(fig)
+
+    layers = sorted({int(m.group(1)) for n in types if (m := re.match(r"blk\.(\d+)\.", n))})
+    kinds = [k for k in KIND_ORDER if any(_kind(n) == k for n in types)]
+    if layers and kinds:
+        import numpy as np
+
+        grid = np.full((len(kinds), len(layers)), np.nan)
+        for name, t in types.items():
+            m = re.match(r"blk\.(\d+)\.", name)
+            if m and _kind(name) in kinds:
+                grid[kinds.index(_kind(name)), layers.index(int(m.group(1)))] = get_format(t).bits_per_weight
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(kinds) + 1.4))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+        ax.set_xlabel("layer")
+        ax.set_title("bits per weight chosen for each tensor")
+        fig.colorbar(im, ax=ax, fraction=0.03)
+        fig.tight_layout()
+        plots["per-tensor allocation"] = _png(fig)
+        plt.close(fig)
+    return plots
+
+
+def _kind(name: str) -> str:
+    m = re.match(r"blk\.\d+\.(.+)\.weight$", name)
+    return m.group(1) if m else name.removesuffix(".weight")
+
+
+def headline(rows: dict) -> str:
+    o, p = rows["original"], rows["pocketlm"]
+    smaller = o["size_bytes"] / p["size_bytes"]
+    digits = 0 if p["size_bytes"] >= 10e6 else 2
+    parts = [f"{smaller:.1f}× smaller ({o['size_bytes'] / 1e6:.{digits}f} MB → {p['size_bytes'] / 1e6:.{digits}f} MB)"]
+    if o.get("decode_tps") and p.get("decode_tps"):
+        parts.append(f"{p['decode_tps'] / o['decode_tps']:.1f}× the decoding speed")
+    if p.get("top1") is not None:
+        parts.append(f"agrees with the original's next-token choice {100 * p['top1']:.0f}% of the time "
+                     f"(perplexity {o['ppl']:.1f} → {p['ppl']:.1f})")
+    return "; ".join(parts) + "."
+
+
+def _table(rows: dict) -> list[list[str]]:
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    out = [["model", "MB", "bpw", "PPL", "mean KLD", "top-1", "prefill tok/s", "decode tok/s", "peak RSS MB", "MMLU"]]
+    for name, r in rows.items():
+        out.append([name, f(r["size_bytes"] / 1e6, ".1f"), f(r.get("bpw"), ".2f"), f(r.get("ppl"), ".2f"),
+                    f(r.get("kld_mean"), ".4f"), "-" if r.get("top1") is None else f"{100 * r['top1']:.1f}%",
+                    f(r.get("prefill_tps"), ".0f"), f(r.get("decode_tps"), ".0f"), f(r.get("peak_rss_mb"), ".0f"),
+                    "-" if r.get("mmlu_acc") is None else f"{100 * r['mmlu_acc']:.1f}%"])
+    return out
+
+
+def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None) -> dict:
+    rows = json.loads((out / "eval.json").read_text())
+    top = headline(rows)
+    plots = _plots(rows, quantized["types"])
+    notes = [f"Budget {plan['budget'] / 1e6:.1f} MB; the file is {quantized['size'] / 1e6:.2f} MB.",
+             f"Why: {plan['why']}.",
+             f"Predicted KLD of the allocation (from measured sensitivity): {quantized['predicted_kld']:.4f}; measured: "
+             f"{rows['pocketlm'].get('kld_mean', float('nan')):.4f}."]
+    if preset:
+        size = rows[f"llama.cpp {preset}"]["size_bytes"]
+        where = ("the largest that fits the budget" if size <= plan["budget"] else
+                 f"the smallest llama.cpp makes of this model, {size / 1e6:.1f} MB: every preset is over the budget")
+        notes.append(f"`llama.cpp {preset}` is llama.cpp's own preset of the original, {where} (llama.cpp's quantizer, "
+                     "no imatrix).")
+    if src.is_gguf and "Q4_1" in src.path.name.upper():
+        notes.append("The original is itself a Q4_1 GGUF: its weights lie on a Q4_1 grid, so any tensor kept at Q4_1 "
+                     "is lossless, and types above Q4_1 would only grow the file; they are not offered.")
+    notes.append(f"Measured on the evaluation text only (never the calibration text), windows of "
+                 f"{rows['pocketlm'].get('ctx', '?')} tokens, KLD over the full vocabulary; speeds with 2 threads on this "
+                 "machine (GGUF files on llama.cpp, HF folders on torch).")
+    table = _table(rows)
+    md = [f"# pocketlm compress report: {src.name}", "", f"**{top}**", "",
+          "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    md += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    md += ["", *[f"- {n}" for n in notes], ""]
+    md += [f"## {title}\n\n![{title}](data:image/png;base64,{data})\n" for title, data in plots.items()]
+    page = ["<!doctype html><html><head><meta charset='utf-8'><title>pocketlm report</title><style>"
+            "body{font:15px/1.45 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+            "td:first-child,th:first-child{text-align:left}.top{font-size:1.15em;background:#eef5ee;padding:.7em}"
+            "</style></head><body>", f"<h1>pocketlm compress report: {html.escape(src.name)}</h1>",
+            f"<p class='top'>{html.escape(top)}</p><table>"]
+    page += ["<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table[0]) + "</tr>"]
+    page += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table[1:]]
+    page += ["</table><ul>", *[f"<li>{html.escape(n)}</li>" for n in notes], "</ul>"]
+    page += [f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{d}'>"
+             for t, d in plots.items()]
+    page.append("</body></html>")
+    for name, text in (("report.md", "\n".join(md)), ("report.html", "\n".join(page))):
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text)
+    return {"md": str(out / "report.md"), "html": str(out / "report.html"), "headline": top}

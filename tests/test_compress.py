@@ -1,0 +1,81 @@
+"""`pocketlm compress` on a tiny model: a file within budget, a report, resumable steps, and
+clear refusals that leave earlier artifacts intact."""
+import errno
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pocketlm.cli import cli
+from pocketlm.compress.recipe import load_recipe
+from pocketlm.errors import PocketError
+
+
+@pytest.fixture
+def job(tiny_hf, sample_text, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "mill.md").write_text("# The mill\n\nThe old mill by the river grinds wheat every Tuesday.\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"quantize:\n  calib: [{sample_text}]\n  calib_tokens: 1024\n"
+                      f"evaluate:\n  texts: [{sample_text}]\n  max_tokens: 512\n  ctx: 64\n")
+    return {"model": str(tiny_hf), "recipe": recipe, "docs": docs, "out": tmp_path / "out"}
+
+
+def _compress(job, *extra, size="0.6MB"):
+    return CliRunner().invoke(cli, ["compress", job["model"], "--target-size", size, "-o", str(job["out"]),
+                                    "--recipe", str(job["recipe"]), *map(str, extra)])
+
+
+def test_compress_meets_the_budget_reports_and_resumes(job):
+    r = _compress(job, "--domain", job["docs"])
+    assert r.exit_code == 0, r.output
+    out = job["out"]
+    assert (out / "model.gguf").stat().st_size <= 600_000
+    rows = json.loads((out / "eval.json").read_text())
+    assert set(rows) == {"original", "pocketlm", f"llama.cpp {json.loads((out / 'manifest.json').read_text())['steps']['preset']['result']['preset']}"}
+    assert rows["pocketlm"]["kld_mean"] > 0 and rows["pocketlm"]["size_bytes"] < rows["original"]["size_bytes"]
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "× smaller" in md.splitlines()[2] and "distillation was skipped" in md
+    assert page.count("data:image/png;base64,") >= 2 and "<table>" in page  # plots embedded: one file is the report
+    assert (out / "docs.db").exists()
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    assert {"plan", "quantize", "preset", "evaluate"} <= set(steps)
+    assert all(s["versions"]["pocketlm"] and s["key"] for s in steps.values())
+
+    again = _compress(job)
+    assert again.exit_code == 0 and again.output.count("done earlier") == 4, again.output
+    before = (out / "model.gguf").read_bytes()
+    changed = _compress(job, size="0.8MB")  # a new budget: plan and quantize rerun, so does what follows
+    assert changed.exit_code == 0 and "[quantize] running" in changed.output and "[evaluate] running" in changed.output
+    assert (out / "model.gguf").read_bytes() != before and (out / "model.gguf").stat().st_size <= 800_000
+
+
+def test_bad_inputs_are_refused_clearly(job, tmp_path, monkeypatch):
+    r = _compress(job, size="1KB")
+    assert r.exit_code == 1 and "cannot hold even the embedding" in r.stderr, r.stderr
+    job["recipe"].write_text("quantize:\n  calib_tokns: 10\n")
+    r = _compress(job)
+    assert r.exit_code == 1 and "unknown key quantize.calib_tokns" in r.stderr
+    with pytest.raises(PocketError, match="distill.when"):
+        load_recipe(None, **{"distill.when": "sometimes"})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "photo.jpg").write_bytes(b"\xff\xd8")
+    job["recipe"].write_text("")
+    r = _compress(job, "--domain", empty)
+    assert r.exit_code == 1 and "no documents pocketlm can read" in r.stderr
+
+
+def test_a_full_disk_fails_cleanly_and_keeps_what_was_done(job, monkeypatch):
+    assert _compress(job).exit_code == 0
+    model = (job["out"] / "model.gguf").read_bytes()
+    import pocketlm.eval.report as report
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(job["out"] / "report.md"))
+
+    monkeypatch.setattr(report, "atomic_path", full)
+    r = _compress(job)
+    assert r.exit_code == 1 and r.stderr.startswith("error: No space left on device"), r.stderr
+    assert (job["out"] / "model.gguf").read_bytes() == model and (job["out"] / "eval.json").exists()
