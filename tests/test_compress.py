@@ -79,3 +79,17 @@ def test_a_full_disk_fails_cleanly_and_keeps_what_was_done(job, monkeypatch):
     r = _compress(job)
     assert r.exit_code == 1 and r.stderr.startswith("error: No space left on device"), r.stderr
     assert (job["out"] / "model.gguf").read_bytes() == model and (job["out"] / "eval.json").exists()
+
+
+def test_compress_can_distill_first(job, sample_text):
+    job["recipe"].write_text(f"distill:\n  when: always\n  tokens: 3000\n  data: [{sample_text}]\n"
+                             f"quantize:\n  calib: [{sample_text}]\n  calib_tokens: 1024\n  method: imatrix\n"
+                             f"evaluate:\n  texts: [{sample_text}]\n  max_tokens: 256\n  ctx: 64\n  speed: false\n"
+                             "  compare_preset: false\n")
+    r = _compress(job, size="0.5MB")
+    assert r.exit_code == 0, r.output
+    out = job["out"]
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    assert steps["distill"]["result"]["tokens"] >= 3000 and (out / "student" / "config.json").exists()
+    assert (out / "model.gguf").stat().st_size <= 500_000
+    assert "the recipe asks for distillation" in (out / "report.md").read_text()
