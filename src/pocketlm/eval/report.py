@@ -109,8 +109,11 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
     plots = _plots(rows, quantized["types"])
     notes = [f"Budget {plan['budget'] / 1e6:.1f} MB; the file is {quantized['size'] / 1e6:.2f} MB.",
              f"Why: {plan['why']}.",
-             f"Predicted KLD of the allocation (from measured sensitivity): {quantized['predicted_kld']:.4f}; measured: "
-             f"{rows['pocketlm'].get('kld_mean', float('nan')):.4f}."]
+             (f"Predicted KLD of quantizing the distilled student, relative to the student (from measured sensitivity): "
+              f"{quantized['predicted_kld']:.4f}; the measured KLD above is relative to the original, so it includes "
+              "what distillation lost." if plan["distill"] else
+              f"Predicted KLD of the allocation (from measured sensitivity): {quantized['predicted_kld']:.4f}; measured: "
+              f"{rows['pocketlm'].get('kld_mean', float('nan')):.4f}.")]
     if preset:
         size = rows[f"llama.cpp {preset}"]["size_bytes"]
         where = ("the largest that fits the budget" if size <= plan["budget"] else
