@@ -124,25 +124,12 @@ def gguf_shapes(t: TeacherDims, s: StudentShape) -> list[tuple[str, tuple[int, .
 
 def predicted_sizes(t: TeacherDims, s: StudentShape, presets=SIZE_PRESETS) -> dict[str, int]:
     """Bytes of tensor data per preset, from the same per-tensor plan `pocketlm quantize` uses."""
-    from ..quantize.formats import get as get_format
     from ..quantize.plan import plan
+    from ..quantize.sensitivity import tensor_bytes
 
     shapes = gguf_shapes(t, s)
-    sizes = {"F16": sum(2 * _numel(shape) for _, shape in shapes)}
+    sizes = {"F16": sum(tensor_bytes("F16", shape) for _, shape in shapes)}
     for preset in presets:
-        total = 0
-        for p, (_, shape) in zip(plan(shapes, preset, len(s.keep_layers), max(s.heads // s.kv_heads, 1), {}), shapes):
-            if p.type in ("F32", "F16", "BF16"):
-                total += _numel(shape) * (2 if p.type != "F32" else 4)
-            else:
-                fmt = get_format(p.type)
-                total += _numel(shape) // fmt.block_size * fmt.type_size
-        sizes[preset] = total
+        types = plan(shapes, preset, len(s.keep_layers), max(s.heads // s.kv_heads, 1), {})
+        sizes[preset] = sum(tensor_bytes(p.type, shape) for p, (_, shape) in zip(types, shapes))
     return sizes
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -57,10 +57,10 @@ class KnowledgeBase:
     def _add_upload(self, filename: str, data: bytes) -> dict:
         name = safe_filename(filename)
         target = self.uploads / name
-        stem, suffix = target.name.split(".", 1)[0], target.name[len(target.name.split(".", 1)[0]):]
+        stem, dot, suffix = target.name.partition(".")
         n = 1
         while target.exists():  # never replace an earlier upload of the same name
-            target = self.uploads / f"{stem}-{n}{suffix}"
+            target = self.uploads / f"{stem}-{n}{dot}{suffix}"
             n += 1
         self.uploads.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
