@@ -71,7 +71,7 @@ def print_quantize(reports) -> None:
 
 def print_allocation(sens, types: dict[str, str], target: int) -> None:
     """A budget's allocation: per type (how many tensors, bytes, predicted KLD), then totals."""
-    from .quantize.sensitivity import tensor_bytes
+    from .quantize.plan import tensor_bytes
 
     rows: dict[str, list] = {}
     for name, info in sens.tensors.items():

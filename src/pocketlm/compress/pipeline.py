@@ -14,6 +14,7 @@ from ..data import SAMPLE_DOCS
 from ..errors import PocketError
 from ..models.source import resolve
 from ..quantize.budget import mb, parse_size, types_for_budget
+from ..quantize.plan import tensor_bytes
 from ..util.atomic import write_json
 from ..util.cache import model_content_hash
 from ..util.hashing import file_sha256, tree_sha256
@@ -61,7 +62,7 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
         from ..quantize.sensitivity import measure
 
         sens = measure(src.path, calib, q["calib_tokens"], progress)
-        smallest = sens.file_bytes({n: min(i["errors"], key=lambda t: _bytes(t, i["shape"]))
+        smallest = sens.file_bytes({n: min(i["errors"], key=lambda t: tensor_bytes(t, i["shape"]))
                                     for n, i in sens.tensors.items()})
         when = recipe["distill"]["when"]
         if when == "always":
@@ -169,19 +170,12 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
     return {"out": str(out), **report}
 
 
-def _bytes(type_name: str, shape) -> int:
-    from ..quantize.sensitivity import tensor_bytes
-
-    return tensor_bytes(type_name, shape)
-
-
 def nearest_preset(src, budget: int) -> str:
     """llama.cpp's preset of the original whose file is the largest not over the budget (or the
     smallest of all, when every preset is over), predicted from its per-tensor plan."""
     from ..models.gguf_file import field_value, open_gguf
     from ..models.export_gguf import cached_gguf
-    from ..quantize.plan import plan
-    from ..quantize.sensitivity import tensor_bytes
+    from ..quantize.plan import preset_bytes
 
     reader = open_gguf(cached_gguf(src, "f32"))
     arch = field_value(reader, "general.architecture")
@@ -191,8 +185,7 @@ def nearest_preset(src, budget: int) -> str:
     shapes = [(t.name, tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors]
     sizes = {}
     for preset in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"):
-        types = plan(shapes, preset, n_layers, max(heads // max(kv, 1), 1))
-        sizes[preset] = int(reader.data_offset) + sum(tensor_bytes(p.type, s) for p, (_, s) in zip(types, shapes))
+        sizes[preset] = int(reader.data_offset) + preset_bytes(shapes, preset, n_layers, max(heads // max(kv, 1), 1))
     fitting = [p for p, s in sizes.items() if s <= budget]
     return max(fitting, key=sizes.get) if fitting else min(sizes, key=sizes.get)
 

@@ -124,12 +124,10 @@ def gguf_shapes(t: TeacherDims, s: StudentShape) -> list[tuple[str, tuple[int, .
 
 def predicted_sizes(t: TeacherDims, s: StudentShape, presets=SIZE_PRESETS) -> dict[str, int]:
     """Bytes of tensor data per preset, from the same per-tensor plan `pocketlm quantize` uses."""
-    from ..quantize.plan import plan
-    from ..quantize.sensitivity import tensor_bytes
+    from ..quantize.plan import preset_bytes, tensor_bytes
 
     shapes = gguf_shapes(t, s)
     sizes = {"F16": sum(tensor_bytes("F16", shape) for _, shape in shapes)}
     for preset in presets:
-        types = plan(shapes, preset, len(s.keep_layers), max(s.heads // s.kv_heads, 1), {})
-        sizes[preset] = sum(tensor_bytes(p.type, shape) for p, (_, shape) in zip(types, shapes))
+        sizes[preset] = preset_bytes(shapes, preset, len(s.keep_layers), max(s.heads // s.kv_heads, 1))
     return sizes

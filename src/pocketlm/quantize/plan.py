@@ -117,6 +117,24 @@ def plan(tensors: list[tuple[str, tuple[int, ...]]], preset: str, n_layers: int,
     return out
 
 
+def tensor_bytes(type_name: str, shape) -> int:
+    """Bytes of one tensor's data in a GGUF file at `type_name` (shape in PyTorch order)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if type_name in ("F32", "F16"):
+        return n * (4 if type_name == "F32" else 2)
+    from .formats import get
+
+    fmt = get(type_name)
+    return n // shape[-1] * (shape[-1] // fmt.block_size) * fmt.type_size
+
+
+def preset_bytes(tensors: list[tuple[str, tuple[int, ...]]], preset: str, n_layers: int, n_gqa: int = 1) -> int:
+    """Tensor bytes of a preset's file, from the same per-tensor plan quantize follows."""
+    return sum(tensor_bytes(p.type, shape) for p, (_, shape) in zip(plan(tensors, preset, n_layers, n_gqa), tensors))
+
+
 def parse_keep(items) -> dict[str, str]:
     keep = {}
     for item in items or ():

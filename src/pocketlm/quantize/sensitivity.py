@@ -29,7 +29,7 @@ from ..util.cache import cache_dir, model_content_hash
 from .budget import Option
 from .formats import get as get_format
 from .methods.rtn import quantize_rtn
-from .plan import fits
+from .plan import fits, tensor_bytes
 
 VERSION = 1
 CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -41,15 +41,6 @@ _LAYER = re.compile(r"^blk\.\d+\.(.+)\.weight$")
 def kind_of(gguf_name: str) -> str:
     m = _LAYER.match(gguf_name)
     return m.group(1) if m else gguf_name.removesuffix(".weight")
-
-
-def tensor_bytes(type_name: str, shape) -> int:
-    if type_name == "F32":
-        return 4 * int(np.prod(shape))
-    if type_name == "F16":
-        return 2 * int(np.prod(shape))
-    fmt = get_format(type_name)
-    return int(np.prod(shape[:-1])) * (shape[-1] // fmt.block_size) * fmt.type_size
 
 
 @dataclass
