@@ -25,17 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pocketlm.util.machine import cpu_name  # noqa: E402
+from pocketlm.util.machine import machine_name  # noqa: E402
 from pocketlm.distill.run import DistillOptions, distill  # noqa: E402
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("POCKETLM_DATA", ROOT.parent / "shared" / "data"))
 WIKI, C4, MMLU = DATA / "text" / "wiki.txt", DATA / "text" / "c4.txt", DATA / "qa" / "mmlu_test.jsonl"
 PYDOCS = DATA / "corpora" / "python-docs"
 CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench")) / "distill"
 RESULTS = ROOT / "bench" / "results" / "distill.md"
-TEACHER = "smollm2-135m"
+TEACHER = os.environ.get("POCKETLM_TEACHER", "smollm2-135m")  # a path where the wheel is not installed
 
 
 def split_wiki(work: Path) -> tuple[Path, Path]:
@@ -67,15 +67,15 @@ def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: d
         return json.loads(res_path.read_text())
     out = work / name
     t0 = time.perf_counter()
-    manifest = distill(TEACHER, out, DistillOptions(data=data, tokens=tokens, loss=loss, force=True, eval_every=10**9,
-                                                    save_every=25, resume=True, say=print))
+    manifest = distill(TEACHER, out, DistillOptions(data=data, tokens=tokens, loss=loss, lr=args.lr, force=True,
+                                                    eval_every=10**9, save_every=25, resume=True, say=print))
     row = {"name": name, "loss": loss if tokens else "-", "tokens": manifest["tokens"],
            "wall_s": time.perf_counter() - t0,
            "tok_s": (manifest["history"][-1].get("tok_s") if tokens else None)}
     for label, (text, mmlu) in evals.items():
         r = evaluate(str(out), EvalOptions(texts=[str(text)], reference=TEACHER, max_tokens=args.eval_tokens,
                                            mmlu=str(MMLU) if mmlu and args.mmlu else None, mmlu_limit=args.mmlu,
-                                           progress=False))
+                                           backend=args.eval_backend, progress=False))
         row[label] = {"ppl": r["ppl"], "kld": r["kld_mean"], "top1": r["top1"], "teacher_ppl": r["reference_ppl"],
                       "mmlu": r.get("mmlu_acc")}
     write_json(res_path, row)
@@ -90,7 +90,7 @@ def teacher_row(work: Path, evals: dict, args) -> dict:
     for label, (text, mmlu) in evals.items():
         r = evaluate(TEACHER, EvalOptions(texts=[str(text)], max_tokens=args.eval_tokens,
                                           mmlu=str(MMLU) if mmlu and args.mmlu else None, mmlu_limit=args.mmlu,
-                                          progress=False))
+                                          backend=args.eval_backend, progress=False))
         row[label] = {"ppl": r["ppl"], "mmlu": r.get("mmlu_acc")}
     write_json(res_path, row)
     return row
@@ -102,12 +102,15 @@ def main() -> None:
     ap.add_argument("--losses", default="ce,fkl,rkl")
     ap.add_argument("--eval-tokens", type=int, default=20480)
     ap.add_argument("--mmlu", type=int, default=500)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--domain-tokens", type=int, default=None, help="default: --tokens")
     ap.add_argument("--skip-domain", action="store_true")
+    ap.add_argument("--eval-backend", default="auto", choices=["auto", "torch"],
+                    help="torch: evaluate the GGUF teacher through transformers too (a GPU machine without llama.cpp)")
     args = ap.parse_args()
     if not WIKI.exists():
         sys.exit(f"needs {WIKI}")
-    work = CACHE / f"t{args.tokens}"
+    work = CACHE / (f"t{args.tokens}" + (f"-lr{args.lr:g}" if args.lr != 3e-4 else ""))
     work.mkdir(parents=True, exist_ok=True)
     train_wiki, held_wiki = split_wiki(work)
     evals = {"wiki": (held_wiki, True)}
@@ -119,7 +122,8 @@ def main() -> None:
     if not args.skip_domain:
         train_docs, held_docs = split_pydocs(work)
         dom_evals = {"pydocs": (held_docs, False)}
-        dom_teacher = evaluate(TEACHER, EvalOptions(texts=[str(held_docs)], max_tokens=args.eval_tokens, progress=False))
+        dom_teacher = evaluate(TEACHER, EvalOptions(texts=[str(held_docs)], max_tokens=args.eval_tokens,
+                                                    backend=args.eval_backend, progress=False))
         dom = run("domain-fkl", work, [str(train_docs)], "fkl", args.domain_tokens or args.tokens, dom_evals, args)
         domain = (dom_teacher["ppl"], dom)
     write_results(args, teacher, rows, domain)
@@ -128,9 +132,11 @@ def main() -> None:
 def write_results(args, teacher, rows, domain) -> None:
     t_ppl = teacher["wiki"]["ppl"]
     a_ppl = rows[0]["wiki"]["ppl"]
-    lines = [f"## Healing at {rows[-1]['tokens']:,} training tokens", "",
-             f"Command: `.venv/bin/python bench/distill.py --tokens {args.tokens}` on {cpu_name()} "
-             f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}. Teacher: {TEACHER} (PPL {t_ppl:.3f}"
+    lines = [f"## Healing at {rows[-1]['tokens']:,} training tokens" + (f", lr {args.lr:g}" if args.lr != 3e-4 else ""), "",
+             f"Command: `.venv/bin/python bench/distill.py --tokens {args.tokens} --losses {args.losses}"
+             + (f" --lr {args.lr:g}" if args.lr != 3e-4 else "")
+             + (f" --eval-backend {args.eval_backend}" if args.eval_backend != "auto" else "")
+             + f"` on {machine_name()} ({os.cpu_count()} CPU cores), {time.strftime('%Y-%m-%d')}. Teacher: {Path(TEACHER).name} (PPL {t_ppl:.3f}"
              + (f", MMLU {100 * teacher['wiki']['mmlu']:.1f}%" if teacher["wiki"].get("mmlu") else "") + "). "
              f"Held-out: last 20% of wiki.txt, {args.eval_tokens} tokens; MMLU: stratified {args.mmlu}.", "",
              "| student | loss | tokens | held-out PPL | KLD vs teacher | top-1 | MMLU | gap closed | tok/s | wall s |",

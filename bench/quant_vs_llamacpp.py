@@ -72,6 +72,10 @@ def produce(variant: str, ref: Path, out: Path, preset: str, calib: Path, calib_
     return time.perf_counter() - t0
 
 
+def row_path(work: Path, preset: str, variant: str) -> Path:
+    return work / f"{preset}-{variant.replace(' ', '_').replace('+', '_')}.json"
+
+
 def fmt_row(preset, variant, r) -> str:
     if r is None:
         return f"| {preset} | {variant} | - | - | - | - | - | - |"
@@ -87,13 +91,28 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--note", default="")
+    ap.add_argument("--note", default="", help="said under the section's heading; remembered per --tag")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="write the table from the rows already measured; '-' for the rest (nothing is computed)")
     args = ap.parse_args()
     if not WIKI.exists():
         sys.exit(f"needs {WIKI}")
     tag = args.tag or Path(args.model).name.replace(".gguf", "")
     work = CACHE / "quant" / tag
     work.mkdir(parents=True, exist_ok=True)
+    note_file = work / "note.txt"
+    if args.note:
+        note_file.write_text(args.note)
+    elif note_file.exists():
+        args.note = note_file.read_text()
+    if args.cached_only:
+        results = {}
+        for preset in args.types.split(","):
+            for variant in args.variants.split(","):
+                res_path = row_path(work, preset, variant)
+                results[(preset, variant)] = json.loads(res_path.read_text()) if res_path.exists() else None
+        write_section(tag, args, results)
+        return
     ref = work / "ref-f32.gguf"
     if not ref.exists():
         export_gguf(args.model, ref, "f32")
@@ -105,12 +124,11 @@ def main() -> None:
     rows, results = [], {}
     for preset in args.types.split(","):
         for variant in args.variants.split(","):
-            key = f"{preset}-{variant.replace(' ', '_').replace('+', '_')}"
-            res_path = work / f"{key}.json"
+            res_path = row_path(work, preset, variant)
             if res_path.exists():
                 results[(preset, variant)] = json.loads(res_path.read_text())
             else:
-                out = work / f"{key}.gguf"
+                out = res_path.with_suffix(".gguf")
                 seconds = produce(variant, ref, out, preset, calib, args.calib_tokens, imatrix if tools else None, tools)
                 if seconds is None:
                     results[(preset, variant)] = None

@@ -39,6 +39,9 @@ def test_gguf_and_torch_paths_agree(tiny_hf, tiny_gguf_f32, sample_text):
     a, b = evaluate(str(tiny_hf), opts), evaluate(str(tiny_gguf_f32), opts)
     assert b["backend"] == "llama.cpp" and a["tokens"] == b["tokens"]
     assert abs(a["ppl"] / b["ppl"] - 1) < 0.005
+    # the GGUF through transformers (what a GPU machine without llama.cpp uses) is the HF model exactly
+    c = evaluate(str(tiny_gguf_f32), EvalOptions(texts=[sample_text], ctx=64, progress=False, backend="torch"))
+    assert c["backend"] == "torch float32" and c["ppl"] == pytest.approx(a["ppl"], rel=1e-5)
 
 
 def test_self_reference_is_zero_kld(tiny_gguf_f32, sample_text):

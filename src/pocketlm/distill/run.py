@@ -15,6 +15,7 @@ import torch
 from ..errors import PocketError
 from ..util.cache import model_content_hash
 from ..util.hashing import array_sha256
+from ..util.machine import compute_device
 from .data import load_sequences
 from .importance import measure
 from .losses import parse_loss
@@ -143,7 +144,8 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
 
     teacher_hash = model_content_hash(src)
     ckpt = Checkpoint(out.with_name(out.name + ".ckpt"), _run_key(teacher_hash, shape, seqs.train, cfg, opts.topk, opts.student))
-    teacher.model.to(torch.bfloat16 if opts.bf16 else torch.float32)
+    # the teacher pass is the other big compute of a run: it goes where training goes
+    teacher.model.to(compute_device(), torch.bfloat16 if opts.bf16 else torch.float32)
 
     def targets(rows):
         if dist.local_rank != 0:

@@ -32,10 +32,11 @@ class EvalOptions:
     torch_dtype: str = "float32"
     threads: int = 2
     progress: bool = True
+    backend: str = "auto"  # "torch" evaluates GGUF files through transformers too (e.g. on a GPU with no llama.cpp)
 
 
 def open_runtime(src: ModelSource, ctx: int, opts: EvalOptions):
-    if src.is_gguf:
+    if src.is_gguf and opts.backend != "torch":
         from ..runtime.llama_cpp_backend import LlamaCppModel
 
         return LlamaCppModel(src.path, n_ctx=max(ctx, 1024), n_threads=opts.threads, logits_all=True), "llama.cpp"

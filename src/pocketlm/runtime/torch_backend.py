@@ -11,8 +11,11 @@ class TorchModel:
         import torch
 
         self.loaded = loaded
+        from ..util.machine import compute_device
+
         self.dtype = getattr(torch, dtype)
-        self.model = loaded.model.to(self.dtype)
+        self.device = compute_device()
+        self.model = loaded.model.to(self.device, self.dtype)
         self.tokenizer = loaded.tokenizer
 
     @property
@@ -34,6 +37,6 @@ class TorchModel:
         import torch
 
         with torch.inference_mode():
-            ids = torch.tensor([tokens], dtype=torch.long)
+            ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
             out = self.model(input_ids=ids).logits[0]
-        return out.float().numpy()
+        return out.float().cpu().numpy()

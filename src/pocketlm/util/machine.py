@@ -12,3 +12,19 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def compute_device():
+    """Where torch work goes: the GPU when there is one (the distillation path scales to it), else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def machine_name() -> str:
+    """The processor that did the torch work, for benchmark tables."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} GPU (host: {cpu_name()})"
+    return cpu_name()
