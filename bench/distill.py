@@ -35,6 +35,7 @@ WIKI, C4, MMLU = DATA / "text" / "wiki.txt", DATA / "text" / "c4.txt", DATA / "q
 PYDOCS = DATA / "corpora" / "python-docs"
 CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench")) / "distill"
 RESULTS = ROOT / "bench" / "results" / "distill.md"
+DEFAULT_LR = DistillOptions.lr
 TEACHER = os.environ.get("POCKETLM_TEACHER", "smollm2-135m")  # a path where the wheel is not installed
 
 
@@ -102,7 +103,7 @@ def main() -> None:
     ap.add_argument("--losses", default="ce,fkl,rkl")
     ap.add_argument("--eval-tokens", type=int, default=20480)
     ap.add_argument("--mmlu", type=int, default=500)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
     ap.add_argument("--domain-tokens", type=int, default=None, help="default: --tokens")
     ap.add_argument("--skip-domain", action="store_true")
     ap.add_argument("--eval-backend", default="auto", choices=["auto", "torch"],
@@ -110,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
     if not WIKI.exists():
         sys.exit(f"needs {WIKI}")
-    work = CACHE / (f"t{args.tokens}" + (f"-lr{args.lr:g}" if args.lr != 3e-4 else ""))
+    work = CACHE / (f"t{args.tokens}" + (f"-lr{args.lr:g}" if args.lr != DEFAULT_LR else ""))
     work.mkdir(parents=True, exist_ok=True)
     train_wiki, held_wiki = split_wiki(work)
     evals = {"wiki": (held_wiki, True)}
@@ -132,9 +133,9 @@ def main() -> None:
 def write_results(args, teacher, rows, domain) -> None:
     t_ppl = teacher["wiki"]["ppl"]
     a_ppl = rows[0]["wiki"]["ppl"]
-    lines = [f"## Healing at {rows[-1]['tokens']:,} training tokens" + (f", lr {args.lr:g}" if args.lr != 3e-4 else ""), "",
+    lines = [f"## Healing at {rows[-1]['tokens']:,} training tokens" + (f", lr {args.lr:g}" if args.lr != DEFAULT_LR else ""), "",
              f"Command: `.venv/bin/python bench/distill.py --tokens {args.tokens} --losses {args.losses}"
-             + (f" --lr {args.lr:g}" if args.lr != 3e-4 else "")
+             + (f" --lr {args.lr:g}" if args.lr != DEFAULT_LR else "")
              + (f" --eval-backend {args.eval_backend}" if args.eval_backend != "auto" else "")
              + f"` on {machine_name()} ({os.cpu_count()} CPU cores), {time.strftime('%Y-%m-%d')}. Teacher: {Path(TEACHER).name} (PPL {t_ppl:.3f}"
              + (f", MMLU {100 * teacher['wiki']['mmlu']:.1f}%" if teacher["wiki"].get("mmlu") else "") + "). "

@@ -145,7 +145,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     teacher_hash = model_content_hash(src)
     ckpt = Checkpoint(out.with_name(out.name + ".ckpt"), _run_key(teacher_hash, shape, seqs.train, cfg, opts.topk, opts.student))
     # the teacher pass is the other big compute of a run: it goes where training goes
-    teacher.model.to(compute_device(), torch.bfloat16 if opts.bf16 else torch.float32)
+    teacher.model.to(compute_device(dist.local_rank), torch.bfloat16 if opts.bf16 else torch.float32)
 
     def targets(rows):
         if dist.local_rank != 0:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..errors import PocketError
 from ..util.atomic import atomic_path
+from ..util.machine import compute_device
 from .losses import distill_loss
 from .teacher_cache import TeacherTargets
 
@@ -152,7 +153,7 @@ def train(model, train_seqs: torch.Tensor, targets: TeacherTargets | None, held_
           held_targets: TeacherTargets | None, cfg: TrainConfig, ckpt: Checkpoint, resume: bool,
           progress: bool = True) -> list[dict]:
     dist_ctx = Dist.from_env()
-    device = torch.device(f"cuda:{dist_ctx.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = compute_device(dist_ctx.local_rank)
     model.to(device).train()
     if cfg.batch % (dist_ctx.world * cfg.micro_batch):
         raise PocketError(f"--batch {cfg.batch} must be a multiple of micro-batch {cfg.micro_batch} x {dist_ctx.world} processes")

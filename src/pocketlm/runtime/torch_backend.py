@@ -10,9 +10,9 @@ class TorchModel:
     def __init__(self, loaded: LoadedModel, *, dtype: str = "float32"):
         import torch
 
-        self.loaded = loaded
         from ..util.machine import compute_device
 
+        self.loaded = loaded
         self.dtype = getattr(torch, dtype)
         self.device = compute_device()
         self.model = loaded.model.to(self.device, self.dtype)

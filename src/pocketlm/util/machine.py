@@ -14,11 +14,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def compute_device():
-    """Where torch work goes: the GPU when there is one (the distillation path scales to it), else the CPU."""
+def compute_device(local_rank: int = 0):
+    """Where torch work goes: this process's GPU when there is one (under torchrun, one GPU per
+    local rank), else the CPU."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
 
 
 def machine_name() -> str:
