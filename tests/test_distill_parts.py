@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pocketlm.distill.importance import measure
-from pocketlm.distill.losses import bucket_logprobs, divergence, distill_loss, parse_loss
+from pocketlm.distill.losses import bucket_logprobs, divergence, distill_loss, parse_loss, tail_sample_term
 from pocketlm.distill.prune import prune
 from pocketlm.distill.shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
 from pocketlm.distill.teacher_cache import teacher_targets
@@ -39,18 +39,51 @@ def test_folded_divergence_is_a_lower_bound_and_exact_with_full_vocab(name):
     assert divergence(name, same_t, same_s, 0.5).abs().max() < 1e-4
 
 
+def test_tail_sample_gives_the_full_vocabulary_kl_gradient_in_expectation():
+    # Averaged over next tokens drawn from the teacher, bucketed fkl + the tail term differs from the
+    # full-vocabulary KL only by a constant (the teacher's entropy inside its tail), so it trains the
+    # student exactly as full KL would, while the bucket alone leaves the tail's shape untrained.
+    torch.manual_seed(0)
+    vocab, k = 40, 6
+    t_logits = torch.randn(1, 1, vocab) * 2
+    p = torch.softmax(t_logits, -1)[0, 0]
+    idx, values, tail = _teacher_topk(t_logits, k)
+
+    def expected(student):
+        s_full = torch.log_softmax(student, -1)
+        t_b, s_b = bucket_logprobs(student, idx, values, tail)
+        bucket = divergence("fkl", t_b, s_b)[0, 0]
+        terms = torch.stack([tail_sample_term(s_full, s_b, torch.tensor([[y]]), idx)[0, 0] for y in range(vocab)])
+        return bucket + (p * terms).sum(), bucket
+
+    s = (torch.randn(1, 1, vocab) * 2).requires_grad_()
+    full = (p * (torch.log(p) - torch.log_softmax(s, -1)[0, 0])).sum()
+    g_full, = torch.autograd.grad(full, s)
+    est, bucket = expected(s)
+    g_est, = torch.autograd.grad(est, s, retain_graph=True)
+    g_bucket, = torch.autograd.grad(bucket, s)
+    assert torch.allclose(g_est, g_full, atol=1e-5)
+    assert not torch.allclose(g_bucket, g_full, atol=1e-3)
+    tail_p = p[~torch.isin(torch.arange(vocab), idx[0, 0])]
+    tail_entropy = -(tail_p * torch.log(tail_p / tail_p.sum())).sum()
+    assert torch.allclose(est, full + tail_entropy, atol=1e-5)
+    with pytest.raises(PocketError):
+        distill_loss("rkl", None, s, torch.zeros(1, 1, dtype=torch.long), (idx, values, tail), tail="sample")
+
+
 def test_losses_train_towards_the_teacher():
     torch.manual_seed(0)
     t_logits = torch.randn(2, 5, 40) * 3
     teacher = _teacher_topk(t_logits, 6)
     targets = t_logits.argmax(-1)
-    for spec in ("fkl", "rkl", "jsd:0.3", "tvd", "ce"):
-        name, beta = parse_loss(spec)
+    for spec in ("fkl", "fkl+sample", "rkl", "jsd:0.3", "tvd", "ce"):
+        name, beta = parse_loss(spec.split("+")[0])
+        tail = "sample" if spec.endswith("+sample") else "bucket"
         s = torch.zeros(2, 5, 40, requires_grad=True)
         opt = torch.optim.Adam([s], lr=0.1)
         first = None
         for _ in range(60):
-            loss = distill_loss(name, beta, s, targets, teacher)
+            loss = distill_loss(name, beta, s, targets, teacher, tail)
             first = first if first is not None else loss.item()
             opt.zero_grad()
             loss.backward()

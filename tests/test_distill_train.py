@@ -102,6 +102,7 @@ def test_distill_bad_input(tiny_teacher, corpus, tmp_path):
              (_distill_args(tiny_teacher, tmp_path / "o3", corpus, "--hidden", "512"), "--hidden 512"),
              (_distill_args(tiny_teacher, tmp_path / "o4", corpus, "--student", str(other_vocab)), "vocabulary"),
              (_distill_args(tiny_teacher, tmp_path / "o5", corpus, "--loss", "kl"), "unknown --loss"),
+             (_distill_args(tiny_teacher, tmp_path / "o7", corpus, "--loss", "rkl", "--tail", "sample"), "fkl only"),
              (_distill_args(tiny_teacher, tmp_path / "exists", corpus), "exists")]
     for args, words in cases:
         res = runner.invoke(cli, args)

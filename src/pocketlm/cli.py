@@ -221,6 +221,8 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.option("--tokens", default=500_000, show_default=True, help="Training tokens.")
 @click.option("--seq", default=512, show_default=True, help="Sequence length.")
 @click.option("--loss", default="fkl", show_default=True, help="fkl | rkl | jsd:BETA | tvd | ce.")
+@click.option("--tail", default="bucket", show_default=True, type=click.Choice(["bucket", "sample"]),
+              help="fkl on the teacher's mass outside its top-k: one bucket, or also the data's next token there.")
 @click.option("--topk", default=64, show_default=True, help="Teacher log-probs kept per position.")
 @click.option("--lr", default=3e-4, show_default=True)
 @click.option("--batch", default=8, show_default=True, help="Sequences per optimizer step (all processes).")
@@ -232,14 +234,14 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.option("--resume", is_flag=True, help="Continue the checkpoint an interrupted run left.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @user_errors
-def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_heads, student, tokens, seq, loss, topk,
+def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_heads, student, tokens, seq, loss, tail, topk,
             lr, batch, micro_batch, eval_every, save_every, fp32, seed, resume, force):
     """Prune TEACHER into a smaller student and heal it with knowledge distillation."""
     from .distill.run import DistillOptions, distill as run_distill
 
     opts = DistillOptions(data=[str(d) for d in data], tokens=tokens, seq=seq, layers=layers,
                           drop_layers=_int_list(drop_layers), hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
-                          student=student, loss=loss, topk=topk, lr=lr, batch=batch, micro_batch=micro_batch,
+                          student=student, loss=loss, tail=tail, topk=topk, lr=lr, batch=batch, micro_batch=micro_batch,
                           eval_every=eval_every, save_every=save_every, bf16=not fp32, seed=seed, resume=resume,
                           force=force, say=click.echo)
     manifest = run_distill(teacher, output, opts)

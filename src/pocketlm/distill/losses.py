@@ -5,6 +5,13 @@ Both distributions are folded onto the same k+1 outcomes (the teacher's top-k to
 (data processing inequality): it equals the full-vocabulary value when the two agree on how
 the tail's mass is spread, and never overestimates. Dropping the tail instead would teach the
 student that the teacher's top-k sum to one.
+
+The bucket says nothing about *which* tail token the student should favour, and on real text the
+teacher leaves ~11% of its mass there (SmolLM2, k=64): the rare tokens that dominate perplexity.
+tail="sample" fills that hole for forward KL. The full-vocabulary KL's missing part is the tail
+mass times a cross-entropy over the tail, and the data's next token, when it falls in the tail,
+is a sample from it (as far as the teacher models the data); so adding -log q(y | tail) at those
+positions estimates the missing term, up to a constant, without storing the full vocabulary.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import torch.nn.functional as F
 from ..errors import PocketError
 
 LOSSES = ("fkl", "rkl", "jsd", "tvd", "ce")
+TAILS = ("bucket", "sample")
 
 
 def parse_loss(spec: str) -> tuple[str, float | None]:
@@ -40,7 +48,11 @@ def parse_loss(spec: str) -> tuple[str, float | None]:
 def bucket_logprobs(student_logits: torch.Tensor, t_idx: torch.Tensor, t_logp: torch.Tensor,
                     t_tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher, student) log-probs over the k+1 buckets, shape (..., k+1)."""
-    s_full = torch.log_softmax(student_logits.float(), dim=-1)
+    return _bucket(torch.log_softmax(student_logits.float(), dim=-1), t_idx, t_logp, t_tail)
+
+
+def _bucket(s_full: torch.Tensor, t_idx: torch.Tensor, t_logp: torch.Tensor,
+            t_tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s_top = torch.gather(s_full, -1, t_idx)
     s_in = torch.logsumexp(s_top, dim=-1).clamp(max=-1e-7)  # log of the mass inside the top-k
     s_tail = torch.log(-torch.expm1(s_in))
@@ -67,10 +79,24 @@ def divergence(name: str, teacher: torch.Tensor, student: torch.Tensor, beta: fl
     raise PocketError(f"{name} is not a divergence")
 
 
+def tail_sample_term(s_full: torch.Tensor, student_bucket: torch.Tensor, targets: torch.Tensor,
+                     t_idx: torch.Tensor) -> torch.Tensor:
+    """-log q(y | tail) where the next token y is outside the teacher's top-k, else 0; shape (B, T)."""
+    in_top = (t_idx == targets.unsqueeze(-1)).any(-1)
+    nll_in_tail = student_bucket[..., -1] - torch.gather(s_full, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.where(in_top, torch.zeros_like(nll_in_tail), nll_in_tail)
+
+
 def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, targets: torch.Tensor,
-                 teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                 teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, tail: str = "bucket") -> torch.Tensor:
     """Mean loss over positions. student_logits (B, T, V); targets (B, T) next tokens."""
     if name == "ce":
         return F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), targets.reshape(-1))
-    t, s = bucket_logprobs(student_logits, *teacher)
-    return divergence(name, t, s, beta).mean()
+    s_full = torch.log_softmax(student_logits.float(), dim=-1)
+    t, s = _bucket(s_full, *teacher)
+    loss = divergence(name, t, s, beta)
+    if tail == "sample":
+        if name != "fkl":
+            raise PocketError(f"--tail sample estimates forward KL's tail; {name} has no such estimate")
+        loss = loss + tail_sample_term(s_full, s, targets, teacher[0])
+    return loss.mean()

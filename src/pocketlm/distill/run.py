@@ -18,7 +18,7 @@ from ..util.hashing import array_sha256
 from ..util.machine import compute_device
 from .data import load_sequences
 from .importance import measure
-from .losses import parse_loss
+from .losses import TAILS, parse_loss
 from .prune import check_prunable, prune
 from .shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
 from .teacher_cache import teacher_targets
@@ -42,6 +42,7 @@ class DistillOptions:
     fraction: float = 0.5  # of the teacher's non-embedding parameters, when no shape is given
     student: str | None = None  # start from this model instead of pruning the teacher
     loss: str = "fkl"
+    tail: str = "bucket"  # "sample": see distill/losses.py
     topk: int = 64
     lr: float = 3e-4
     batch: int = 8
@@ -92,7 +93,8 @@ def describe(t: TeacherDims, shape: StudentShape) -> list[str]:
 
 def _run_key(teacher_hash: str, shape: StudentShape, seqs: torch.Tensor, cfg: TrainConfig, topk: int, student: str | None) -> str:
     settings = json.dumps({"teacher": teacher_hash, "shape": shape.to_dict() if shape else None, "student": student,
-                           "loss": cfg.loss, "beta": cfg.beta, "topk": topk, "lr": cfg.lr, "batch": cfg.batch,
+                           "loss": cfg.loss, "beta": cfg.beta, "topk": topk,
+                           **({"tail": cfg.tail} if cfg.tail != "bucket" else {}), "lr": cfg.lr, "batch": cfg.batch,
                            "steps": cfg.steps, "warmup": cfg.warmup, "seed": cfg.seed, "bf16": cfg.bf16}, sort_keys=True)
     return array_sha256(np.frombuffer(settings.encode(), dtype=np.uint8), seqs.numpy())[:32]
 
@@ -113,6 +115,9 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     if out.exists() and not opts.force:
         raise PocketError(f"{out} exists; pass --force to replace it")
     loss, beta = parse_loss(opts.loss)
+    if opts.tail not in TAILS or (opts.tail == "sample" and loss != "fkl"):
+        raise PocketError(f"--tail {opts.tail} is not available with --loss {opts.loss} "
+                          "(bucket: any loss; sample: fkl only)")
     dist = Dist.from_env()
 
     def say(line: str) -> None:
@@ -124,7 +129,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     t = TeacherDims.of(teacher.model.config)
     seqs = load_sequences(teacher.tokenizer, opts.data, opts.seq, teacher.add_bos, max_train_tokens=opts.tokens or None)
     steps = max(0, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))  # 0: prune only
-    cfg = TrainConfig(loss=loss, beta=beta, steps=steps, batch=opts.batch, micro_batch=opts.micro_batch, lr=opts.lr,
+    cfg = TrainConfig(loss=loss, beta=beta, tail=opts.tail, steps=steps, batch=opts.batch, micro_batch=opts.micro_batch, lr=opts.lr,
                       warmup=opts.warmup if opts.warmup is not None else max(1, steps // 20),
                       eval_every=opts.eval_every, save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed)
 
@@ -162,7 +167,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     history = train(student.model, seqs.train, train_targets, seqs.held_out, held_targets, cfg, ckpt, opts.resume,
                     opts.progress)
     manifest = {"teacher": str(src.path), "teacher_sha256": teacher_hash, "shape": shape.to_dict() if shape else None,
-                "student_init": opts.student, "loss": opts.loss, "topk": opts.topk, "tokens": steps * cfg.batch * (opts.seq - 1),
+                "student_init": opts.student, "loss": opts.loss, "tail": opts.tail, "topk": opts.topk, "tokens": steps * cfg.batch * (opts.seq - 1),
                 "train_tokens_available": seqs.train_tokens, "documents": seqs.documents, "seq": opts.seq,
                 "steps": steps, "lr": opts.lr, "batch": opts.batch, "history": history,
                 "seconds": time.perf_counter() - t_start}
