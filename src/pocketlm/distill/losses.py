@@ -45,6 +45,15 @@ def parse_loss(spec: str) -> tuple[str, float | None]:
     return name, beta
 
 
+def check_tail(loss: str, tail: str) -> None:
+    """The one rule for --tail: the bucket works under every loss; the sampled tail term is an
+    estimate of forward KL's missing part, so it means nothing for the other divergences."""
+    if tail not in TAILS:
+        raise PocketError(f"unknown --tail {tail!r} (choose one of {', '.join(TAILS)})")
+    if tail == "sample" and loss != "fkl":
+        raise PocketError(f"--tail sample works with --loss fkl only (it estimates forward KL's tail), not with {loss}")
+
+
 def bucket_logprobs(student_logits: torch.Tensor, t_idx: torch.Tensor, t_logp: torch.Tensor,
                     t_tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher, student) log-probs over the k+1 buckets, shape (..., k+1)."""
@@ -95,8 +104,7 @@ def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, ta
     s_full = torch.log_softmax(student_logits.float(), dim=-1)
     t, s = _bucket(s_full, *teacher)
     loss = divergence(name, t, s, beta)
+    check_tail(name, tail)
     if tail == "sample":
-        if name != "fkl":
-            raise PocketError(f"--tail sample estimates forward KL's tail; {name} has no such estimate")
         loss = loss + tail_sample_term(s_full, s, targets, teacher[0])
     return loss.mean()

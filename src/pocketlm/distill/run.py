@@ -18,7 +18,7 @@ from ..util.hashing import array_sha256
 from ..util.machine import compute_device
 from .data import load_sequences
 from .importance import measure
-from .losses import TAILS, parse_loss
+from .losses import check_tail, parse_loss
 from .prune import check_prunable, prune
 from .shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
 from .teacher_cache import teacher_targets
@@ -115,9 +115,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     if out.exists() and not opts.force:
         raise PocketError(f"{out} exists; pass --force to replace it")
     loss, beta = parse_loss(opts.loss)
-    if opts.tail not in TAILS or (opts.tail == "sample" and loss != "fkl"):
-        raise PocketError(f"--tail {opts.tail} is not available with --loss {opts.loss} "
-                          "(bucket: any loss; sample: fkl only)")
+    check_tail(loss, opts.tail)  # before loading anything, so a bad pair fails in a second
     dist = Dist.from_env()
 
     def say(line: str) -> None:
