@@ -59,7 +59,7 @@ def test_rtn_beats_gguf_py_reference_quantizer(name):
 
 
 def test_real_q4_1_tensor_requantizes_losslessly():
-    """The default model's weights lie on a Q4_1 grid; re-quantizing to Q4_1 must give them back."""
+    """The default model's weights lie on a Q4_1 grid; re-quantizing to Q4_1 or Q5_1 must give them back."""
     from gguf.quants import dequantize
 
     from pocketlm.models.gguf_file import open_gguf
@@ -69,17 +69,37 @@ def test_real_q4_1_tensor_requantizes_losslessly():
         reader = open_gguf(resolve_name("smollm2-135m"))
     except Exception as exc:
         pytest.skip(f"default model unavailable: {exc}")
-    fmt = get("Q4_1")
     tensors = [t for t in reader.tensors if t.tensor_type.name == "Q4_1"][:6]
     for t in tensors:
         values = dequantize(np.asarray(t.data), t.tensor_type).reshape(-1, 32)
-        assert np.array_equal(fmt.dequantize(fmt.quantize(values)), values)
+        for lossless in ("Q4_1", "Q5_1"):  # Q5_1 holds a Q4_1 block exactly
+            assert np.array_equal(get(lossless).dequantize(get(lossless).quantize(values)), values)
         for other in ("Q4_K", "Q6_K", "IQ4_NL"):  # and other codecs agree with gguf-py on real data
             if values.size % get(other).block_size == 0:
                 from gguf.quants import dequantize as dq
 
                 b = get(other).quantize(values)
                 assert np.array_equal(get(other).dequantize(b).reshape(-1), dq(b, get(other).ggml_type).reshape(-1))
+
+
+def test_q4_1_grid_comes_back_exactly_at_5_bits():
+    """Five bits hold a 4-bit block exactly (same scale and minimum, codes 0..15): re-quantizing
+    a Q4_1 model to Q5_1 must be lossless, with or without importance weights and through GPTQ."""
+    rng = np.random.default_rng(7)
+    n = 4096
+    d = (rng.uniform(0.001, 0.05, n)).astype(np.float16).astype(np.float32)
+    m = (-rng.uniform(0.0, 0.5, n)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (n, 32))
+    q[:, 0], q[:, 1] = 0, 15  # a Q4_1 quantizer maps each block's min and max onto the ends
+    values = d[:, None] * q.astype(np.float32) + m[:, None]  # float32 arithmetic, as ggml decodes
+    fmt = get("Q5_1")
+    assert np.array_equal(fmt.dequantize(fmt.quantize(values)), values)
+    importance = rng.uniform(0.1, 10, 256).astype(np.float32)
+    layer = values.reshape(-1, 256)
+    assert np.array_equal(fmt.dequantize(quantize_rtn(layer, fmt, importance).reshape(-1, fmt.type_size)).reshape(layer.shape), layer)
+    x = rng.standard_normal((1024, 256)).astype(np.float32) * np.sqrt(importance)
+    gptq = quantize_gptq(layer, fmt, (x.T @ x / len(x)).astype(np.float32))
+    assert np.array_equal(fmt.dequantize(gptq.reshape(-1, fmt.type_size)).reshape(layer.shape), layer)
 
 
 def _correlated_layer(rows=128, cols=512, n=2048):

@@ -31,7 +31,7 @@ class _WithMin(BlockFormat):
     block_size = sub_size = 32
 
     def choose(self, x, w):
-        s, m = fit_scale_min(x, w, len(self.levels) - 1, offset_le_zero=False)
+        s, m = fit_scale_min(x, w, len(self.levels) - 1, offset_le_zero=False, coarse_grid=True)
         return BlockParams(f16(s)[0][:, None], f16(m)[0][:, None])
 
     def pack(self, idx, params):

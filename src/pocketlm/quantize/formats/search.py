@@ -50,12 +50,15 @@ def fit_scale(x: np.ndarray, w: np.ndarray, levels: np.ndarray, steps: int = 5, 
 
 
 def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, *, offset_le_zero: bool, steps: int = 8,
-                  lo: float = -0.5, hi: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                  lo: float = -0.5, hi: float = 1.0, coarse_grid: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(scale, offset) per row minimising sum w (x - (s*q + m))^2 with q in 0..nmax.
 
     Each candidate step size gives an assignment q; (s, m) then come from the 2x2 weighted
     least-squares normal equations, whose residual is sum(wxx) - s*sum(wqx) - m*sum(wx).
     offset_le_zero: k-quants store -offset as an unsigned code, so m must not be positive.
+    coarse_grid: also try the grid of one bit fewer spanning the block's range. A block that was
+    quantized before at that width (a Q4_1 model re-quantized to Q5_1) then comes back exactly,
+    where the candidates near nmax land between its levels and cost a rounding error.
     """
     xmin = x.min(axis=-1)
     if offset_le_zero:
@@ -65,7 +68,10 @@ def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, *, offset_le_zero: bo
     best_s, best_m = rng / nmax, xmin.copy()
     best_err = np.full(x.shape[0], np.inf)
     shifted = x - xmin[:, None]
-    for k in np.linspace(lo, hi, steps):
+    candidates = list(np.linspace(lo, hi, steps))
+    if coarse_grid:
+        candidates.append((nmax + 1) // 2 - 1 - nmax)
+    for k in candidates:
         q = np.clip(np.rint(shifted * ((nmax + k) / rng)[:, None]), 0, nmax)
         wq = w * q
         swq, swqq, swqx = wq.sum(-1), (wq * q).sum(-1), (wq * x).sum(-1)
@@ -78,7 +84,11 @@ def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, *, offset_le_zero: bo
             pos = m > 0
             s = np.where(pos, swqx / np.where(swqq > 0, swqq, 1), s)
             m = np.where(pos, 0.0, m)
-        err = np.where(ok & (s > 0), swxx - s * swqx - m * swx, np.inf)
+        if coarse_grid:  # the closed form cancels badly when |m| >> s; an exact grid needs the true residual
+            resid = (w * (x - (s[:, None] * q + m[:, None])) ** 2).sum(-1)
+        else:
+            resid = swxx - s * swqx - m * swx
+        err = np.where(ok & (s > 0), resid, np.inf)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s, best_m = np.where(better, s, best_s), np.where(better, m, best_m)
