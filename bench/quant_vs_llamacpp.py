@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pocketlm.util.machine import cpu_name  # noqa: E402
+from results_file import put_section  # noqa: E402
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
 from pocketlm.models.export_gguf import export_gguf  # noqa: E402
 from pocketlm.quantize.llamacpp_reference import llamacpp_imatrix, llamacpp_quantize  # noqa: E402
@@ -208,14 +209,7 @@ def write_section(tag, args, results) -> None:
               "| type | gptq / llama.cpp (≤ 0.70) | gptq / llama.cpp+imatrix (≤ 0.90) |", "|---|---|---|", *goals, ""]
     lines += _speed_goal(CACHE / "quant" / tag, results, args.calib_tokens)
     section = "\n".join(lines)
-    text = RESULTS.read_text() if RESULTS.exists() else "# pocketlm quantizer vs llama.cpp\n\n"
-    start = text.find(f"## {tag}\n")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("" if end < 0 else text[end + 1:])
-    else:
-        text = text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text.rstrip() + "\n")
+    put_section(RESULTS, "pocketlm quantizer vs llama.cpp", tag, section)
     print(section)
 
 

@@ -1,0 +1,19 @@
+"""One section per model tag in a results Markdown file, so runs on different models (or a
+rerun of one) replace their own section and keep the others and any text above them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pocketlm.util.atomic import atomic_path
+
+
+def put_section(results: Path, title: str, tag: str, section: str) -> None:
+    text = results.read_text() if results.exists() else f"# {title}\n\n"
+    start = text.find(f"## {tag}\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section.rstrip() + "\n" + ("" if end < 0 else text[end:])
+    else:
+        text = text.rstrip() + "\n\n" + section
+    with atomic_path(results) as tmp:
+        tmp.write_text(text.rstrip() + "\n")
