@@ -99,12 +99,12 @@ def tail_sample_term(s_full: torch.Tensor, student_bucket: torch.Tensor, targets
 def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, targets: torch.Tensor,
                  teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, tail: str = "bucket") -> torch.Tensor:
     """Mean loss over positions. student_logits (B, T, V); targets (B, T) next tokens."""
+    check_tail(name, tail)
     if name == "ce":
         return F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), targets.reshape(-1))
     s_full = torch.log_softmax(student_logits.float(), dim=-1)
     t, s = _bucket(s_full, *teacher)
     loss = divergence(name, t, s, beta)
-    check_tail(name, tail)
     if tail == "sample":
         loss = loss + tail_sample_term(s_full, s, targets, teacher[0])
     return loss.mean()
