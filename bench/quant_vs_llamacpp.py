@@ -25,13 +25,13 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pocketlm.util.machine import cpu_name  # noqa: E402
-from results_file import put_section  # noqa: E402
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
 from pocketlm.models.export_gguf import export_gguf  # noqa: E402
 from pocketlm.quantize.llamacpp_reference import llamacpp_imatrix, llamacpp_quantize  # noqa: E402
 from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from pocketlm.quantize.plan import PRESETS  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
+from results_file import put_section  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "text" / "wiki.txt"
 CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench"))
@@ -127,8 +127,9 @@ def main() -> None:
         note_file.write_text(args.note)
     elif note_file.exists():
         args.note = note_file.read_text()
+    if args.time_defaults or not args.cached_only:
+        calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
     if args.time_defaults:
-        calib, _ = split_texts(work, calib_chars=args.calib_tokens * 8)
         print(f"defaults: {time_defaults(args.model, work, calib)['seconds']:.1f} s", flush=True)
     if args.cached_only:
         results = {}
@@ -141,7 +142,6 @@ def main() -> None:
     ref = work / "ref-f32.gguf"
     if not ref.exists():
         export_gguf(args.model, ref, "f32")
-    calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
     tools = tools_dir()
     imatrix = work / "llamacpp.imatrix"
     if tools and not imatrix.exists():
