@@ -36,6 +36,7 @@ from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model  # noqa: 
 from pocketlm.quantize.sensitivity import measure  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
 from pocketlm.util.machine import cpu_name  # noqa: E402
+from results_file import save_results  # noqa: E402
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
 RESULTS = ROOT / "bench" / "results" / "budget_vs_presets.md"
@@ -161,7 +162,7 @@ def write(args, rows, sens_s: float) -> None:
               f"Proxy check: Spearman rank correlation between predicted and measured KLD over all {len(predicted)} "
               f"files: {rho:.3f}."]
     text = "\n".join(lines) + "\n"
-    RESULTS.write_text(text)
+    save_results(RESULTS, text)
     print(text)
 
 

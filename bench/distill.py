@@ -29,6 +29,7 @@ from pocketlm.util.machine import machine_name  # noqa: E402
 from pocketlm.distill.run import DistillOptions, distill  # noqa: E402
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
+from results_file import save_results  # noqa: E402
 
 DATA = Path(os.environ.get("POCKETLM_DATA", ROOT.parent / "shared" / "data"))
 WIKI, C4, MMLU = DATA / "text" / "wiki.txt", DATA / "text" / "c4.txt", DATA / "qa" / "mmlu_test.jsonl"
@@ -174,12 +175,11 @@ def write_results(args, teacher, rows, domain) -> None:
                   f"default student has ~49%): ratio {ratio:.3f} -> " + ("**met**" if ratio <= 1.10 else "**not met**") + "."]
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     header = "# Distillation benchmark\n\nSections are replaced per token budget; see bench/distill.py.\n\n"
     old = RESULTS.read_text() if RESULTS.exists() else header
     title = lines[0]
     kept = [s for s in old.split("\n## ")[1:] if not ("## " + s).startswith(title)]
-    RESULTS.write_text(header + "".join("## " + s.rstrip() + "\n\n" for s in kept) + text)
+    save_results(RESULTS, header + "".join("## " + s.rstrip() + "\n\n" for s in kept) + text)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pocketlm.rag.embedder import Embedder  # noqa: E402
 from pocketlm.rag.index import index_paths  # noqa: E402
 from pocketlm.rag.retrieve import Retriever, rrf  # noqa: E402
 from pocketlm.rag.store import Store, top_k  # noqa: E402
+from results_file import save_results  # noqa: E402
 
 SQUAD = ROOT.parent / "shared" / "data" / "qa" / "squad_v1.1_dev.json"
 WORK = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench")) / "rag"
@@ -238,8 +239,7 @@ def write_results(out, rows, e2e) -> None:
         lines.append("- end-to-end EM/F1: not run (--skip-e2e)")
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    save_results(RESULTS, text)
 
 
 if __name__ == "__main__":

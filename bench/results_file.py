@@ -1,5 +1,6 @@
-"""One section per model tag in a results Markdown file, so runs on different models (or a
-rerun of one) replace their own section and keep the others and any text above them."""
+"""Committed results files: written whole (a killed benchmark leaves the last good file, not a
+truncated one), and, for benchmarks run per model, one section per tag, so runs on different
+models (or a rerun of one) replace their own section and keep the others and any text above them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,5 +16,9 @@ def put_section(results: Path, title: str, tag: str, section: str) -> None:
         text = text[:start] + section.rstrip() + "\n" + ("" if end < 0 else text[end:])
     else:
         text = text.rstrip() + "\n\n" + section
+    save_results(results, text)
+
+
+def save_results(results: Path, text: str) -> None:
     with atomic_path(results) as tmp:
         tmp.write_text(text.rstrip() + "\n")

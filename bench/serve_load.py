@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from pocketlm.util.machine import cpu_name  # noqa: E402
+from results_file import save_results  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serve_load.md"
 QUESTIONS = ["Explain what a compiler does.", "Write a short poem about rain.", "Give three tips for learning to cook.",
@@ -124,8 +125,7 @@ def write(rows, args) -> None:
               f"{r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['tok_s']:.1f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    save_results(RESULTS, text)
 
 
 if __name__ == "__main__":

