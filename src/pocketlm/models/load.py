@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import PocketError
 from .gguf_file import field_value, open_gguf
-from .gguf_tokenizer import SIDECAR, sidecar_from_reader
+from .gguf_tokenizer import SIDECAR, match_llamacpp_pre_tokenizer, sidecar_from_reader
 from .hf_arch import ARCHS, SUPPORTED_GGUF_ARCHS
 from .source import ModelSource, resolve
 
@@ -58,6 +58,7 @@ def load(source, dtype: str = "float32") -> LoadedModel:
     side = src.path / SIDECAR
     sidecar = json.loads(side.read_text()) if side.exists() else None
     tokenizer = AutoTokenizer.from_pretrained(src.path)
+    match_llamacpp_pre_tokenizer(tokenizer, sidecar)  # folders pocketlm wrote before this fix
     model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch_dtype)
     add_bos = _hf_adds_bos(tokenizer, sidecar)
     model.eval()
@@ -85,6 +86,7 @@ def _load_gguf(src: ModelSource, torch_dtype) -> LoadedModel:
         del reader
         try:
             tokenizer = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+            match_llamacpp_pre_tokenizer(tokenizer, sidecar)
             model = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
         except (ValueError, KeyError, RuntimeError) as exc:
             raise PocketError(f"transformers cannot load {src.path}: {exc}") from None
@@ -100,6 +102,7 @@ def _load_gguf(src: ModelSource, torch_dtype) -> LoadedModel:
     sidecar = json.loads((folder / SIDECAR).read_text())
     meta = json.loads((folder / LOAD_META).read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    match_llamacpp_pre_tokenizer(tokenizer, sidecar)  # caches written before this fix
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     model.eval()
     return LoadedModel(src, model, tokenizer, sidecar, meta)
