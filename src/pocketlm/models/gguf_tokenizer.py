@@ -54,9 +54,9 @@ def _pre_tokenizer_name(tokenizer_json: dict) -> str:
 
 
 def match_llamacpp_pre_tokenizer(tokenizer, sidecar: dict | None) -> None:
-    """transformers' GGUF tokenizer converter ignores `tokenizer.ggml.pre` and gives every BPE
-    vocabulary GPT-2's plain byte-level split. For "smollm" (SmolLM2's own tokenizer.json, and
-    llama.cpp) each digit is split off first; without that, whitespace before a digit splits
+    """transformers' GGUF tokenizer converter knows the split of many `tokenizer.ggml.pre` names
+    but not "smollm", which gets GPT-2's plain byte-level split. SmolLM2's own tokenizer.json
+    and llama.cpp split each digit off first; without that, whitespace before a digit splits
     differently ("x  2" -> "x", " ", " ", "2" instead of "x", "  ", "2": 140 of 376 Python-docs
     pages), so calibration, evaluation and distillation in torch saw other token ids than
     llama.cpp gives the same text at run time."""
