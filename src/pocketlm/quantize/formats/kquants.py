@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import BlockFormat, BlockParams, f16, from_f16
-from .search import fit_scale, fit_scale_min, quantize_codes
+from .search import fit_scale, fit_scale_min, fit_unsigned_codes, quantize_codes
 
 QK = 256
 
@@ -69,8 +69,9 @@ class _ScaleMinK(BlockFormat):
         n = x.shape[0]
         rows, wrows = x.reshape(-1, self.sub_size), w.reshape(-1, self.sub_size)
         s, m = fit_scale_min(rows, wrows, len(self.levels) - 1, offset_le_zero=True)
-        d, sc = quantize_codes(s.reshape(n, -1), self.scale_bits, signed=False)
-        dmin, mn = quantize_codes(-m.reshape(n, -1), self.scale_bits, signed=False)
+        sub_weight = wrows.sum(-1).reshape(n, -1)  # how much each sub-block's scale and min matter
+        d, sc = fit_unsigned_codes(s.reshape(n, -1), self.scale_bits, sub_weight)
+        dmin, mn = fit_unsigned_codes(-m.reshape(n, -1), self.scale_bits, sub_weight)
         return BlockParams(d[:, None] * sc, -dmin[:, None] * mn, {"d": d, "dmin": dmin, "sc": sc, "mn": mn})
 
     def _params(self, d, dmin, sc, mn):

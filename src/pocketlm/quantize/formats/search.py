@@ -110,3 +110,34 @@ def quantize_codes(values: np.ndarray, bits: int, *, signed: bool) -> tuple[np.n
     with np.errstate(divide="ignore", invalid="ignore"):
         codes = np.where(d[:, None] != 0, np.rint(values / np.where(d == 0, 1, d)[:, None]), 0)
     return d, np.clip(codes, lo, hi).astype(np.int64)
+
+
+def fit_unsigned_codes(values: np.ndarray, bits: int, weights: np.ndarray, steps: int = 17) -> tuple[np.ndarray, np.ndarray]:
+    """Like quantize_codes(signed=False), but choosing the super scale for the weighted error
+    sum weights * (value - super * code)^2 instead of fitting the largest value exactly.
+
+    Rounding every sub-block scale against max/63 lets the largest one decide the grid for all
+    eight; on the default model's ffn_down (Q5_K) that alone left 1.5x the importance-weighted
+    error of llama.cpp with an imatrix. Candidate grids around max/nmax, each refitted by least
+    squares and re-rounded with the float16 super scale as stored, bring it to ~0.95x.
+    """
+    nmax = 2 ** bits - 1
+    top = np.maximum(values.max(axis=-1), 0)
+    safe_top = np.where(top > 0, top, 1)
+    best_d, best_codes = quantize_codes(values, bits, signed=False)  # the plain grid stays a candidate
+    best_err = (weights * (values - best_d[:, None] * best_codes) ** 2).sum(-1)
+    for k in np.linspace(-1.0, 1.0, steps):
+        codes = np.clip(np.rint(values * ((nmax + k) / safe_top)[:, None]), 0, nmax)
+        wc = weights * codes
+        den = (wc * codes).sum(-1)
+        d = np.where(den > 0, (wc * values).sum(-1) / np.where(den > 0, den, 1), 0)
+        d = d.astype(np.float16).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            codes = np.where(d[:, None] > 0, np.clip(np.rint(values / np.where(d > 0, d, 1)[:, None]), 0, nmax), 0)
+        err = (weights * (values - d[:, None] * codes) ** 2).sum(-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_d = np.where(better, d, best_d)
+        best_codes = np.where(better[:, None], codes, best_codes)
+    return best_d.astype(np.float32), best_codes.astype(np.int64)
+
