@@ -140,4 +140,3 @@ def fit_unsigned_codes(values: np.ndarray, bits: int, weights: np.ndarray, steps
         best_d = np.where(better, d, best_d)
         best_codes = np.where(better[:, None], codes, best_codes)
     return best_d.astype(np.float32), best_codes.astype(np.int64)
-
