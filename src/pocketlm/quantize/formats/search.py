@@ -132,8 +132,7 @@ def fit_unsigned_codes(values: np.ndarray, bits: int, weights: np.ndarray, steps
         den = (wc * codes).sum(-1)
         d = np.where(den > 0, (wc * values).sum(-1) / np.where(den > 0, den, 1), 0)
         d = d.astype(np.float16).astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            codes = np.where(d[:, None] > 0, np.clip(np.rint(values / np.where(d > 0, d, 1)[:, None]), 0, nmax), 0)
+        codes = np.where(d[:, None] > 0, np.clip(np.rint(values / np.where(d > 0, d, 1)[:, None]), 0, nmax), 0)
         err = (weights * (values - d[:, None] * codes) ** 2).sum(-1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
