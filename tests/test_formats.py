@@ -194,6 +194,63 @@ def test_k_quant_code_search_on_q4_1_grid_weights(name, bound, monkeypatch):
     fitted_only = weighted_err()
     assert searched < bound * fitted_only
 
+
+def test_signed_code_search_never_worse_per_sub_block():
+    from pocketlm.quantize.formats.search import refine_signed_codes
+
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((300, 16, 16)) * 0.05).astype(np.float32)
+    w = rng.uniform(0.1, 10, x.shape).astype(np.float32)
+    d = np.full(300, 0.0006, np.float32)
+    sc = rng.integers(-32, 32, (300, 16))
+    levels = np.arange(-4, 4, dtype=np.float32)
+
+    def error(sc_):
+        s = (d[:, None] * sc_)[..., None]
+        q = np.where(s == 0, 0, np.clip(np.rint(x / np.where(s == 0, 1, s)), -4, 3))
+        return (w * (x - s * q) ** 2).sum(-1)
+
+    new_sc = refine_signed_codes(x, w, levels, d, sc, 6, reach=5)
+    assert new_sc.min() >= -32 and new_sc.max() <= 31 and np.all(np.abs(new_sc - sc) <= 5)
+    before, after = error(sc), error(new_sc)
+    assert np.all(after <= before * (1 + 1e-5)) and after.sum() < 0.9 * before.sum()
+
+
+def _real_ffn_down(layer: int = 3) -> np.ndarray:
+    """One of the default model's ffn_down tensors (576 x 1536, on a Q4_1 grid), or a skip."""
+    from gguf.quants import dequantize
+
+    from pocketlm.models.gguf_file import open_gguf
+    from pocketlm.models.registry import resolve_name
+
+    try:
+        reader = open_gguf(resolve_name("smollm2-135m"))
+    except Exception as exc:
+        pytest.skip(f"default model unavailable: {exc}")
+    t = next(t for t in reader.tensors if t.name == f"blk.{layer}.ffn_down.weight")
+    return dequantize(np.asarray(t.data), t.tensor_type).reshape(576, 1536).astype(np.float32)
+
+
+@pytest.mark.parametrize("name,bound", [("Q3_K", 0.97), ("Q6_K", 0.9)])
+def test_signed_k_quant_code_search_on_real_weights(name, bound, monkeypatch):
+    """The signed codes searched by the final error. With llama.cpp's imatrix on the aligned bench
+    model's tensors Q3_K went to 0.42x and Q6_K to 0.64x of the fitted codes' weighted error;
+    with this milder synthetic importance, 0.93x and 0.80x."""
+    import pocketlm.quantize.formats.kquants as kquants
+
+    weights = _real_ffn_down()[:192]
+    importance = np.exp(np.random.default_rng(9).normal(0, 1.5, weights.shape[1])).astype(np.float32)
+    fmt = get(name)
+
+    def weighted_err():
+        q = fmt.dequantize(quantize_rtn(weights, fmt, importance).reshape(-1, fmt.type_size)).reshape(weights.shape)
+        return (((q - weights) ** 2) * importance).sum()
+
+    searched = weighted_err()
+    monkeypatch.setattr(kquants, "refine_signed_codes", lambda x, w, levels, d, sc, bits, reach: sc)
+    fitted_only = weighted_err()
+    assert searched < bound * fitted_only
+
 def _correlated_layer(rows=128, cols=512, n=2048):
     rng = np.random.default_rng(3)
     mix = rng.standard_normal((cols, cols)) * 0.3 + np.eye(cols)

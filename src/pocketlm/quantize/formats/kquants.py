@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import BlockFormat, BlockParams, f16, from_f16
-from .search import fit_scale, fit_scale_min, fit_unsigned_codes, quantize_codes, refine_scale_min_codes
+from .search import fit_scale, fit_scale_min, fit_unsigned_codes, quantize_codes, refine_scale_min_codes, refine_signed_codes
 
 QK = 256
 
@@ -127,11 +127,13 @@ class _SignedScaleK(BlockFormat):
     """value = d*sc*level with signed sub-block scales, 16-element sub-blocks (Q3_K, Q6_K)."""
     block_size, sub_size = QK, 16
     scale_bits: int
+    code_reach: int  # how far refine_signed_codes searches: all codes where that is affordable
 
     def choose(self, x, w):
         n = x.shape[0]
         s = fit_scale(x.reshape(-1, 16), w.reshape(-1, 16), self.levels)
         d, sc = quantize_codes(s.reshape(n, -1), self.scale_bits, signed=True)
+        sc = refine_signed_codes(x.reshape(n, -1, 16), w.reshape(n, -1, 16), self.levels, d, sc, self.scale_bits, self.code_reach)
         return BlockParams(d[:, None] * sc, np.zeros((n, 16), np.float32), {"d": d, "sc": sc})
 
     def _params(self, d, sc):
@@ -139,7 +141,7 @@ class _SignedScaleK(BlockFormat):
 
 
 class Q3_K(_SignedScaleK):
-    name, type_size, scale_bits = "Q3_K", 110, 6
+    name, type_size, scale_bits, code_reach = "Q3_K", 110, 6, 32
     levels = np.arange(-4, 4, dtype=np.float32)  # index n: low two bits in qs, n >> 2 in hmask
 
     def pack(self, idx, p):
@@ -158,7 +160,7 @@ class Q3_K(_SignedScaleK):
 
 
 class Q6_K(_SignedScaleK):
-    name, type_size, scale_bits = "Q6_K", 210, 8
+    name, type_size, scale_bits, code_reach = "Q6_K", 210, 8, 16
     levels = np.arange(-32, 32, dtype=np.float32)
 
     def pack(self, idx, p):

@@ -176,3 +176,37 @@ def refine_scale_min_codes(x: np.ndarray, w: np.ndarray, nmax: int, d: np.ndarra
             best_err = np.where(better, err, best_err)
             best_sc, best_mn = np.where(better, sc_try, best_sc), np.where(better, mn_try, best_mn)
     return best_sc.astype(np.int64), best_mn.astype(np.int64)
+
+
+def refine_signed_codes(x: np.ndarray, w: np.ndarray, levels: np.ndarray, d: np.ndarray, sc: np.ndarray,
+                        code_bits: int, reach: int) -> np.ndarray:
+    """Better signed sub-block codes sc for value = d*sc*level (Q3_K, Q6_K), judged by the final
+    weighted error with every level re-chosen, trying each code within +-reach of the given one.
+
+    x, w: (n, n_sub, sub). The least-squares scale of a sub-block is not where its values best
+    meet the grid once rounded: on weights that lie on a Q4_1 grid (the bench models) a scale
+    that lines the grids up wins by far. Trying every code (Q3_K's 64) cut the importance-weighted
+    error of the aligned model's Q3_K to 0.42x; Q6_K's 256 codes cost too much to try all, and
+    +-16 of them gave 0.64x. The given code stays a candidate, so no sub-block gets worse.
+    """
+    x, w = x.astype(np.float32), w.astype(np.float32)
+    d32 = d.astype(np.float32)[:, None]
+    lo, hi = float(levels[0]), float(levels[-1])
+    top = 2 ** (code_bits - 1)
+
+    def error(sc_: np.ndarray) -> np.ndarray:
+        s = (d32 * sc_)[..., None]
+        zero = s == 0
+        q = np.where(zero, 0, np.clip(np.rint(x / np.where(zero, 1, s)), lo, hi))
+        return (w * (x - s * q) ** 2).sum(-1)
+
+    sc = sc.astype(np.float32)
+    best_err, best_sc = error(sc), sc
+    for a in range(-reach, reach + 1):
+        sc_try = np.clip(sc + a, -top, top - 1)
+        if a == 0:
+            continue
+        err = error(sc_try)
+        better = err < best_err
+        best_err, best_sc = np.where(better, err, best_err), np.where(better, sc_try, best_sc)
+    return best_sc.astype(np.int64)
