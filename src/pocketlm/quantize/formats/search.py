@@ -203,9 +203,9 @@ def refine_signed_codes(x: np.ndarray, w: np.ndarray, levels: np.ndarray, d: np.
     sc = sc.astype(np.float32)
     best_err, best_sc = error(sc), sc
     for a in range(-reach, reach + 1):
-        sc_try = np.clip(sc + a, -top, top - 1)
         if a == 0:
             continue
+        sc_try = np.clip(sc + a, -top, top - 1)
         err = error(sc_try)
         better = err < best_err
         best_err, best_sc = np.where(better, err, best_err), np.where(better, sc_try, best_sc)
