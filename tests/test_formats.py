@@ -118,6 +118,12 @@ def test_sub_block_codes_fit_the_weighted_error():
     assert np.all(fitted <= plain) and fitted.sum() < 0.8 * plain.sum()
 
 
+def _rtn_weighted_error(values: np.ndarray, fmt, importance: np.ndarray) -> float:
+    """Importance-weighted squared error of values quantized by fmt (rtn) and decoded again."""
+    q = fmt.dequantize(quantize_rtn(values, fmt, importance).reshape(-1, fmt.type_size)).reshape(values.shape)
+    return (((q - values) ** 2) * importance).sum()
+
+
 def _q4_1_grid_layer():
     """(64, 1024) weights on a Q4_1 grid (as the default model's are) and per-column importance."""
     rng = np.random.default_rng(6)
@@ -139,16 +145,11 @@ def test_k_quants_fit_sub_block_codes_on_q4_1_grid_weights(name, monkeypatch):
     grid, importance = _q4_1_grid_layer()
     fmt = get(name)
 
-    def weighted_err():
-        q = fmt.dequantize(quantize_rtn(grid, fmt, importance).reshape(-1, fmt.type_size)).reshape(grid.shape)
-        return (((q - grid) ** 2) * importance).sum()
-
     # the fit alone: the code search that follows it would hide what the fit is worth
     monkeypatch.setattr(kquants, "refine_scale_min_codes", lambda x, w, nmax, d, sc, dmin, mn, cmax: (sc, mn))
-    fitted = weighted_err()
+    fitted = _rtn_weighted_error(grid, fmt, importance)
     monkeypatch.setattr(kquants, "fit_unsigned_codes", lambda v, bits, w: quantize_codes(v, bits, signed=False))
-    assert fitted < 0.8 * weighted_err()
-
+    assert fitted < 0.8 * _rtn_weighted_error(grid, fmt, importance)
 
 
 def test_sub_block_code_search_never_worse_per_sub_block():
@@ -185,13 +186,9 @@ def test_k_quant_code_search_on_q4_1_grid_weights(name, bound, monkeypatch):
     grid, importance = _q4_1_grid_layer()
     fmt = get(name)
 
-    def weighted_err():
-        q = fmt.dequantize(quantize_rtn(grid, fmt, importance).reshape(-1, fmt.type_size)).reshape(grid.shape)
-        return (((q - grid) ** 2) * importance).sum()
-
-    searched = weighted_err()
+    searched = _rtn_weighted_error(grid, fmt, importance)
     monkeypatch.setattr(kquants, "refine_scale_min_codes", lambda x, w, nmax, d, sc, dmin, mn, cmax: (sc, mn))
-    fitted_only = weighted_err()
+    fitted_only = _rtn_weighted_error(grid, fmt, importance)
     assert searched < bound * fitted_only
 
 
@@ -242,14 +239,11 @@ def test_signed_k_quant_code_search_on_real_weights(name, bound, monkeypatch):
     importance = np.exp(np.random.default_rng(9).normal(0, 1.5, weights.shape[1])).astype(np.float32)
     fmt = get(name)
 
-    def weighted_err():
-        q = fmt.dequantize(quantize_rtn(weights, fmt, importance).reshape(-1, fmt.type_size)).reshape(weights.shape)
-        return (((q - weights) ** 2) * importance).sum()
-
-    searched = weighted_err()
+    searched = _rtn_weighted_error(weights, fmt, importance)
     monkeypatch.setattr(kquants, "refine_signed_codes", lambda x, w, levels, d, sc, bits, reach: sc)
-    fitted_only = weighted_err()
+    fitted_only = _rtn_weighted_error(weights, fmt, importance)
     assert searched < bound * fitted_only
+
 
 def _correlated_layer(rows=128, cols=512, n=2048):
     rng = np.random.default_rng(3)

@@ -141,6 +141,16 @@ def fit_unsigned_codes(values: np.ndarray, bits: int, weights: np.ndarray, steps
     return best_d.astype(np.float32), best_codes.astype(np.int64)
 
 
+def _rerounded_error(x: np.ndarray, w: np.ndarray, scale: np.ndarray, offset, lo: float, hi: float) -> np.ndarray:
+    """Per sub-block, sum w (x - (scale*q + offset))^2 with q the nearest integer in [lo, hi]
+    (a zero scale decodes to the offset). float32 throughout: the code searches call this
+    dozens of times per tensor. x, w: (n, n_sub, sub); scale, offset: (n, n_sub) or scalars."""
+    s, o = scale[..., None], np.asarray(offset, np.float32)[..., None]
+    zero = s == 0
+    q = np.where(zero, 0, np.clip(np.rint((x - o) / np.where(zero, 1, s)), lo, hi))
+    return (w * (x - (s * q + o)) ** 2).sum(-1)
+
+
 def refine_scale_min_codes(x: np.ndarray, w: np.ndarray, nmax: int, d: np.ndarray, sc: np.ndarray,
                            dmin: np.ndarray, mn: np.ndarray, code_max: int, reach: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Better integer codes (sc, mn) for value = d*sc*q - dmin*mn, judged by the final weighted
@@ -156,12 +166,7 @@ def refine_scale_min_codes(x: np.ndarray, w: np.ndarray, nmax: int, d: np.ndarra
     d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
 
     def error(sc_: np.ndarray, mn_: np.ndarray) -> np.ndarray:
-        s = (d32 * sc_)[..., None]
-        o = (dmin32 * mn_)[..., None]  # the stored offset is -o
-        zero = s == 0
-        q = np.clip(np.rint((x + o) / np.where(zero, 1, s)), 0, nmax)
-        q = np.where(zero, 0, q)
-        return (w * (x - (s * q - o)) ** 2).sum(-1)
+        return _rerounded_error(x, w, d32 * sc_, -(dmin32 * mn_), 0, nmax)
 
     sc, mn = sc.astype(np.float32), mn.astype(np.float32)
     best_err, best_sc, best_mn = error(sc, mn), sc, mn
@@ -195,10 +200,7 @@ def refine_signed_codes(x: np.ndarray, w: np.ndarray, levels: np.ndarray, d: np.
     top = 2 ** (code_bits - 1)
 
     def error(sc_: np.ndarray) -> np.ndarray:
-        s = (d32 * sc_)[..., None]
-        zero = s == 0
-        q = np.where(zero, 0, np.clip(np.rint(x / np.where(zero, 1, s)), lo, hi))
-        return (w * (x - s * q) ** 2).sum(-1)
+        return _rerounded_error(x, w, d32 * sc_, 0.0, lo, hi)
 
     sc = sc.astype(np.float32)
     best_err, best_sc = error(sc), sc
