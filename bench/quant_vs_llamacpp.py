@@ -180,7 +180,8 @@ def _speed_goal(work: Path, results: dict, calib_tokens: int) -> list[str]:
     lines = []
     slowest = max((r["quantize_s"] for (p, v), r in results.items() if is_current(r) and v == "pocketlm gptq"), default=None)
     if slowest is not None:
-        lines.append(f"Slowest pocketlm gptq row above (not counting † rows): {slowest:.0f} s at {calib_tokens} calibration tokens "
+        stale = any(r is not None and not is_current(r) for r in results.values())
+        lines.append(f"Slowest pocketlm gptq row above{' (not counting † rows)' if stale else ''}: {slowest:.0f} s at {calib_tokens} calibration tokens "
                      f"({'under' if slowest < 120 else 'over'} 2 minutes; the times include loading the model and "
                      "calibrating; rtn and imatrix rows show their own).")
     timing = work / "defaults-timing.json"
