@@ -8,7 +8,9 @@ file MiB, bpw, PPL, mean KLD vs the F32 reference, top-1 agreement, quantize sec
       [--eval-tokens 40960] [--tag NAME]
 
 Work files live in ~/.cache/pocketlm-bench/quant/<tag>/ and are reused by reruns. The table
-goes to bench/results/quant_vs_llamacpp.md (one section per --tag) and to stdout.
+goes to bench/results/quant_vs_llamacpp.md (one section per --tag) and to stdout; every measured
+row also goes, unrounded, to bench/results/quant_vs_llamacpp.json, which seeds the work folder on
+a fresh machine, so a run of one preset there still writes the whole section.
 """
 from __future__ import annotations
 
@@ -30,13 +32,14 @@ from pocketlm.models.export_gguf import export_gguf  # noqa: E402
 from pocketlm.quantize.llamacpp_reference import llamacpp_imatrix, llamacpp_quantize  # noqa: E402
 from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from pocketlm.quantize.plan import PRESETS  # noqa: E402
-from pocketlm.util.atomic import write_json  # noqa: E402
+from pocketlm.util.atomic import atomic_path, write_json  # noqa: E402
 from results_file import put_section  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "text" / "wiki.txt"
 CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench"))
 VARIANTS = ["llama.cpp", "llama.cpp+imatrix", "pocketlm rtn", "pocketlm imatrix", "pocketlm gptq"]
 RESULTS = ROOT / "bench" / "results" / "quant_vs_llamacpp.md"
+ROWS = RESULTS.with_suffix(".json")
 
 
 def tools_dir() -> Path | None:
@@ -96,6 +99,37 @@ def row_path(work: Path, preset: str, variant: str) -> Path:
     return work / f"{preset}-{variant.replace(' ', '_').replace('+', '_')}.json"
 
 
+# What the work folder holds that a section is written from, besides the rows.
+KEPT_FILES = ("note.txt", "defaults-timing.json")
+
+
+def seed_work(work: Path, tag: str) -> None:
+    """A full section takes hours to measure and the work folder does not outlive the machine,
+    so what was committed is put back there instead of being measured again."""
+    committed = json.loads(ROWS.read_text()).get(tag, {}) if ROWS.exists() else {}
+    for name, content in committed.items():
+        if not (work / name).exists():
+            (write_json if name.endswith(".json") else _write_text)(work / name, content)
+
+
+def commit_work(tag: str, work: Path, results: dict) -> None:
+    committed = json.loads(ROWS.read_text()) if ROWS.exists() else {}
+    kept = committed.setdefault(tag, {})
+    for (preset, variant), r in results.items():
+        if r is not None:
+            kept[row_path(work, preset, variant).name] = r
+    for name in KEPT_FILES:
+        if (work / name).exists():
+            text = (work / name).read_text()
+            kept[name] = json.loads(text) if name.endswith(".json") else text
+    _write_text(ROWS, json.dumps(committed, indent=1, sort_keys=True) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def is_current(r: dict | None) -> bool:
     """A row marked "older_code" (by hand, when a codec change makes it out of date) is shown
     with a mark until it is measured again; the next run of its preset re-measures it."""
@@ -129,6 +163,7 @@ def main() -> None:
     tag = args.tag or Path(args.model).name.replace(".gguf", "")
     work = CACHE / "quant" / tag
     work.mkdir(parents=True, exist_ok=True)
+    seed_work(work, tag)
     note_file = work / "note.txt"
     if args.note:
         note_file.write_text(args.note)
@@ -223,6 +258,7 @@ def write_section(tag, args, results) -> None:
     lines += _speed_goal(CACHE / "quant" / tag, results, args.calib_tokens)
     section = "\n".join(lines)
     put_section(RESULTS, "pocketlm quantizer vs llama.cpp", tag, section)
+    commit_work(tag, CACHE / "quant" / tag, results)
     print(section)
 
 

@@ -102,6 +102,36 @@ def test_q4_1_grid_comes_back_exactly_at_5_bits():
     assert np.array_equal(fmt.dequantize(gptq.reshape(-1, fmt.type_size)).reshape(layer.shape), layer)
 
 
+@pytest.mark.xfail(strict=True, reason="known defect, see bench/results/quant_vs_llamacpp.md: the scale searches "
+                   "sum their candidate errors in float32; float64 fixes it but changes codes of nearly every "
+                   "benchmarked file, so it waits for a re-measure")
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_1", "Q5_1"])
+def test_grid_comes_back_exactly_under_wide_importance(name):
+    """Importance from real activations spans orders of magnitude (the output tensor's most of
+    all). Values already on the target's grid (the default model ships token_embd as Q8_0 and
+    its Linears as Q4_1) must still come back exactly: the zero-error scale has to win the
+    search, not lose it to rounding noise in the candidate errors."""
+    rng = np.random.default_rng(11)
+    rows, cols = 512, 256
+    blocks = rows * cols // 32
+    if name == "Q8_0":  # ggml's Q8_0: the largest magnitude of each block onto +-127
+        d = rng.uniform(0.001, 0.01, blocks).astype(np.float16).astype(np.float32)
+        q = rng.integers(-127, 128, (blocks, 32))
+        q[:, 0] = rng.choice([-127, 127], blocks)
+        values = d[:, None] * q.astype(np.float32)
+    else:  # a Q4_1 block: min and max on the ends of 0..15
+        d = rng.uniform(0.001, 0.05, blocks).astype(np.float16).astype(np.float32)
+        m = (-rng.uniform(0.0, 0.5, blocks)).astype(np.float16).astype(np.float32)
+        q = rng.integers(0, 16, (blocks, 32))
+        q[:, 0], q[:, 1] = 0, 15
+        values = d[:, None] * q.astype(np.float32) + m[:, None]
+    layer = values.reshape(rows, cols)
+    importance = np.exp(rng.normal(0, 4, cols)).astype(np.float32)
+    fmt = get(name)
+    back = fmt.dequantize(quantize_rtn(layer, fmt, importance).reshape(-1, fmt.type_size)).reshape(layer.shape)
+    assert np.array_equal(back, layer)
+
+
 def test_sub_block_codes_fit_the_weighted_error():
     """k-quants store sub-block scales and mins as 6-bit codes of one float16 super scale. The
     fitted codes are never worse than rounding against the largest value, and much better overall."""
