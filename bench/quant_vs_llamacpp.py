@@ -32,7 +32,7 @@ from pocketlm.models.export_gguf import export_gguf  # noqa: E402
 from pocketlm.quantize.llamacpp_reference import llamacpp_imatrix, llamacpp_quantize  # noqa: E402
 from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from pocketlm.quantize.plan import PRESETS  # noqa: E402
-from pocketlm.util.atomic import atomic_path, write_json  # noqa: E402
+from pocketlm.util.atomic import write_json, write_text  # noqa: E402
 from results_file import put_section  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "text" / "wiki.txt"
@@ -109,7 +109,7 @@ def seed_work(work: Path, tag: str) -> None:
     committed = json.loads(ROWS.read_text()).get(tag, {}) if ROWS.exists() else {}
     for name, content in committed.items():
         if not (work / name).exists():
-            (write_json if name.endswith(".json") else _write_text)(work / name, content)
+            (write_json if name.endswith(".json") else write_text)(work / name, content)
 
 
 def commit_work(tag: str, work: Path, results: dict) -> None:
@@ -122,12 +122,7 @@ def commit_work(tag: str, work: Path, results: dict) -> None:
         if (work / name).exists():
             text = (work / name).read_text()
             kept[name] = json.loads(text) if name.endswith(".json") else text
-    _write_text(ROWS, json.dumps(committed, indent=1, sort_keys=True) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_text(ROWS, json.dumps(committed, indent=1, sort_keys=True) + "\n")
 
 
 def is_current(r: dict | None) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pocketlm.util.atomic import atomic_path
+from pocketlm.util.atomic import write_text
 
 
 def put_section(results: Path, title: str, tag: str, section: str) -> None:
@@ -20,5 +20,4 @@ def put_section(results: Path, title: str, tag: str, section: str) -> None:
 
 
 def save_results(results: Path, text: str) -> None:
-    with atomic_path(results) as tmp:
-        tmp.write_text(text.rstrip() + "\n")
+    write_text(results, text.rstrip() + "\n")

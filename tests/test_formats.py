@@ -82,16 +82,20 @@ def test_real_q4_1_tensor_requantizes_losslessly():
                 assert np.array_equal(get(other).dequantize(b).reshape(-1), dq(b, get(other).ggml_type).reshape(-1))
 
 
-def test_q4_1_grid_comes_back_exactly_at_5_bits():
-    """Five bits hold a 4-bit block exactly (same scale and minimum, codes 0..15): re-quantizing
-    a Q4_1 model to Q5_1 must be lossless, with or without importance weights and through GPTQ."""
-    rng = np.random.default_rng(7)
-    n = 4096
+def _q4_1_blocks(rng, n: int) -> np.ndarray:
+    """(n, 32) values as a Q4_1 file decodes them."""
     d = (rng.uniform(0.001, 0.05, n)).astype(np.float16).astype(np.float32)
     m = (-rng.uniform(0.0, 0.5, n)).astype(np.float16).astype(np.float32)
     q = rng.integers(0, 16, (n, 32))
     q[:, 0], q[:, 1] = 0, 15  # a Q4_1 quantizer maps each block's min and max onto the ends
-    values = d[:, None] * q.astype(np.float32) + m[:, None]  # float32 arithmetic, as ggml decodes
+    return d[:, None] * q.astype(np.float32) + m[:, None]  # float32 arithmetic, as ggml decodes
+
+
+def test_q4_1_grid_comes_back_exactly_at_5_bits():
+    """Five bits hold a 4-bit block exactly (same scale and minimum, codes 0..15): re-quantizing
+    a Q4_1 model to Q5_1 must be lossless, with or without importance weights and through GPTQ."""
+    rng = np.random.default_rng(7)
+    values = _q4_1_blocks(rng, 4096)
     fmt = get("Q5_1")
     assert np.array_equal(fmt.dequantize(fmt.quantize(values)), values)
     importance = rng.uniform(0.1, 10, 256).astype(np.float32)
@@ -119,12 +123,8 @@ def test_grid_comes_back_exactly_under_wide_importance(name):
         q = rng.integers(-127, 128, (blocks, 32))
         q[:, 0] = rng.choice([-127, 127], blocks)
         values = d[:, None] * q.astype(np.float32)
-    else:  # a Q4_1 block: min and max on the ends of 0..15
-        d = rng.uniform(0.001, 0.05, blocks).astype(np.float16).astype(np.float32)
-        m = (-rng.uniform(0.0, 0.5, blocks)).astype(np.float16).astype(np.float32)
-        q = rng.integers(0, 16, (blocks, 32))
-        q[:, 0], q[:, 1] = 0, 15
-        values = d[:, None] * q.astype(np.float32) + m[:, None]
+    else:
+        values = _q4_1_blocks(rng, blocks)
     layer = values.reshape(rows, cols)
     importance = np.exp(rng.normal(0, 4, cols)).astype(np.float32)
     fmt = get(name)

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from ..util.atomic import atomic_path
+from ..util.atomic import write_text
 
 KIND_ORDER = ["token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
@@ -145,6 +145,5 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
              for t, d in plots.items()]
     page.append("</body></html>")
     for name, text in (("report.md", "\n".join(md)), ("report.html", "\n".join(page))):
-        with atomic_path(out / name) as tmp:
-            tmp.write_text(text)
+        write_text(out / name, text)
     return {"md": str(out / "report.md"), "html": str(out / "report.html"), "headline": top}

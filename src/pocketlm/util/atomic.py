@@ -46,6 +46,10 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
         raise
 
 
-def write_json(target: str | os.PathLike, data) -> None:
+def write_text(target: str | os.PathLike, text: str) -> None:
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
+
+
+def write_json(target: str | os.PathLike, data) -> None:
+    write_text(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
