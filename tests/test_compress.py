@@ -75,7 +75,7 @@ def test_a_full_disk_fails_cleanly_and_keeps_what_was_done(job, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(job["out"] / "report.md"))
 
-    monkeypatch.setattr(report, "atomic_path", full)
+    monkeypatch.setattr(report, "write_text", full)
     r = _compress(job)
     assert r.exit_code == 1 and r.stderr.startswith("error: No space left on device"), r.stderr
     assert (job["out"] / "model.gguf").read_bytes() == model and (job["out"] / "eval.json").exists()
