@@ -70,9 +70,19 @@ def sample_text(tmp_path_factory) -> Path:
     return p
 
 
+@pytest.fixture(scope="session")
+def _shared_gguf_conversions(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hf-from-gguf")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "cache"))
+def _isolated_cache(tmp_path, monkeypatch, _shared_gguf_conversions):
+    """Each test its own cache, except the float HF copies of GGUF files: keyed by the file's
+    bytes, they cannot go stale, and rebuilding the default model's took ~45 s per test."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "hf-from-gguf").symlink_to(_shared_gguf_conversions, target_is_directory=True)
+    monkeypatch.setenv("POCKETLM_CACHE", str(cache))
 
 
 def shared_file(rel: str) -> Path:

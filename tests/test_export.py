@@ -87,11 +87,12 @@ def test_untied_output_is_written(tmp_path):
 
 
 def test_second_gguf_load_comes_from_the_cache_and_is_identical(tiny_gguf_f32):
-    from pocketlm.util.cache import cache_dir
+    from pocketlm.models.source import resolve
+    from pocketlm.util.cache import cache_dir, model_content_hash
 
     first = load(tiny_gguf_f32)
-    cached = list((cache_dir() / "hf-from-gguf").iterdir())
-    assert len(cached) == 1 and (cached[0] / "pocketlm_load.json").exists()
+    cached = cache_dir() / "hf-from-gguf" / model_content_hash(resolve(tiny_gguf_f32))[:24]
+    assert (cached / "pocketlm_load.json").exists()
     second = load(tiny_gguf_f32)
     ids = torch.arange(3, 40)[None]
     with torch.inference_mode():

@@ -173,19 +173,16 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
 def nearest_preset(src, budget: int) -> str:
     """llama.cpp's preset of the original whose file is the largest not over the budget (or the
     smallest of all, when every preset is over), predicted from its per-tensor plan."""
-    from ..models.gguf_file import field_value, open_gguf
-    from ..models.export_gguf import cached_gguf
+    from ..models.export_gguf import header_bytes
+    from ..models.tensors import open_tensors
     from ..quantize.plan import preset_bytes
 
-    reader = open_gguf(cached_gguf(src, "f32"))
-    arch = field_value(reader, "general.architecture")
-    n_layers = int(field_value(reader, f"{arch}.block_count", 0))
-    heads = int(field_value(reader, f"{arch}.attention.head_count", 1))
-    kv = int(field_value(reader, f"{arch}.attention.head_count_kv", heads))
-    shapes = [(t.name, tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors]
+    ts = open_tensors(src)
+    shapes = [(n, ts.shape(n)) for n in ts.names]
+    head = header_bytes(ts)
     sizes = {}
     for preset in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"):
-        sizes[preset] = int(reader.data_offset) + preset_bytes(shapes, preset, n_layers, max(heads // max(kv, 1), 1))
+        sizes[preset] = head + preset_bytes(shapes, preset, ts.facts.n_layers, ts.facts.gqa)
     fitting = [p for p, s in sizes.items() if s <= budget]
     return max(fitting, key=sizes.get) if fitting else min(sizes, key=sizes.get)
 
@@ -194,9 +191,10 @@ def _fraction_for_budget(src, budget: int) -> float:
     """The share of the teacher's non-embedding parameters a student can keep so that, at
     ~4.8 bits per weight, it lands inside the budget."""
     from ..distill.shapes import TeacherDims, _align_down, non_embedding_params
-    from ..models.load import load
+    from ..models.facts import hf_config
+    from ..models.load import hf_folder
 
-    t = TeacherDims.of(load(src).model.config)
+    t = TeacherDims.of(hf_config(hf_folder(src)))  # the shape alone: no weights loaded
     embedding = t.vocab * _align_down(t.hidden) * (1 if t.tied else 2)
     room = budget * 8 / BPW_GUESS - embedding
     teacher = non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)

@@ -2,7 +2,8 @@
 
 From a GGUF source every key/value pair is copied verbatim and only tensor bytes change, so
 any architecture llama.cpp knows survives. From a HF folder, hyperparameters come from
-config.json and tensor names from gguf-py's own name map.
+ModelFacts and tensor names from gguf-py's own name map. Tensors are read lazily and
+streamed into the output (models/tensors.py, models/gguf_stream.py).
 """
 from __future__ import annotations
 
@@ -14,20 +15,15 @@ from tqdm import tqdm
 
 from ..errors import PocketError
 from ..util.atomic import atomic_path
-from .gguf_file import copy_metadata, finish_writer, open_gguf
+from .gguf_file import copy_metadata
+from .gguf_stream import StreamingGGUF, check_disk_space, row_blocks
 from .gguf_tokenizer import add_hf_tokenizer_to_writer
-from .hf_arch import arch_for, check_rope_scaling, interleave_rotary_rows, rope_theta
+from .hf_arch import check_rope_scaling, rope_theta
 from .source import ModelSource, resolve
+from .tensors import open_tensors
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 log = logging.getLogger(__name__)
-
-
-def _ggml_type(name: str):
-    import gguf
-
-    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "bf16": gguf.GGMLQuantizationType.BF16}[name]
 
 
 def _file_type(name: str) -> int:
@@ -53,24 +49,41 @@ def encode_float(values: np.ndarray, dtype: str) -> tuple[np.ndarray, object]:
     return as_bf16, gguf.GGMLQuantizationType.BF16
 
 
-def _add_encoded(writer, name: str, data: np.ndarray, ggml_type) -> None:
-    if data.dtype in (np.float32, np.float16):
-        writer.add_tensor(name, data)
-    else:
-        writer.add_tensor(name, data, raw_dtype=ggml_type)
-
-
-def export_gguf(source, out: str | Path, dtype: str = "f16") -> Path:
+def export_gguf(source, out: str | Path, dtype: str = "f16", progress: bool = True) -> Path:
+    """Tensor by tensor, a block of rows at a time: memory holds one block, disk the output."""
     if dtype not in FLOAT_TYPES:
         raise PocketError(f"unknown --type {dtype!r} (choose one of {', '.join(FLOAT_TYPES)})")
-    src = resolve(source)
+    ts = open_tensors(source)
+    if not ts.source.is_gguf:
+        ts.check_shapes()
+    if ts.source.is_gguf:  # the copied file type is replaced, at the end as before
+        writer = metadata_writer(ts, skip=("general.file_type",))
+        writer.add_file_type(_file_type(dtype))
+    else:
+        writer = metadata_writer(ts, dtype=dtype)
     out = Path(out)
     with atomic_path(out) as tmp:
-        if src.is_gguf:
-            _retype_gguf(src, tmp, dtype)
-        else:
-            _convert_hf(src, tmp, dtype)
+        stream = StreamingGGUF(tmp, writer)
+        types = {n: _float_type(dtype, ts.shape(n)) for n in ts.names}
+        for name in ts.names:
+            stream.add_tensor_info(name, types[name], ts.shape(name))
+        check_disk_space(out, stream.total_bytes())
+        stream.begin()
+        try:
+            for name in tqdm(ts.names, desc=f"export {dtype}", unit="tensor", leave=False, disable=not progress):
+                at = 0
+                for rows in row_blocks(ts.shape(name)):
+                    data, _ = encode_float(ts.values(name, rows), dtype)
+                    stream.write(name, data, at)
+                    at += data.nbytes
+            stream.finish()
+        finally:
+            stream.close()
     return out
+
+
+def _float_type(dtype: str, shape) -> str:
+    return "F32" if len(shape) == 1 or dtype == "f32" else dtype.upper()
 
 
 def cached_gguf(source, dtype: str) -> Path:
@@ -84,80 +97,63 @@ def cached_gguf(source, dtype: str) -> Path:
     path = cache_dir() / "gguf" / f"{model_content_hash(src)[:24]}.{dtype}.gguf"
     if not path.exists():
         log.info("converting %s to GGUF (cached at %s)", src.path, path)
-        export_gguf(src, path, dtype)
+        export_gguf(src, path, dtype, progress=False)
     return path
 
 
-def _retype_gguf(src: ModelSource, tmp: Path, dtype: str) -> None:
+def header_bytes(ts) -> int:
+    """Bytes before the tensor data in the float GGUF of this model (what a quantized file's
+    header costs, within a few bytes)."""
+    if ts.source.is_gguf:
+        return int(ts.reader.data_offset)
+    from .gguf_stream import header_size
+
+    return header_size(metadata_writer(ts, dtype="f32"), [(n, "F32", ts.shape(n)) for n in ts.names])
+
+
+def metadata_writer(ts, skip: tuple[str, ...] = (), dtype: str = "f32"):
+    """A GGUFWriter holding the output's key/values (no file yet): a GGUF source's copied
+    verbatim, a HF folder's built from its config and tokenizer as llama.cpp's converter does.
+    Keys in `skip` are left out, so the caller adds its own at the end (the order the
+    whole-file writer produced, kept so files stay byte-identical)."""
     import gguf
-    from gguf.quants import dequantize
 
-    reader = open_gguf(src.path)
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(tmp, arch)
-    copy_metadata(reader, writer, skip=("general.file_type",))
-    writer.add_file_type(_file_type(dtype))
-    for t in tqdm(reader.tensors, desc=f"export {dtype}", unit="tensor", leave=False):
-        shape = tuple(int(x) for x in reversed(t.shape))
-        values = dequantize(t.data, t.tensor_type).reshape(shape)
-        data, ggml_type = encode_float(values, dtype)
-        _add_encoded(writer, t.name, data, ggml_type)
-    finish_writer(writer)
+    if ts.source.is_gguf:
+        writer = gguf.GGUFWriter(None, ts.facts.arch)
+        copy_metadata(ts.reader, writer, skip=skip)
+        return writer
+    writer = _hf_metadata(ts.source, ts.facts, dtype)
+    for key in skip:
+        writer.kv_data[0].pop(key, None)
+    return writer
 
 
-def _convert_hf(src: ModelSource, tmp: Path, dtype: str) -> None:
+def _hf_metadata(src: ModelSource, facts, dtype: str):
     import gguf
-    from transformers import AutoConfig
 
-    from .load import load_hf_state_dict
+    from .facts import hf_config
 
-    cfg = AutoConfig.from_pretrained(src.path)
+    cfg = hf_config(src.path)
     cfg = getattr(cfg, "text_config", None) or cfg
-    spec = arch_for(cfg.model_type)
+    spec = facts.spec
     check_rope_scaling(cfg)
-    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == spec.gguf_arch)
-    n_layers = cfg.num_hidden_layers
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-
-    writer = gguf.GGUFWriter(tmp, spec.gguf_arch)
+    writer = gguf.GGUFWriter(None, spec.gguf_arch)
     writer.add_name(src.path.name)
     writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(n_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(n_heads)
-    writer.add_head_count_kv(n_kv)
+    writer.add_embedding_length(facts.hidden)
+    writer.add_block_count(facts.n_layers)
+    writer.add_feed_forward_length(facts.ffn)
+    writer.add_head_count(facts.n_heads)
+    writer.add_head_count_kv(facts.n_kv_heads)
     writer.add_rope_freq_base(rope_theta(cfg))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(facts.vocab)
+    writer.add_rope_dimension_count(facts.head_dim)
     if spec.writes_head_dim:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+        writer.add_key_length(facts.head_dim)
+        writer.add_value_length(facts.head_dim)
     if spec.gguf_arch == "gemma3":
         writer.add_sliding_window(cfg.sliding_window)
     writer.add_file_type(_file_type(dtype))
-    add_hf_tokenizer_to_writer(writer, src.path, cfg.vocab_size)
-
-    names = gguf.get_tensor_name_map(arch_enum, n_layers)
-    state = load_hf_state_dict(src.path)
-    tied = getattr(cfg, "tie_word_embeddings", False)
-    for hf_name, tensor in tqdm(state.items(), desc=f"export {dtype}", unit="tensor", leave=False):
-        if tied and hf_name == "lm_head.weight":
-            continue
-        gguf_name = names.get_name(hf_name.removeprefix("model.language_model.").removeprefix("language_model."),
-                                   try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise PocketError(f"no GGUF name for tensor {hf_name} of architecture {cfg.model_type}")
-        values = tensor.float().numpy()
-        if spec.permute_qk and hf_name.endswith("q_proj.weight"):
-            values = interleave_rotary_rows(values, n_heads)
-        elif spec.permute_qk and hf_name.endswith("k_proj.weight"):
-            values = interleave_rotary_rows(values, n_kv)
-        if spec.norm_plus_one and hf_name.endswith("norm.weight"):
-            values = values + 1.0
-        data, ggml_type = encode_float(values, dtype)
-        _add_encoded(writer, gguf_name, data, ggml_type)
-    finish_writer(writer)
+    add_hf_tokenizer_to_writer(writer, src.path, facts.vocab)
+    return writer

@@ -44,10 +44,3 @@ def copy_metadata(reader, writer, skip: tuple[str, ...] = ()) -> None:
             continue
         sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, f.contents(), f.types[0], sub)
-
-
-def finish_writer(writer) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=False)
-    writer.close()

@@ -65,6 +65,68 @@ def load(source, dtype: str = "float32") -> LoadedModel:
     return LoadedModel(src, model, tokenizer, sidecar, {"add_bos": add_bos})
 
 
+def _gguf_cache_folder(src: ModelSource) -> Path:
+    from ..util.cache import cache_dir, model_content_hash
+
+    return cache_dir() / "hf-from-gguf" / model_content_hash(src)[:24]
+
+
+def hf_folder(source) -> Path:
+    """A HF folder holding the model: the folder itself, or for a GGUF its cached HF copy."""
+    src = resolve(source)
+    if not src.is_gguf:
+        return src.path
+    folder = _gguf_cache_folder(src)
+    if not (folder / LOAD_META).exists():
+        _build_gguf_cache(src, folder)
+    return folder
+
+
+def load_tokenizer(source) -> tuple[object, bool]:
+    """(tokenizer, whether llama.cpp adds BOS) without loading any weights."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    src = resolve(source)
+    folder = hf_folder(src)
+    side = folder / SIDECAR
+    sidecar = json.loads(side.read_text()) if side.exists() else None
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    match_llamacpp_pre_tokenizer(tokenizer, sidecar)
+    if src.is_gguf:
+        return tokenizer, bool(json.loads((folder / LOAD_META).read_text()).get("add_bos"))
+    return tokenizer, _hf_adds_bos(tokenizer, sidecar)
+
+
+def _build_gguf_cache(src: ModelSource, folder: Path) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..util.atomic import atomic_path
+
+    reader = open_gguf(src.path)
+    arch = field_value(reader, "general.architecture", "unknown")
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise PocketError(f"unsupported architecture {arch!r} in {src.path} (supported: {', '.join(sorted(SUPPORTED_GGUF_ARCHS))})")
+    sidecar = sidecar_from_reader(reader)
+    meta = {"add_bos": bool(field_value(reader, "tokenizer.ggml.add_bos_token", False))}
+    del reader
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+        match_llamacpp_pre_tokenizer(tokenizer, sidecar)
+        model = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise PocketError(f"transformers cannot load {src.path}: {exc}") from None
+    _forget_gguf_origin(model)
+    with atomic_path(folder, is_dir=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SIDECAR).write_text(json.dumps(sidecar))
+        (tmp / LOAD_META).write_text(json.dumps(meta))
+    model.eval()
+    return LoadedModel(src, model, tokenizer, sidecar, meta)
+
+
 def _load_gguf(src: ModelSource, torch_dtype) -> LoadedModel:
     """transformers' GGUF loader parses the whole vocabulary several times and dequantizes
     every tensor (~50 s for SmolLM2 on 2 cores); the result is kept as a float32 HF folder
@@ -72,33 +134,11 @@ def _load_gguf(src: ModelSource, torch_dtype) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..util.atomic import atomic_path
-    from ..util.cache import cache_dir, model_content_hash
-
-    folder = cache_dir() / "hf-from-gguf" / model_content_hash(src)[:24]
+    folder = _gguf_cache_folder(src)
     if not (folder / LOAD_META).exists():
-        reader = open_gguf(src.path)
-        arch = field_value(reader, "general.architecture", "unknown")
-        if arch not in SUPPORTED_GGUF_ARCHS:
-            raise PocketError(f"unsupported architecture {arch!r} in {src.path} (supported: {', '.join(sorted(SUPPORTED_GGUF_ARCHS))})")
-        sidecar = sidecar_from_reader(reader)
-        meta = {"add_bos": bool(field_value(reader, "tokenizer.ggml.add_bos_token", False))}
-        del reader
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
-            match_llamacpp_pre_tokenizer(tokenizer, sidecar)
-            model = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise PocketError(f"transformers cannot load {src.path}: {exc}") from None
-        _forget_gguf_origin(model)
-        with atomic_path(folder, is_dir=True) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / SIDECAR).write_text(json.dumps(sidecar))
-            (tmp / LOAD_META).write_text(json.dumps(meta))
+        built = _build_gguf_cache(src, folder)
         if torch_dtype == torch.float32:
-            model.eval()
-            return LoadedModel(src, model, tokenizer, sidecar, meta)
+            return built
     sidecar = json.loads((folder / SIDECAR).read_text())
     meta = json.loads((folder / LOAD_META).read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -129,15 +169,3 @@ def _hf_adds_bos(tokenizer, sidecar: dict | None) -> bool:
         return False
     ids = tokenizer("a").input_ids
     return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
-def load_hf_state_dict(folder: Path) -> dict:
-    """Tensors of a HF folder by name, read straight from safetensors (no model built)."""
-    from safetensors.torch import load_file
-
-    state = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        state.update(load_file(f))
-    if not state:
-        raise PocketError(f"{folder} holds no safetensors weights")
-    return state

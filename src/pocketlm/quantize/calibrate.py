@@ -25,11 +25,17 @@ class LinearStats:
 
     @property
     def importance(self) -> np.ndarray:
-        return (self.sq_sum / max(self.tokens, 1)).numpy()
+        return (self.sq_sum / max(self.tokens, 1)).cpu().numpy()
 
     @property
     def hessian(self) -> np.ndarray:
-        return (self.xtx / max(self.tokens, 1)).numpy()
+        return (self.xtx / max(self.tokens, 1)).cpu().numpy()
+
+    def take_hessian(self) -> torch.Tensor:
+        """H = X^T X / n made from the accumulator itself, which is given up: for the last
+        tensor that uses these statistics, no copy of the Hessian is made."""
+        xtx, self.xtx = self.xtx, None
+        return xtx.div_(max(self.tokens, 1)).cpu()
 
 
 class _StopForward(Exception):
@@ -44,22 +50,29 @@ def _decoder_layers(model):
 
 def _capture_layer_inputs(model, windows: list[torch.Tensor]):
     """Hidden states entering layer 0 for every window, and each layer's keyword arguments
-    (rotary embeddings, masks: the same for all windows of one length)."""
+    (rotary embeddings, masks: the same for all windows of one length). The decoder layers
+    are bypassed while this runs, so they need not hold weights yet."""
     inner, layers = _decoder_layers(model)
     kwargs_by_layer: list[dict] = [None] * len(layers)
     inputs: list[torch.Tensor] = []
 
     def record(i):
         def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
             if kwargs_by_layer[i] is None:
                 kwargs_by_layer[i] = dict(kwargs)
             if i == 0:
-                inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
-                if all(k is not None for k in kwargs_by_layer):
-                    raise _StopForward
+                inputs.append(hidden.detach())
+            if i == len(layers) - 1:
+                raise _StopForward
         return hook
 
+    def passthrough(hidden_states, *args, **kwargs):
+        return hidden_states
+
     handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers:
+        layer.forward = passthrough
     try:
         with torch.inference_mode():
             for ids in windows:
@@ -70,6 +83,8 @@ def _capture_layer_inputs(model, windows: list[torch.Tensor]):
     finally:
         for h in handles:
             h.remove()
+        for layer in layers:
+            del layer.forward
     for kw in kwargs_by_layer:
         kw.pop("hidden_states", None)
         kw.pop("past_key_values", None)
@@ -89,13 +104,20 @@ def _run_layer(layer, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Te
 
 def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
                         on_layer: Callable[[int, dict[str, LinearStats]], dict[str, torch.Tensor]],
-                        progress: bool = True) -> LinearStats:
+                        progress: bool = True, stream=None, visit=None) -> LinearStats:
     """Calls on_layer(i, {module name within layer: stats}) for each layer; it returns new
     weights {module name: tensor} to load before the layer's outputs are propagated.
-    Returns the statistics of the final normed hidden states (the output projection's input)."""
+    Returns the statistics of the final normed hidden states (the output projection's input).
+    With a LayerStream (models/layers.py) `model` is its weightless skeleton: each layer is
+    loaded for its turn and dropped after it, so only one is ever in memory. visit(i, layer,
+    kwargs, hidden) runs while layer i is loaded, before its outputs are propagated."""
+    if stream is not None:
+        windows = stream.embed_only(windows)
     hidden, kwargs_by_layer = _capture_layer_inputs(model, windows)
     inner, layers = _decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="calibrate+quantize", unit="layer", disable=not progress)):
+        if stream is not None:
+            stream.load(layer)
         stats: dict[str, LinearStats] = {}
         handles, last_input = [], {}
         for name, mod in layer.named_modules():
@@ -111,8 +133,14 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
         with torch.no_grad():
             for name, weight in new_weights.items():
                 layer.get_submodule(name).weight.copy_(weight)
+        if visit is not None:
+            visit(i, layer, kwargs_by_layer[i], hidden)
         hidden = _run_layer(layer, hidden, kwargs_by_layer[i])
-    final = LinearStats(torch.zeros(hidden[0].shape[-1], dtype=torch.float64), None)
+        if stream is not None:
+            stream.unload(layer)
+    if stream is not None:
+        stream.load(inner.norm)
+    final = LinearStats(torch.zeros(hidden[0].shape[-1], dtype=torch.float64, device=hidden[0].device), None)
     with torch.inference_mode():
         for hs in hidden:
             x = inner.norm(hs).reshape(-1, hs.shape[-1]).double()
@@ -133,7 +161,10 @@ def _accumulator(stats: dict, name: str, width: int, want_hessian: bool, last: d
         x = args[0].detach().reshape(-1, width).float()
         st = stats.get(name)
         if st is None:
-            st = stats[name] = LinearStats(torch.zeros(width), torch.zeros(width, width) if want_hessian else None)
+            dev = x.device
+            with torch.inference_mode(False):  # ordinary tensors, so gptq may later reuse X^T X in place
+                st = stats[name] = LinearStats(torch.zeros(width, device=dev),
+                                               torch.zeros(width, width, device=dev) if want_hessian else None)
         st.sq_sum += (x * x).sum(0)
         if want_hessian:
             st.xtx.addmm_(x.T, x)

@@ -1,13 +1,15 @@
 """`pocketlm quantize`: float tensors in, a GGUF of the chosen preset out.
 
-Every tensor is read in GGUF layout (a HF folder is first converted to an f32 GGUF, cached),
-planned (plan.py), quantized by the method (methods/), and written with the source's metadata.
-With calibration, tensors inside decoder layers are quantized layer by layer while the
-calibration activations flow through the already-quantized layers (calibrate.py).
+Every tensor is read lazily in GGUF layout (models/tensors.py), planned (plan.py), quantized
+by the method (methods/), and written at its place in the output as soon as it is done
+(models/gguf_stream.py). With calibration, tensors inside decoder layers are quantized layer
+by layer, one layer in memory, while the calibration activations flow through the
+already-quantized layers (calibrate.py, models/layers.py).
 """
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +18,10 @@ import torch
 from tqdm import tqdm
 
 from ..errors import PocketError
-from ..models.gguf_file import copy_metadata, field_value, finish_writer, open_gguf
-from ..models.export_gguf import cached_gguf
+from ..models.export_gguf import metadata_writer
+from ..models.gguf_stream import StreamingGGUF, check_disk_space, row_blocks
 from ..models.hf_arch import deinterleave_rotary_rows
+from ..models.tensors import open_tensors
 from ..models.source import resolve
 from ..util.atomic import atomic_path
 from .formats import get as get_format
@@ -42,6 +45,7 @@ class QuantizeOptions:
     allow_requant: bool = False
     progress: bool = True
     types: dict = field(default_factory=dict)  # GGUF name -> type: a budget's allocation (budget.py)
+    device: str | None = None  # where calibration's layer forward and X^T X run; None: CUDA when present
 
 
 @dataclass
@@ -53,20 +57,14 @@ class TensorReport:
     weighted_error: float  # sum imp*(w - q)^2 / sum imp*w^2 over the tensor
 
 
-def _values(t) -> np.ndarray:
-    from gguf.quants import dequantize
-
-    return dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)]).astype(np.float32)
-
-
-def _check_requant(reader, plans: dict[str, TensorPlan], allow: bool) -> None:
-    for t in reader.tensors:
-        src_type, dst = t.tensor_type.name, plans[t.name].type
+def _check_requant(ts, plans: dict[str, TensorPlan], allow: bool) -> None:
+    for name, e in ts.entries.items():
+        src_type, dst = e.type, plans[name].type
         if src_type in FLOAT_TYPES or dst in FLOAT_TYPES:
             continue
         src_bpw, dst_bpw = get_format(src_type).bits_per_weight, get_format(dst).bits_per_weight
         if src_bpw < dst_bpw:
-            msg = (f"the input is already quantized ({t.name} is {src_type}, {src_bpw:.2f} bpw) below the requested "
+            msg = (f"the input is already quantized ({name} is {src_type}, {src_bpw:.2f} bpw) below the requested "
                    f"{dst} ({dst_bpw:.2f} bpw): the file grows without regaining precision")
             if not allow:
                 raise PocketError(msg + "; pass --allow-requant to do it anyway")
@@ -74,26 +72,42 @@ def _check_requant(reader, plans: dict[str, TensorPlan], allow: bool) -> None:
             return
 
 
-def _weighted_error(values, deq, importance) -> float:
-    imp = np.ones(values.shape[1], np.float32) if importance is None else importance
-    den = float(((values * values) * imp).sum())
-    return float((((values - deq) ** 2) * imp).sum() / den) if den > 0 else 0.0
-
-
-def _quantize_one(name, values, type_name, method, stats) -> tuple[np.ndarray, TensorReport, np.ndarray]:
-    """(bytes to write, report row, the values the bytes decode to)."""
+def _encode(values, type_name, method, stats, last_use: bool = False) -> tuple[np.ndarray, str, np.ndarray, np.ndarray | None]:
+    """(bytes to write, the method used, the values the bytes decode to, the importance).
+    last_use: no other tensor needs these statistics, so gptq may consume their X^T X."""
     if type_name in FLOAT_TYPES:
         data = values.astype(np.float16) if type_name == "F16" else values
-        return data, TensorReport(name, values.shape, type_name, "float", 0.0), data.astype(np.float32)
+        return data, "float", data.astype(np.float32), None
     fmt = get_format(type_name)
     importance = stats.importance if stats is not None and method != "rtn" else None
     if method == "gptq" and stats is not None and stats.xtx is not None:
-        data = quantize_gptq(values, fmt, stats.hessian)
+        data = quantize_gptq(values, fmt, stats.take_hessian() if last_use else stats.hessian)
     else:
         method = "imatrix" if importance is not None else "rtn"
         data = quantize_rtn(values, fmt, importance)
     deq = fmt.dequantize(data.reshape(-1, fmt.type_size)).reshape(values.shape)
-    return data, TensorReport(name, values.shape, type_name, method, _weighted_error(values, deq, importance)), deq
+    return data, method, deq, importance
+
+
+def quantize_tensor(ts, name: str, type_name: str, method: str, stats, out, whole: bool = False,
+                    last_use: bool = False):
+    """Quantize one tensor into the streaming file `out`, a block of rows at a time unless
+    `whole` (gptq and the calibrated layers need all rows, and get the decoded values back).
+    Returns (report row, decoded values when whole)."""
+    shape = ts.shape(name)
+    num = den = 0.0
+    at, used, deq = 0, method, None
+    for rows in row_blocks(shape, whole):
+        values = ts.values(name, rows)
+        data, used, deq, importance = _encode(values, type_name, method, stats, last_use)
+        out.write(name, data, at)
+        at += data.nbytes
+        if used != "float":
+            imp = np.ones(values.shape[-1], np.float32) if importance is None else importance
+            num += float((((values - deq) ** 2) * imp).sum())
+            den += float(((values * values) * imp).sum())
+    report = TensorReport(name, shape, type_name, used, num / den if den > 0 else 0.0)
+    return report, (deq if whole else None)
 
 
 def calibration_windows(tokenizer, add_bos: bool, files, n_tokens: int, ctx: int) -> list[torch.Tensor]:
@@ -111,49 +125,53 @@ def calibration_windows(tokenizer, add_bos: bool, files, n_tokens: int, ctx: int
 
 
 def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[TensorReport]:
-    import gguf
-
+    """Tensors are read lazily from the source and written into the output as each is done:
+    memory holds one tensor (or one decoder layer when calibrating), disk only the output."""
     method = opts.method or ("gptq" if opts.calib else "imatrix")
     if method not in METHODS:
         raise PocketError(f"unknown --method {method!r} (choose one of {', '.join(METHODS)})")
     src = resolve(source)
-    reader = open_gguf(cached_gguf(src, "f32"))
-    arch = field_value(reader, "general.architecture")
-    n_layers = int(field_value(reader, f"{arch}.block_count", 0))
-    n_heads = int(field_value(reader, f"{arch}.attention.head_count", 1))
-    n_kv = int(field_value(reader, f"{arch}.attention.head_count_kv", n_heads))
-    by_name = {t.name: t for t in reader.tensors}
-    shapes = [(t.name, tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors]
+    ts = open_tensors(src)
+    facts = ts.facts
+    if not src.is_gguf:
+        ts.check_shapes()
+    shapes = [(name, ts.shape(name)) for name in ts.names]
     if opts.types:
         plans = {name: TensorPlan(name, opts.types.get(name, "F32")) for name, _ in shapes}
     else:
-        plans = {p.name: p for p in plan(shapes, opts.preset, n_layers, max(n_heads // max(n_kv, 1), 1), opts.keep)}
-    _check_requant(reader, plans, opts.allow_requant)
-
-    results: dict[str, tuple[np.ndarray, TensorReport]] = {}
-    final_stats = None
-    if method != "rtn":
-        final_stats = _calibrated_pass(src, reader, by_name, plans, method, opts, arch, n_layers, n_heads, n_kv, results)
-    for t in tqdm(reader.tensors, desc="quantize", unit="tensor", disable=not opts.progress, leave=False):
-        if t.name not in results:
-            is_output = t.name == "output.weight" or (t.name == "token_embd.weight" and "output.weight" not in by_name)
-            stats = final_stats if is_output else None
-            results[t.name] = _quantize_one(t.name, _values(t), plans[t.name].type, method, stats)[:2]
+        plans = {p.name: p for p in plan(shapes, opts.preset, facts.n_layers, facts.gqa, opts.keep)}
+    _check_requant(ts, plans, opts.allow_requant)
+    writer = metadata_writer(ts, skip=("general.file_type", "general.quantization_version"))
+    writer.add_file_type(FILE_TYPE[(opts.preset or _nearest_preset(plans, shapes)).upper()])
+    writer.add_quantization_version(gguf_quant_version())
 
     out = Path(out)
+    reports: dict[str, TensorReport] = {}
     with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, arch)
-        copy_metadata(reader, writer, skip=("general.file_type", "general.quantization_version"))
-        writer.add_file_type(FILE_TYPE[(opts.preset or _nearest_preset(plans, shapes)).upper()])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for t in reader.tensors:
-            data, rep = results[t.name]
-            if rep.type in FLOAT_TYPES:
-                writer.add_tensor(t.name, data)
-            else:
-                writer.add_tensor(t.name, data, raw_dtype=get_format(rep.type).ggml_type)
-        finish_writer(writer)
-    return [results[t.name][1] for t in reader.tensors]
+        stream = StreamingGGUF(tmp, writer)
+        for name, shape in shapes:
+            stream.add_tensor_info(name, plans[name].type, shape)
+        check_disk_space(out, stream.total_bytes())
+        stream.begin()
+        try:
+            final_stats = None
+            if method != "rtn":
+                final_stats = _calibrated_pass(src, ts, plans, method, opts, stream, reports)
+            for name in tqdm(ts.names, desc="quantize", unit="tensor", disable=not opts.progress, leave=False):
+                if name not in reports:
+                    is_output = name == "output.weight" or (name == "token_embd.weight" and facts.tied)
+                    stats = final_stats if is_output else None
+                    reports[name] = quantize_tensor(ts, name, plans[name].type, method, stats, stream)[0]
+            stream.finish()
+        finally:
+            stream.close()
+    return [reports[name] for name in ts.names]
+
+
+def gguf_quant_version() -> int:
+    import gguf
+
+    return gguf.GGML_QUANT_VERSION
 
 
 def _nearest_preset(plans: dict, shapes) -> str:
@@ -168,33 +186,29 @@ def _nearest_preset(plans: dict, shapes) -> str:
     return {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(main, main)
 
 
-def _calibrated_pass(src, reader, by_name, plans, method, opts, arch, n_layers, n_heads, n_kv, results):
-    import gguf
+def _calibrated_pass(src, ts, plans, method, opts, stream, reports):
+    from ..models.layers import LayerStream
+    from .calibrate import calibrate_layerwise
 
-    from ..models.load import load
-
-    loaded = load(src)
-    windows = calibration_windows(loaded.tokenizer, loaded.add_bos, opts.calib, opts.calib_tokens, opts.calib_ctx)
-    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
-    names = gguf.get_tensor_name_map(arch_enum, n_layers)
-    permuted = arch == "llama"
+    layers = LayerStream(src, device=opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    windows = calibration_windows(layers.tokenizer, layers.add_bos, opts.calib, opts.calib_tokens, opts.calib_ctx)
+    names = ts.facts.name_map()
 
     def on_layer(i, stats):
         new_weights = {}
+        users = Counter(id(st) for st in stats.values())  # q/k/v and gate/up share their statistics
         for rel, st in stats.items():
+            users[id(st)] -= 1
             gname = names.get_name(f"model.layers.{i}.{rel}")
-            if gname is None or f"{gname}.weight" not in by_name:
+            if gname is None or f"{gname}.weight" not in ts.entries:
                 continue
             tname = f"{gname}.weight"
-            data, rep, deq = _quantize_one(tname, _values(by_name[tname]), plans[tname].type, method, st)
-            results[tname] = (data, rep)
-            if permuted and tname.endswith("attn_q.weight"):
-                deq = deinterleave_rotary_rows(deq, n_heads)
-            elif permuted and tname.endswith("attn_k.weight"):
-                deq = deinterleave_rotary_rows(deq, n_kv)
+            reports[tname], deq = quantize_tensor(ts, tname, plans[tname].type, method, st, stream, whole=True,
+                                                  last_use=users[id(st)] == 0)
+            heads = ts.facts.permuted_heads(tname)
+            if heads:
+                deq = deinterleave_rotary_rows(deq, heads)
             new_weights[rel] = torch.from_numpy(deq)
         return new_weights
 
-    from .calibrate import calibrate_layerwise
-
-    return calibrate_layerwise(loaded.model, windows, method == "gptq", on_layer, opts.progress)
+    return calibrate_layerwise(layers.model, windows, method == "gptq", on_layer, opts.progress, stream=layers)

@@ -119,15 +119,9 @@ def plan(tensors: list[tuple[str, tuple[int, ...]]], preset: str, n_layers: int,
 
 def tensor_bytes(type_name: str, shape) -> int:
     """Bytes of one tensor's data in a GGUF file at `type_name` (shape in PyTorch order)."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    if type_name in ("F32", "F16"):
-        return n * (4 if type_name == "F32" else 2)
-    from .formats import get
+    from ..models.gguf_stream import tensor_nbytes
 
-    fmt = get(type_name)
-    return n // shape[-1] * (shape[-1] // fmt.block_size) * fmt.type_size
+    return tensor_nbytes(type_name, shape)
 
 
 def preset_bytes(tensors: list[tuple[str, tuple[int, ...]]], preset: str, n_layers: int, n_gqa: int = 1) -> int:

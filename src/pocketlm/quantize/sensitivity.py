@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import PocketError
 from ..util.atomic import write_json
 from ..util.cache import cache_dir, model_content_hash
 from .budget import Option
@@ -74,19 +73,23 @@ class Sensitivity:
 
 
 def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, calib_ctx: int = 512) -> Sensitivity:
-    """The sensitivity table of a model (cached after the first measurement)."""
-    import gguf
+    """The sensitivity table of a model (cached after the first measurement).
 
-    from ..models.export_gguf import cached_gguf
-    from ..models.gguf_file import field_value, open_gguf
-    from ..models.load import load
+    One streamed sweep over the decoder layers (one layer in memory) gathers the statistics,
+    measures every (tensor, type) error, and carries the gain windows' hidden states through
+    each layer once per tensor kind with that kind's tensors at the probe type; the embedding's
+    kind, whose probe may depend on the final statistics, gets a second sweep of those windows."""
+    from ..models.export_gguf import header_bytes
+    from ..models.layers import LayerStream
     from ..models.source import resolve
+    from ..models.tensors import open_tensors
+    from .calibrate import calibrate_layerwise
     from .pipeline import calibration_windows
 
     src = resolve(source)
-    reader = open_gguf(cached_gguf(src, "f32"))
-    loaded = load(src)
-    windows = calibration_windows(loaded.tokenizer, loaded.add_bos, list(calib), calib_tokens, calib_ctx)
+    ts = open_tensors(src)
+    layers = LayerStream(src)
+    windows = calibration_windows(layers.tokenizer, layers.add_bos, list(calib), calib_tokens, calib_ctx)
     key = hashlib.sha256(json.dumps([VERSION, CANDIDATES, model_content_hash(src)]).encode()
                          + b"".join(w.numpy().tobytes() for w in windows)).hexdigest()[:24]
     path = cache_dir() / "sensitivity" / f"{key}.json"
@@ -94,66 +97,44 @@ def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, c
         d = json.loads(path.read_text())
         return Sensitivity(d["tensors"], d["gains"], d["fixed"], d["overhead"], d["n_params"])
 
-    arch = field_value(reader, "general.architecture")
-    n_layers = int(field_value(reader, f"{arch}.block_count", 0))
-    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), n_layers)
-    shapes = {t.name: [int(x) for x in reversed(t.shape)] for t in reader.tensors}
+    names = ts.facts.name_map()
+    shapes = {n: list(ts.shape(n)) for n in ts.names}
     # A quantized source (the default model is Q4_1) gains nothing from a type above its own:
     # such types are left out, as `quantize` refuses them without --allow-requant.
-    source_bpw = {t.name: (get_format(t.tensor_type.name).bits_per_weight
-                           if t.tensor_type.name not in ("F32", "F16", "BF16") else 99.0) for t in reader.tensors}
-    model = loaded.model.float().eval()
-    tensors, probe = {}, {}  # probe: GGUF name -> (module, weights decoded from the probe type)
-
-    def examine(gname: str, module, importance: np.ndarray | None):
-        weight = module.weight.detach().float().numpy()
-        imp = np.ones(weight.shape[1], np.float32) if importance is None else importance.astype(np.float32)
-        errors = {}
-        for type_name in CANDIDATES:
-            if not fits(type_name, weight.shape[1]) or get_format(type_name).bits_per_weight > source_bpw[gname] + 1e-9:
-                continue
-            fmt = get_format(type_name)
-            data = quantize_rtn(weight, fmt, importance)
-            deq = fmt.dequantize(data.reshape(-1, fmt.type_size)).reshape(weight.shape)
-            errors[type_name] = float((((weight - deq) ** 2).sum(0) * imp).sum())
-            if type_name == next(p for p in PROBES if fits(p, weight.shape[1])):  # always allowed: <= 4.5 bpw
-                probe[gname] = (module, torch.from_numpy(deq))
-        tensors[gname] = {"shape": shapes[gname], "errors": errors}
-
-    reference = _log_probs(model, windows[:GAIN_WINDOWS])
+    source_bpw = {n: (get_format(e.type).bits_per_weight if e.type not in ("F32", "F16", "BF16") else 99.0)
+                  for n, e in ts.entries.items()}
+    tensors: dict = {}
+    head_name = "output.weight" if "output.weight" in shapes else "token_embd.weight"
+    layer_kinds = sorted({kind_of(n) for n, s in shapes.items() if len(s) == 2 and n.startswith("blk.")})
+    gain = _GainSets(layer_kinds)
 
     def on_layer(i, stats):
+        gain.probes.clear()
         for rel, st in stats.items():
             gname = names.get_name(f"model.layers.{i}.{rel}")
             if gname and f"{gname}.weight" in shapes:
-                module = model.get_submodule(f"{_layers_path(model)}.{i}.{rel}")
-                examine(f"{gname}.weight", module, st.importance)
+                gname = f"{gname}.weight"
+                weight = layers.layers[i].get_submodule(rel).weight.detach().float().numpy()
+                tensors[gname] = {"shape": shapes[gname], "errors": {}}
+                probe = _examine(tensors[gname]["errors"], weight, st.importance, source_bpw[gname])
+                gain.probes[rel] = (kind_of(gname), torch.from_numpy(probe))
         return {}  # measure only: the model stays float
 
-    from .calibrate import calibrate_layerwise
-
-    final = calibrate_layerwise(model, windows, False, on_layer, progress)
-    head = model.get_output_embeddings()
-    examine("output.weight" if "output.weight" in shapes else "token_embd.weight", head, final.importance)
-    if "output.weight" in shapes:  # an untied embedding: a lookup, every column alike
-        examine("token_embd.weight", model.get_input_embeddings(), None)
-
-    gains = {}
-    kinds = sorted({kind_of(n) for n in tensors})
-    for kind in tqdm(kinds, desc="sensitivity", unit="kind", disable=not progress):
+    final = calibrate_layerwise(layers.model, windows, False, on_layer, progress, stream=layers, visit=gain.visit)
+    head = _HeadRows(layers, head_name, final.importance, source_bpw[head_name])
+    tensors[head_name] = {"shape": shapes[head_name], "errors": head.errors}
+    embed = head  # tied: the embedding's probe is the head's
+    if head_name == "output.weight":  # an untied embedding: a lookup, every column alike
+        embed = _HeadRows(layers, "token_embd.weight", None, source_bpw["token_embd.weight"])
+        tensors["token_embd.weight"] = {"shape": shapes["token_embd.weight"], "errors": embed.errors}
+    embed_final = _probe_embedding_sweep(layers, windows[:GAIN_WINDOWS], embed, progress)
+    gains = gain.kld(layers, head, embed_final, tied=head is embed)
+    for kind in gains:
         members = [n for n in tensors if kind_of(n) == kind]
-        saved = {n: probe[n][0].weight.detach().clone() for n in members}
-        with torch.no_grad():
-            for n in members:
-                probe[n][0].weight.copy_(probe[n][1])
-            kld = _kld(reference, _log_probs(model, windows[:GAIN_WINDOWS]))
-            for n in members:
-                probe[n][0].weight.copy_(saved[n])
         error = sum(tensors[n]["errors"][_probe_type(tensors[n])] for n in members)
-        gains[kind] = max(kld, 0.0) / error if error > 0 else 0.0
+        gains[kind] = max(gains[kind], 0.0) / error if error > 0 else 0.0
     fixed = {n: s for n, s in shapes.items() if n not in tensors}
-    n_tensors = len(shapes)
-    sens = Sensitivity(tensors, gains, fixed, int(reader.data_offset) + 32 * n_tensors,
+    sens = Sensitivity(tensors, gains, fixed, header_bytes(ts) + 32 * len(shapes),
                        sum(int(np.prod(s)) for s in shapes.values()))
     write_json(path, sens.to_json())
     return sens
@@ -163,24 +144,121 @@ def _probe_type(info: dict) -> str:
     return next(p for p in PROBES if p in info["errors"])
 
 
-def _layers_path(model) -> str:
-    for path in ("model.layers", "model.language_model.layers", "layers"):
-        try:
-            model.get_submodule(path)
-            return path
-        except AttributeError:
+HEAD_BLOCK = 1 << 26  # head values handled at once; SmolLM2's whole head fits one block, so small models
+# compute exactly as a whole-model forward would. Bigger heads keep their probe in bf16 (an
+# approximation of the proxy's gain only; the errors stay exact).
+
+
+def _examine(errors: dict, weight: np.ndarray, importance: np.ndarray | None, source_bpw: float,
+             probe_only: bool = False) -> np.ndarray:
+    """Adds each candidate type's weighted error of `weight` (rows, cols) into `errors`;
+    returns the weights decoded from the probe type."""
+    imp = np.ones(weight.shape[1], np.float32) if importance is None else importance.astype(np.float32)
+    probe_type = next(p for p in PROBES if fits(p, weight.shape[1]))  # always allowed: <= 4.5 bpw
+    probe = None
+    for type_name in CANDIDATES:
+        if not fits(type_name, weight.shape[1]) or get_format(type_name).bits_per_weight > source_bpw + 1e-9:
             continue
-    raise PocketError("cannot find the decoder layers of this model")
+        if probe_only and type_name != probe_type:
+            continue
+        fmt = get_format(type_name)
+        deq = fmt.dequantize(quantize_rtn(weight, fmt, importance).reshape(-1, fmt.type_size)).reshape(weight.shape)
+        if not probe_only:
+            errors[type_name] = errors.get(type_name, 0.0) + float((((weight - deq) ** 2).sum(0) * imp).sum())
+        if type_name == probe_type:
+            probe = deq
+    return probe
 
 
-def _log_probs(model, windows) -> list[torch.Tensor]:
-    with torch.inference_mode():
-        return [torch.log_softmax(model(input_ids=w[None], use_cache=False).logits[0].float(), -1) for w in windows]
+class _HeadRows:
+    """The output projection (or the embedding), read in row blocks of the checkpoint: its
+    errors per type, and its weights and probe weights kept for the gain windows' logits."""
+
+    def __init__(self, layers, gguf_name: str, importance, source_bpw: float):
+        hf_name = layers.hf_name_of(gguf_name)
+        rows, cols = layers.tensors.entries[gguf_name].shape
+        self.step = step = max(1, HEAD_BLOCK // cols)
+        self.errors: dict = {}
+        self.weight, self.probe = [], []
+        for r0 in range(0, rows, step):
+            stored = layers.tensors.hf_tensor(hf_name, slice(r0, min(r0 + step, rows)))
+            block = stored.float()
+            probe = torch.from_numpy(_examine(self.errors, block.numpy(), importance, source_bpw))
+            self.weight.append(block if step >= rows else stored)
+            self.probe.append(probe if step >= rows else probe.to(torch.bfloat16))
+
+    def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (sorted) of the probe weights, float32: the probed embedding of those tokens."""
+        return torch.cat([self.probe[b][ids[ids // self.step == b] - b * self.step].float()
+                          for b in range(len(self.probe))])
+
+    def logits(self, h: torch.Tensor, probe: bool) -> torch.Tensor:
+        parts = self.probe if probe else self.weight
+        return torch.cat([torch.nn.functional.linear(h, w.float()) for w in parts], dim=-1)
 
 
-def _kld(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
-    total, count = 0.0, 0
-    for p, q in zip(reference, candidate):
-        total += float((p.exp() * (p - q)).sum())
-        count += p.shape[0]
-    return total / max(count, 1)
+class _GainSets:
+    """Hidden states of the gain windows, one set per tensor kind plus the reference, carried
+    through each layer while it is loaded: kind k's set sees kind k's tensors at the probe type."""
+
+    def __init__(self, kinds: list[str]):
+        self.kinds = kinds
+        self.sets: dict[str, list[torch.Tensor]] = {}
+        self.probes: dict[str, tuple[str, torch.Tensor]] = {}  # module name in layer -> (kind, probe weights)
+
+    def visit(self, i, layer, kwargs, hidden):
+        from .calibrate import _run_layer
+
+        if i == 0:
+            self.sets = {k: hidden[:GAIN_WINDOWS] for k in ["", *self.kinds]}
+        for kind in list(self.sets):
+            members = {rel: w for rel, (k, w) in self.probes.items() if k == kind}
+            saved = {rel: layer.get_submodule(rel).weight.detach().clone() for rel in members}
+            with torch.no_grad():
+                for rel, w in members.items():
+                    layer.get_submodule(rel).weight.copy_(w)
+                self.sets[kind] = _run_layer(layer, self.sets[kind], kwargs)
+                for rel, w in saved.items():
+                    layer.get_submodule(rel).weight.copy_(w)
+
+    def kld(self, layers, head: _HeadRows, embed_final: list, tied: bool) -> dict[str, float]:
+        """Mean KLD against the reference over the gain windows, per kind: each layer kind's
+        set; the embedding's sweep (with the probed head too when tied); the probed head alone."""
+        norm = layers.inner.norm
+        cap = getattr(layers.text_config, "final_logit_softcapping", None)
+
+        def log_probs(hs, probe):
+            with torch.inference_mode():
+                z = head.logits(norm(hs)[0], probe)
+                if cap:
+                    z = torch.tanh(z / cap) * cap
+                return torch.log_softmax(z.float(), -1)
+
+        cases = {k: (self.sets[k], False) for k in self.kinds}  # kind -> (final hidden states, probed head?)
+        cases["token_embd"] = (embed_final, tied)
+        if not tied:
+            cases["output"] = (self.sets[""], True)
+        totals, count = {k: 0.0 for k in sorted(cases)}, 0
+        for w, ref_hs in enumerate(self.sets[""]):
+            p = log_probs(ref_hs, False)
+            count += p.shape[0]
+            for kind in totals:
+                finals, probe = cases[kind]
+                totals[kind] += float((p.exp() * (p - log_probs(finals[w], probe))).sum())
+        return {k: v / max(count, 1) for k, v in totals.items()}
+
+
+def _probe_embedding_sweep(layers, windows, embed: _HeadRows, progress: bool) -> list[torch.Tensor]:
+    """The gain windows through every layer with the token embedding at its probe type."""
+    from .calibrate import _capture_layer_inputs, _run_layer
+
+    remapped = layers.embed_only(windows)
+    ids = torch.unique(torch.cat([w.reshape(-1) for w in windows]))
+    emb = layers.model.get_input_embeddings()
+    emb.weight = torch.nn.Parameter(embed.rows_of(ids), requires_grad=False)
+    hidden, kwargs_by_layer = _capture_layer_inputs(layers.model, remapped)
+    for i, layer in enumerate(tqdm(layers.layers, desc="sensitivity (embedding)", unit="layer", disable=not progress)):
+        layers.load(layer)
+        hidden = _run_layer(layer, hidden, kwargs_by_layer[i])
+        layers.unload(layer)
+    return hidden

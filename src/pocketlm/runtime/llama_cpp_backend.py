@@ -72,9 +72,14 @@ class LlamaCppModel:
 
     def stream_chat(self, messages: list[dict], **params) -> Iterator[dict]:
         """llama-cpp-python's OpenAI-shaped chunks, for the server (params as OpenAI names them)."""
+        self.llm.reset()  # see stream_completion
         return self.llm.create_chat_completion(messages=messages, stream=True, **params)
 
     def stream_completion(self, prompt: str, **params) -> Iterator[dict]:
+        # Without a reset llama-cpp-python reuses the cached prompt prefix and re-evaluates the
+        # last prompt token alone; on AVX-512 builds a 1-token batch rounds differently from the
+        # whole-prompt batch, so the same greedy request was answered differently the second time.
+        self.llm.reset()
         return self.llm.create_completion(prompt, stream=True, **params)
 
     def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.7,

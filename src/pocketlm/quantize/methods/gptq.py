@@ -18,7 +18,8 @@ LAZY_BATCH = 256  # columns updated together before the trailing matrix is touch
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    h = h.clone()
+    """Upper Cholesky factor of H^-1. Damps `h` in place (its callers are done with it): at 8B
+    an ffn_down Hessian is 0.8 GB, and a copy here was the largest avoidable allocation."""
     diag = torch.arange(h.shape[0])
     h[diag, diag] += damp * torch.mean(torch.diag(h))
     for attempt in range(5):  # near-singular Hessians (few tokens) need more damping
@@ -45,7 +46,8 @@ def _prepare(values: np.ndarray, hessian: np.ndarray):
     """Weights and Hessian as torch tensors, channels never activated zeroed out, and the
     per-channel importance (diag H, normalised) that weights the block scale search."""
     w = torch.from_numpy(np.array(values, dtype=np.float32))
-    h = torch.from_numpy(np.array(hessian, dtype=np.float32))
+    # a torch Hessian is the caller's to give away (LinearStats.take_hessian); arrays are copied
+    h = hessian.float() if isinstance(hessian, torch.Tensor) else torch.from_numpy(np.array(hessian, dtype=np.float32))
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -110,7 +112,9 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
     scale = params.scale.reshape(rows, n_blk, -1)
     offset = params.offset.reshape(rows, n_blk, -1)
     perm = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, perm], h[perm][:, perm]
+    w = w[:, perm]
+    h = h[perm]  # two steps, each freeing the last: the permuted copy costs one Hessian, not two
+    h = h[:, perm]
     u = _inverse_cholesky(h, damp)
     # Work on the transpose so each column is a contiguous row: the rank-1 updates then run
     # as in-place BLAS (addr_) ~20x faster than broadcasting over strided columns, and every

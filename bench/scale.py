@@ -1,0 +1,242 @@
+"""What pocketlm costs at the sizes people run: 1B, 3B and 8B checkpoints, side by side with llama.cpp.
+
+Writes synthetic checkpoints with the public shapes of Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B
+(bf16 safetensors in 2 GB shards with an index, random weights with a few heavy input channels in
+every norm, SmolLM2's real tokenizer padded to 128,256 rows), then times each job as a user runs it
+(the `pocketlm` command) and as llama.cpp's own tools run it, measuring wall time, peak RSS of the
+whole process tree, extra disk used at peak (free space of the filesystem) and output size, and
+checks that every file loads in llama.cpp and generates. The weights are random, so no quality is
+reported: only what memory, disk and time cost.
+
+  .venv/bin/python bench/scale.py [--shapes 1B,3B,8B] [--jobs rtn,imatrix,gptq,target,f16,llama,llama-imatrix]
+
+Work files (checkpoints, outputs) live in ~/.cache/pocketlm-bench/scale/ and are reused by reruns.
+Every measured row goes to bench/results/scale.json (a rerun of one job replaces its row) and the
+whole table to bench/results/scale.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pocketlm.util.machine import cpu_name  # noqa: E402
+from pocketlm.util.atomic import write_json  # noqa: E402
+from results_file import save_results  # noqa: E402
+
+WIKI = ROOT.parent / "shared" / "data" / "text" / "wiki.txt"
+CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench")) / "scale"
+RESULTS = ROOT / "bench" / "results" / "scale.md"
+ROWS = RESULTS.with_suffix(".json")
+PL = str(ROOT / ".venv" / "bin" / "pocketlm")
+CALIB_TOKENS = 8192
+# Public shapes (config.json of each model); rope scaling is left out (pocketlm's exporter takes
+# default rope only), which changes no tensor.
+SHAPES = {
+    "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+JOBS = ["rtn", "imatrix", "gptq", "target", "f16", "llama", "llama-imatrix"]
+
+
+def make_checkpoint(shape: str) -> Path:
+    """Random bf16 weights, written a tensor at a time (no whole model in memory)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    folder = CACHE / f"llama-{shape}"
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      bos_token_id=1, eos_token_id=2, dtype="bfloat16", **SHAPES[shape])
+    cfg.save_pretrained(tmp)
+    _copy_tokenizer(tmp)
+    h, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    gen = torch.Generator().manual_seed(0)
+
+    def lin(rows, cols):
+        return (torch.randn(rows, cols, generator=gen) * cols ** -0.5).to(torch.bfloat16)
+
+    def norm():
+        w = torch.ones(h)
+        w[torch.randint(0, h, (4,), generator=gen)] = 20.0  # heavy input channels, as trained models have
+        return w.to(torch.bfloat16)
+
+    tensors = [("model.embed_tokens.weight", lambda: (torch.randn(128256, h, generator=gen) * 0.02).to(torch.bfloat16))]
+    for i in range(n):
+        p = f"model.layers.{i}."
+        tensors += [(p + "input_layernorm.weight", norm), (p + "post_attention_layernorm.weight", norm),
+                    (p + "self_attn.q_proj.weight", lambda: lin(q, h)), (p + "self_attn.k_proj.weight", lambda: lin(kv, h)),
+                    (p + "self_attn.v_proj.weight", lambda: lin(kv, h)), (p + "self_attn.o_proj.weight", lambda: lin(h, q)),
+                    (p + "mlp.gate_proj.weight", lambda: lin(f, h)), (p + "mlp.up_proj.weight", lambda: lin(f, h)),
+                    (p + "mlp.down_proj.weight", lambda: lin(h, f))]
+    tensors.append(("model.norm.weight", norm))
+    if not cfg.tie_word_embeddings:
+        tensors.append(("lm_head.weight", lambda: lin(128256, h)))
+    shard, size, weight_map, shards = {}, 0, {}, []
+
+    def flush():
+        nonlocal shard, size
+        name = f"model-{len(shards) + 1:05d}.safetensors"
+        save_file(shard, tmp / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        shards.append(name)
+        shard, size = {}, 0
+
+    for name, make in tensors:
+        t = make()
+        shard[name] = t
+        size += t.numel() * 2
+        if size >= 2 * 10**9:
+            flush()
+    if shard:
+        flush()
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    tmp.rename(folder)
+    return folder
+
+
+def _copy_tokenizer(dest: Path) -> None:
+    """SmolLM2's tokenizer (a real BPE vocabulary), from pocketlm's cached HF copy of the default model."""
+    from pocketlm.models.load import hf_folder
+
+    src = hf_folder("smollm2-135m")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, dest / name)
+
+
+def measure(cmd: list[str], disk_dir: Path) -> dict:
+    """Wall seconds, peak RSS of the whole process tree, and the most disk space it took."""
+    import psutil
+
+    free0 = shutil.disk_usage(disk_dir).free
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = psutil.Process(proc.pid)
+    peak_rss, min_free = 0, free0
+    while proc.poll() is None:
+        try:
+            rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+            peak_rss = max(peak_rss, rss)
+        except psutil.Error:
+            pass
+        min_free = min(min_free, shutil.disk_usage(disk_dir).free)
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-2000:]}")
+    return {"seconds": round(time.time() - t0, 1), "peak_rss_gib": round(peak_rss / 2**30, 2),
+            "disk_gb": round(max(free0 - min_free, 0) / 1e9, 2)}
+
+
+def generates(path: Path) -> bool:
+    code = ("import llama_cpp,sys; m=llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=2, verbose=False);"
+            "r=m('The river', max_tokens=4); sys.exit(0 if r['usage']['completion_tokens']>0 else 1)")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=1800).returncode == 0
+
+
+def run_job(shape: str, job: str, ckpt: Path, calib: Path, tools: Path | None) -> dict:
+    work = CACHE / f"out-{shape}"
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / f"{job}.gguf"
+    q = [PL, "quantize", str(ckpt), "-o", str(out), "--quiet", "--force"]
+    calib_args = ["--calib", str(calib), "--calib-tokens", str(CALIB_TOKENS)]
+    f16 = work / "f16.gguf"
+    if job in ("rtn", "imatrix", "gptq"):
+        cmd = q + ["--type", "Q4_K_M", "--method", job] + (calib_args if job != "rtn" else [])
+    elif job == "target":
+        size = (work / "gptq.gguf").stat().st_size
+        cmd = q + ["--target-size", f"{size}B", "--method", "gptq"] + calib_args
+    elif job == "f16":
+        cmd = [PL, "export", str(ckpt), "-o", str(f16), "--type", "f16", "--force"]
+    elif job == "llama":
+        cmd = [str(tools / "llama-quantize"), str(f16), str(out), "Q4_K_M", "2"]
+    elif job == "llama-imatrix":
+        imat = work / "imatrix.dat"
+        chunks = CALIB_TOKENS // 512
+        script = (f"{tools}/llama-imatrix -m {f16} -f {calib} -o {imat} -c 512 -t 2 --no-ppl --chunks {chunks} && "
+                  f"{tools}/llama-quantize --imatrix {imat} {f16} {out} Q4_K_M 2")
+        cmd = ["bash", "-c", script]
+    else:
+        raise ValueError(job)
+    row = measure(cmd, work)
+    path = f16 if job == "f16" else out
+    row.update(shape=shape, job=job, output_gb=round(path.stat().st_size / 1e9, 3), loads_and_generates=generates(path))
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    params = {"1B": 1.236, "3B": 3.213, "8B": 8.030}
+    lines = ["| shape | job | seconds | s per B params | peak RSS GiB | extra disk GB | output GB | llama.cpp runs it |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["shape"], JOBS.index(r["job"]))):
+        lines.append(f"| {r['shape']} | {r['job']} | {r['seconds']} | {r['seconds'] / params[r['shape']]:.0f} | "
+                     f"{r['peak_rss_gib']} | {r['disk_gb']} | {r['output_gb']} | {'yes' if r['loads_and_generates'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="1B,3B,8B")
+    ap.add_argument("--jobs", default=",".join(JOBS))
+    args = ap.parse_args()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    calib = CACHE / "calib.txt"
+    if not calib.exists():
+        text = WIKI.read_text()
+        calib.write_text(text[: int(len(text) * 0.8)][:400_000])
+    tools = None
+    if any(j.startswith("llama") for j in args.jobs.split(",")):
+        out = subprocess.run(["bash", str(ROOT / "bench" / "build_llamacpp_tools.sh")], capture_output=True, text=True, check=True)
+        tools = Path(out.stdout.strip().splitlines()[-1])
+    rows = json.loads(ROWS.read_text()) if ROWS.exists() else []
+    for shape in args.shapes.split(","):
+        ckpt = make_checkpoint(shape)
+        for job in args.jobs.split(","):
+            print(f"{shape} {job} ...", flush=True)
+            row = run_job(shape, job, ckpt, calib, tools)
+            print(row, flush=True)
+            rows = [r for r in rows if (r["shape"], r["job"]) != (shape, job)] + [row]
+            write_json(ROWS, rows)
+            save_results(RESULTS, report(rows))
+
+
+def report(rows: list[dict]) -> str:
+    return "\n".join([
+        "# Scale: 1B-8B checkpoints on a laptop-class machine",
+        "",
+        f"Machine: {cpu_name()}, 2 cores, 24 GiB RAM, no GPU. Command: `.venv/bin/python bench/scale.py` "
+        "(rows may come from separate invocations, each run alone; see the json for every number).",
+        "Synthetic checkpoints with the public shapes of Llama-3.2-1B/3B and Llama-3.1-8B, bf16 safetensors, random "
+        f"weights: quality means nothing here, cost does. Calibration: {CALIB_TOKENS} tokens of wiki.txt's first 80%.",
+        "Jobs: `pocketlm quantize --type Q4_K_M --method rtn|imatrix|gptq`, `quantize --target-size` at the gptq "
+        "file's size, `pocketlm export --type f16`, llama.cpp's `llama-quantize` from that f16 file, and "
+        "`llama-imatrix` + `llama-quantize --imatrix`. Peak RSS sums the whole process tree; extra disk is the "
+        "drop in the filesystem's free space during the job.",
+        "",
+        table(rows),
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Tensors by GGUF name, read lazily: one tensor (or a block of its rows) at a time.
+
+A Hugging Face folder is read straight from its (sharded) safetensors by mmap, in bf16, f16 or
+f32, and each tensor is turned into GGUF layout as it is read (llama.cpp's rotary row order,
+Gemma's 1 + w norms); a GGUF file is read by mmap and dequantized row block by row block.
+Nothing is converted ahead of time, so a 16 GB checkpoint costs no extra disk and only one
+tensor's memory. The order of `names` is the order tensors are written to a GGUF, the same
+order the whole-file conversion used, so files stay byte-identical.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PocketError
+from .facts import ModelFacts
+from .hf_arch import interleave_rotary_rows
+from .source import ModelSource, resolve
+
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # (rows, cols) as torch and numpy see it
+    type: str  # the stored type: "BF16", "F32", "Q4_1", ...
+    key: str  # where it is: the HF name, or the GGUF name again
+
+
+class TensorSource:
+    facts: ModelFacts
+    source: ModelSource
+    entries: dict[str, TensorEntry]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
+    def values(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """float32 values in GGUF layout; `rows` reads only a block of rows."""
+        raise NotImplementedError
+
+    def n_params(self) -> int:
+        return sum(int(np.prod(e.shape)) for e in self.entries.values())
+
+    def check_shapes(self) -> None:
+        """Every tensor the config implies, with the shape it implies; else one error line."""
+        where = self.source.path
+        for name, want in self.facts.expected_shapes().items():
+            e = self.entries.get(name)
+            if e is None:
+                raise PocketError(f"{where}: tensor {name} is missing although the config implies it (shape {want})")
+            if tuple(e.shape) != want:
+                raise PocketError(f"{where}: tensor {name} ({e.key}) has shape {tuple(e.shape)}, the config implies {want}")
+
+
+class SafetensorsSource(TensorSource):
+    def __init__(self, src: ModelSource, facts: ModelFacts | None = None):
+        from safetensors import safe_open
+
+        self.source = src
+        self.facts = facts or ModelFacts.from_hf_folder(src.path)
+        self._files: dict[Path, object] = {}
+        self._where: dict[str, Path] = {}
+        entries: dict[str, TensorEntry] = {}
+        for f in shard_files(src.path):
+            try:
+                handle = safe_open(f, framework="pt")
+                keys = list(handle.keys())
+            except Exception as exc:  # safetensors raises its own error type on any damage
+                raise PocketError(f"{f} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+            self._files[f] = handle
+            for hf_name in keys:
+                if self.facts.tied and hf_name == "lm_head.weight":
+                    continue
+                gname = self.facts.gguf_name(hf_name)
+                if gname is None:
+                    raise PocketError(f"no GGUF name for tensor {hf_name} of architecture {self.facts.model_type}")
+                sl = handle.get_slice(hf_name)
+                entries[gname] = TensorEntry(gname, tuple(int(x) for x in sl.get_shape()), sl.get_dtype(), hf_name)
+                self._where[hf_name] = f
+        self.entries = entries
+
+    def hf_tensor(self, hf_name: str, rows: slice | None = None):
+        """A tensor by its HF name, as stored (torch, the file's dtype)."""
+        f = self._where.get(hf_name)
+        if f is None:
+            raise PocketError(f"{self.source.path} has no tensor {hf_name}")
+        sl = self._files[f].get_slice(hf_name)
+        try:
+            return sl[rows] if rows is not None else sl[:]
+        except Exception as exc:
+            raise PocketError(f"{f}: tensor {hf_name} cannot be read ({type(exc).__name__}: {exc})") from None
+
+    @property
+    def hf_names(self) -> list[str]:
+        return list(self._where)
+
+    def values(self, name: str, rows: slice | None = None) -> np.ndarray:
+        e = self.entries[name]
+        heads = self.facts.permuted_heads(name)
+        values = self.hf_tensor(e.key, None if heads else rows).float().numpy()
+        if heads:  # the row interleave works on whole heads: read all, then slice
+            values = interleave_rotary_rows(values, heads)
+            values = values[rows] if rows is not None else values
+        if self.facts.spec.norm_plus_one and e.key.endswith("norm.weight"):
+            values = values + 1.0
+        return np.ascontiguousarray(values, dtype=np.float32)
+
+
+class GGUFSource(TensorSource):
+    def __init__(self, src: ModelSource):
+        from .gguf_file import open_gguf
+
+        self.source = src
+        self.reader = open_gguf(src.path)
+        self.facts = ModelFacts.from_gguf(self.reader, str(src.path))
+        self._tensors = {t.name: t for t in self.reader.tensors}
+        self.entries = {t.name: TensorEntry(t.name, tuple(int(x) for x in reversed(t.shape)), t.tensor_type.name, t.name)
+                        for t in self.reader.tensors}
+
+    def values(self, name: str, rows: slice | None = None) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        shape = self.entries[name].shape
+        data = t.data
+        if rows is not None and len(shape) == 2:
+            data = data.reshape(shape[0], -1)[rows]  # one row of blocks per tensor row
+            shape = (data.shape[0], shape[1])
+        return dequantize(data, t.tensor_type).reshape(shape).astype(np.float32)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder, sorted; with an index, every shard it names must exist."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(folder.glob("*.safetensors"))
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise PocketError(f"{index} is not a readable safetensors index ({type(exc).__name__}: {exc})") from None
+        named: dict[str, int] = {}
+        for shard in weight_map.values():
+            named[shard] = named.get(shard, 0) + 1
+        for shard, count in sorted(named.items()):
+            if not (folder / shard).exists():
+                raise PocketError(f"{folder}: shard {shard} is missing (the index places {count} tensors in it)")
+    if not files:
+        raise PocketError(f"{folder} holds no safetensors weights")
+    return files
+
+
+def open_tensors(source) -> TensorSource:
+    src = resolve(source)
+    return GGUFSource(src) if src.is_gguf else SafetensorsSource(src)

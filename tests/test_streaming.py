@@ -1,0 +1,234 @@
+"""Streaming a model (lazy tensors, one layer at a time, a GGUF written tensor by tensor) changes
+no byte of what pocketlm writes: the files below were made by the whole-model code before
+streaming (commit 9ccd30a) from the same inputs, and their sha256 is pinned here."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CORPUS, make_tiny_llama, train_tokenizer
+from pocketlm.errors import PocketError
+from pocketlm.models.export_gguf import export_gguf
+from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model
+
+# sha256 of the files the pre-streaming code wrote from these inputs (tiny models below, CORPUS
+# calibration text, 1024 tokens in windows of 128; the default model with its bundled calibration text)
+PINNED = {
+    "llama/export-f16": "910429b8aef154d3e3e77e2f53aefa163b6aac5276324348061f1a74179d6434",
+    "llama/export-bf16": "4659f30ad27ad2b7a6e85d9e00b7828d5084dc1c251efc68b0a2e8ceb67d2b48",
+    "llama/Q4_K_M-rtn": "f543de23c203c13ff73d82822f9ceb0ab6571465b14782114893c2f2ff71e124",
+    "llama/Q4_K_M-imatrix": "2ca089b70a10d5d34261999c67f03ff5f9c83bae69a2cc02d515a9a1a40c5f1e",
+    "llama/Q4_K_M-gptq": "5a087edd60747a9a0236d8e19dbf362de9f7644f957a7d962c3728f8c45a4fbb",
+    "llama/Q8_0-rtn": "9e82f84a59b36028459be9cd97333db9434d34d7c6eaa8343ad6e6834e392929",
+    "llama_untied/export-f32": "5d5eae076139ffa34c0a28324cf3ec8d57bb036ef44fbf5ef3a346d8c2e80f81",
+    "llama_untied/Q4_K_M-imatrix": "f99fb08ac515899128151a21cf5b601c932336ca54c64a61c86092bcc039db94",
+    "llama_untied/Q3_K_S-gptq": "69eca799aa68bffa891b3bd363df41d9d330056482682b0a0b56e6ee3d887ba3",
+    "gemma3/export-f16": "c4636f243396b7991bf4af39422ec12d9bff5cf40794f527bffc4a9f5780e316",
+    "gemma3/Q4_K_M-gptq": "05201a85de6f8e1d4f634272900ccff81694fc78e53f884921e1278ce9ebb31b",
+    "qwen2/export-bf16": "06cecee96a9c566e87691b4556106173c701dfddeda87ede70ab28aeaa04dd01",
+    "qwen2/Q4_K_M-gptq": "f2bcbfb863332abd08cb431ee408d1a63d1ffc9513eba95336e615295cdb93f7",
+    "default/Q4_K_M-rtn": "8962bbd6800d99695a68f91c032213a214d1731c2d2828dfcbe65469d55f43f9",
+}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def make_tiny_gemma(folder: Path) -> Path:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(folder, 400, CORPUS)
+    cfg = Gemma3TextConfig(vocab_size=400, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                           sliding_window=32, bos_token_id=0, eos_token_id=1, pad_token_id=1, initializer_range=0.08)
+    torch.manual_seed(3)
+    Gemma3ForCausalLM(cfg).eval().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_qwen(folder: Path) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(folder, 400, CORPUS)
+    cfg = Qwen2Config(vocab_size=400, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                      bos_token_id=0, eos_token_id=1, initializer_range=0.08)
+    torch.manual_seed(4)
+    Qwen2ForCausalLM(cfg).eval().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pinned")
+    return {"llama": make_tiny_llama(root / "tiny-llama"), "llama_untied": make_tiny_llama(root / "tiny-untied", seed=1, tied=False),
+            "gemma3": make_tiny_gemma(root / "tiny-gemma"), "qwen2": make_tiny_qwen(root / "tiny-qwen")}
+
+
+def make(models: dict, model: str, job: str, out: Path, text: Path) -> Path:
+    if job.startswith("export-"):
+        return export_gguf(models[model], out, job.removeprefix("export-"), progress=False)
+    preset, method = job.split("-")
+    quantize_model(str(models[model]), out, QuantizeOptions(preset=preset, method=method, calib=[str(text)], calib_tokens=1024,
+                                                            calib_ctx=128, progress=False, allow_requant=True))
+    return out
+
+
+@pytest.mark.parametrize("model,job", [tuple(k.split("/")) for k in PINNED if not k.startswith("default/")])
+def test_tiny_files_are_byte_identical_to_the_whole_model_code(models, tmp_path, sample_text, model, job):
+    assert sha(make(models, model, job, tmp_path / "out.gguf", sample_text)) == PINNED[f"{model}/{job}"]
+
+
+def test_row_blocks_change_no_byte(models, tmp_path, sample_text, monkeypatch):
+    import pocketlm.models.gguf_stream as stream
+
+    monkeypatch.setattr(stream, "ROW_BLOCK", 1000)  # 3-row blocks on these 256-wide tensors
+    assert sha(make(models, "llama_untied", "Q4_K_M-imatrix", tmp_path / "q.gguf", sample_text)) == PINNED["llama_untied/Q4_K_M-imatrix"]
+    assert sha(make(models, "llama", "export-bf16", tmp_path / "e.gguf", sample_text)) == PINNED["llama/export-bf16"]
+
+
+@pytest.mark.real_model
+def test_default_model_q4_k_m_is_byte_identical(tmp_path):
+    """rtn: the calibrated paths are pinned on the tiny models above (and were checked on this
+    model by hand: imatrix Q4_K_M and a 75 MB budget's allocation came out identical)."""
+    out = tmp_path / "q.gguf"
+    quantize_model("smollm2-135m", out, QuantizeOptions(preset="Q4_K_M", method="rtn", progress=False, allow_requant=True))
+    assert sha(out) == PINNED["default/Q4_K_M-rtn"]
+
+
+def test_one_decoder_layer_in_memory_at_a_time(models, tmp_path, sample_text, monkeypatch):
+    from pocketlm.models.layers import LayerStream
+
+    live, most, real_params = set(), [0], []
+    load, unload = LayerStream.load, LayerStream.unload
+
+    def counting_load(self, module):
+        load(self, module)
+        if module in list(self.layers):
+            live.add(id(module))
+            most[0] = max(most[0], len(live))
+            real_params.append(sum(p.numel() for p in self.model.parameters() if p.device.type != "meta"))
+
+    def counting_unload(module):
+        live.discard(id(module))
+        unload(module)
+
+    monkeypatch.setattr(LayerStream, "load", counting_load)
+    monkeypatch.setattr(LayerStream, "unload", staticmethod(counting_unload))
+    make(models, "llama_untied", "Q4_K_M-gptq", tmp_path / "q.gguf", sample_text)
+    assert most[0] == 1 and len(real_params) == 2
+    # what is real while a layer works: that layer plus the calibration tokens' embedding rows
+    layer_params = 4 * 256 * 256 // 2 * 2 + 256 * 128 * 2 + 3 * 256 * 512 + 2 * 256  # q,o + k,v + mlp + norms
+    assert max(real_params) < layer_params + 400 * 256
+
+
+def _sharded(models: dict, root: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = root / "sharded"
+    AutoModelForCausalLM.from_pretrained(models["llama_untied"]).save_pretrained(folder, max_shard_size="300KB")
+    AutoTokenizer.from_pretrained(models["llama_untied"]).save_pretrained(folder)
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    return folder
+
+
+def test_sharded_checkpoint_gives_the_same_tensors(models, tmp_path, sample_text):
+    from gguf.quants import dequantize
+
+    from pocketlm.models.gguf_file import open_gguf
+
+    folder = _sharded(models, tmp_path)
+    a = make(models, "llama_untied", "Q4_K_M-gptq", tmp_path / "a.gguf", sample_text)
+    b = make({"s": folder}, "s", "Q4_K_M-gptq", tmp_path / "b.gguf", sample_text)
+    ta = {t.name: t for t in open_gguf(a).tensors}
+    tb = {t.name: t for t in open_gguf(b).tensors}
+    assert set(ta) == set(tb)
+    for name, t in ta.items():
+        assert t.tensor_type == tb[name].tensor_type
+        assert (dequantize(t.data, t.tensor_type) == dequantize(tb[name].data, tb[name].tensor_type)).all(), name
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from pocketlm.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_bad_checkpoints_fail_before_work_with_one_line(models, tmp_path):
+    folder = _sharded(models, tmp_path)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    count = sum(1 for v in index["weight_map"].values() if v == victim)
+    (folder / victim).unlink()
+    for cmd in (("quantize", folder, "-o", tmp_path / "q.gguf", "--type", "Q4_0", "--method", "rtn"),
+                ("export", folder, "-o", tmp_path / "e.gguf")):
+        r = _cli(*cmd)
+        assert r.exit_code == 1 and r.stderr == f"error: {folder}: shard {victim} is missing (the index places {count} tensors in it)\n"
+    assert not (tmp_path / "q.gguf").exists() and not (tmp_path / "e.gguf").exists()
+
+    bad = tmp_path / "mismatch"
+    bad.mkdir()
+    for f in models["llama"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 768
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = _cli("quantize", bad, "-o", tmp_path / "q.gguf", "--type", "Q4_0", "--method", "rtn")
+    assert r.exit_code == 1
+    assert r.stderr.strip() == (f"error: {bad}: tensor blk.0.ffn_gate.weight (model.layers.0.mlp.gate_proj.weight) has shape "
+                                "(512, 256), the config implies (768, 256)")
+
+
+def test_output_that_cannot_fit_is_refused_up_front(models, tmp_path, monkeypatch):
+    import shutil
+
+    import pocketlm.models.gguf_stream as stream
+    from pocketlm.quantize import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "quantize_tensor", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "out"
+    r = _cli("quantize", models["llama"], "-o", out / "q.gguf", "--type", "Q4_0", "--method", "rtn")
+    assert r.exit_code == 1 and "needs 0.00" in r.stderr and "has 0.00 GB free" in r.stderr
+    assert calls == [] and list(out.iterdir()) == []
+
+
+def test_interrupted_quantize_leaves_nothing(models, tmp_path, monkeypatch):
+    from pocketlm.quantize import pipeline
+
+    real, seen = pipeline.quantize_tensor, []
+
+    def interrupt(*a, **k):
+        seen.append(1)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "quantize_tensor", interrupt)
+    out = tmp_path / "out"
+    r = _cli("quantize", models["llama"], "-o", out / "q.gguf", "--type", "Q4_K_M", "--method", "rtn")
+    assert r.exit_code == 130 and len(seen) == 5
+    assert list(out.iterdir()) == []
+
+
+def test_streamed_sensitivity_equals_the_whole_model_measure(models, sample_text):
+    """The budget's costs, measured a layer at a time, equal what the whole-model code measured."""
+    from pocketlm.quantize.sensitivity import measure
+
+    sens = measure(str(models["llama_untied"]), [str(sample_text)], 1024, progress=False, calib_ctx=128)
+    assert sens.gains == pytest.approx({
+        "attn_k": 0.008851021706288665, "attn_output": 0.010733327581762818, "attn_q": 0.004400836821399353,
+        "attn_v": 0.007089467603528401, "ffn_down": 0.0009048664970824799, "ffn_gate": 0.0010302064374996677,
+        "ffn_up": 0.0009810911148814736, "output": 0.0012213319790832463, "token_embd": 0.015476352668655243}, rel=1e-12)
+    assert sens.overhead == 12000 and sens.n_params == sum(
+        int(torch.tensor(s).prod()) for s in [i["shape"] for i in sens.tensors.values()] + list(sens.fixed.values()))
