@@ -220,6 +220,44 @@ def main() -> None:
             save_results(RESULTS, report(rows))
 
 
+def goals(rows: list[dict]) -> list[str]:
+    """Each goal of the issue, judged from the measured rows; unmeasured ones say so."""
+    by = {(r["shape"], r["job"]): r for r in rows}
+    params = {"1B": 1.236, "3B": 3.213, "8B": 8.030}
+    out = []
+    g = by.get(("8B", "gptq"))
+    anchor = by.get(("8B", "llama-imatrix"))
+    if g:
+        ok = g["peak_rss_gib"] <= 4 and g["disk_gb"] <= g["output_gb"] * 1.01
+        ratio = f", {g['seconds'] / anchor['seconds']:.1f}x llama.cpp's imatrix+quantize (target 2.5x)" if anchor else ""
+        out.append(f"- 8B gptq: peak RSS {g['peak_rss_gib']} GiB (goal 4), extra disk {g['disk_gb']} GB for a "
+                   f"{g['output_gb']} GB file{ratio}: {'MET' if ok else 'NOT MET'}.")
+    else:
+        out.append("- 8B gptq (peak RSS <= 4 GiB, extra disk <= output, time vs llama.cpp): NOT MEASURED.")
+    for shape in SHAPES:
+        r, llama = by.get((shape, "rtn")), by.get((shape, "llama"))
+        if not r:
+            out.append(f"- rtn at {shape}: NOT MEASURED.")
+            continue
+        ratio = r["seconds"] / llama["seconds"] if llama else None
+        met = r["peak_rss_gib"] <= 1.5 and ratio is not None and ratio <= 1.5
+        out.append(f"- rtn at {shape}: peak RSS {r['peak_rss_gib']} GiB (goal 1.5), "
+                   + (f"{ratio:.1f}x llama-quantize's time (goal 1.5x)" if ratio else "llama-quantize not measured")
+                   + f": {'MET' if met else 'NOT MET'}.")
+    for job in ("rtn", "imatrix", "gptq"):
+        per = {s: by[(s, job)]["seconds"] / params[s] for s in SHAPES if (s, job) in by}
+        if len(per) < 2:
+            out.append(f"- seconds per billion parameters flat from 1B to 8B ({job}): NOT MEASURED (shapes: {', '.join(per) or 'none'}).")
+        else:
+            spread = max(per.values()) / min(per.values()) - 1
+            out.append(f"- seconds per billion parameters ({job}): " + ", ".join(f"{s} {v:.0f}" for s, v in per.items())
+                       + f" (spread {spread:.0%}, goal 25%): {'MET' if spread <= 0.25 else 'NOT MET'}.")
+    t = by.get(("3B", "target"))
+    out.append(f"- --target-size at 3B within 4 GiB: " + (f"peak RSS {t['peak_rss_gib']} GiB: "
+               f"{'MET' if t['peak_rss_gib'] <= 4 else 'NOT MET'}." if t else "NOT MEASURED."))
+    return out
+
+
 def report(rows: list[dict]) -> str:
     return "\n".join([
         "# Scale: 1B-8B checkpoints on a laptop-class machine",
@@ -234,6 +272,10 @@ def report(rows: list[dict]) -> str:
         "drop in the filesystem's free space during the job.",
         "",
         table(rows),
+        "",
+        "## Goals (issue #19)",
+        "",
+        *goals(rows),
         "",
     ])
 

@@ -92,6 +92,8 @@ def test_row_blocks_change_no_byte(models, tmp_path, sample_text, monkeypatch):
     monkeypatch.setattr(stream, "ROW_BLOCK", 1000)  # 3-row blocks on these 256-wide tensors
     assert sha(make(models, "llama_untied", "Q4_K_M-imatrix", tmp_path / "q.gguf", sample_text)) == PINNED["llama_untied/Q4_K_M-imatrix"]
     assert sha(make(models, "llama", "export-bf16", tmp_path / "e.gguf", sample_text)) == PINNED["llama/export-bf16"]
+    # gptq's scale choice and packing also go by row blocks
+    assert sha(make(models, "qwen2", "Q4_K_M-gptq", tmp_path / "g.gguf", sample_text)) == PINNED["qwen2/Q4_K_M-gptq"]
 
 
 @pytest.mark.real_model

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..errors import PocketError
 
-ROW_BLOCK = 1 << 24  # values read, encoded and written at once: bounds memory on an 8B model's embedding
+ROW_BLOCK = 1 << 22  # values read, encoded and written at once: the k-quant code searches hold ~150 bytes
+# per value while they work (a 16M-value block of the 1B embedding took the process to 3.2 GiB)
 
 
 def row_blocks(shape, whole: bool = False):

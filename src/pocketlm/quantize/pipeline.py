@@ -91,23 +91,27 @@ def _encode(values, type_name, method, stats, last_use: bool = False) -> tuple[n
 
 def quantize_tensor(ts, name: str, type_name: str, method: str, stats, out, whole: bool = False,
                     last_use: bool = False):
-    """Quantize one tensor into the streaming file `out`, a block of rows at a time unless
-    `whole` (gptq and the calibrated layers need all rows, and get the decoded values back).
-    Returns (report row, decoded values when whole)."""
+    """Quantize one tensor into the streaming file `out`, a block of rows at a time (gptq takes
+    all rows: its error feedback runs along each row's columns with one Hessian). Returns the
+    report row and, when `whole`, the decoded values of the whole tensor (the calibrated layers
+    run on them)."""
     shape = ts.shape(name)
     num = den = 0.0
-    at, used, deq = 0, method, None
-    for rows in row_blocks(shape, whole):
+    at, used, decoded = 0, method, []
+    all_rows = method == "gptq" and stats is not None and stats.xtx is not None and type_name not in FLOAT_TYPES
+    for rows in row_blocks(shape, all_rows):
         values = ts.values(name, rows)
         data, used, deq, importance = _encode(values, type_name, method, stats, last_use)
         out.write(name, data, at)
         at += data.nbytes
+        if whole:
+            decoded.append(deq)
         if used != "float":
             imp = np.ones(values.shape[-1], np.float32) if importance is None else importance
             num += float((((values - deq) ** 2) * imp).sum())
             den += float(((values * values) * imp).sum())
     report = TensorReport(name, shape, type_name, used, num / den if den > 0 else 0.0)
-    return report, (deq if whole else None)
+    return report, (np.concatenate(decoded) if whole else None)
 
 
 def calibration_windows(tokenizer, add_bos: bool, files, n_tokens: int, ctx: int) -> list[torch.Tensor]:

@@ -106,8 +106,8 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
     rows, cols = values.shape
     bs, sub = fmt.block_size, fmt.sub_size
     w, h, importance = _prepare(values, hessian)
-    blocks = w.numpy().reshape(-1, bs)
-    params = fmt.choose(blocks, importance_weights(w.numpy(), importance, bs).reshape(-1, bs))
+    params = _in_row_blocks(w.numpy(), lambda part: fmt.choose(
+        part.reshape(-1, bs), importance_weights(part, importance, bs).reshape(-1, bs)))
     n_blk = cols // bs
     scale = params.scale.reshape(rows, n_blk, -1)
     offset = params.offset.reshape(rows, n_blk, -1)
@@ -142,7 +142,30 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
         wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)
     idx = np.empty((rows, cols), np.int64)
     idx[:, perm.numpy()] = idx_sorted.T.numpy()
-    return fmt.pack(idx.reshape(-1, bs), params).reshape(rows, -1)
+    del idx_sorted, wt, w
+    per_row = cols // bs
+    packed = []
+    for r0 in range(0, rows, _rows_per_block(cols)):
+        r1 = min(r0 + _rows_per_block(cols), rows)
+        sub = BlockParams(params.scale[r0 * per_row:r1 * per_row], params.offset[r0 * per_row:r1 * per_row],
+                          {k: v[r0 * per_row:r1 * per_row] for k, v in params.raw.items()})
+        packed.append(fmt.pack(idx[r0:r1].reshape(-1, bs), sub).reshape(r1 - r0, -1))
+    return np.concatenate(packed)
+
+
+def _rows_per_block(cols: int) -> int:
+    from ...models.gguf_stream import ROW_BLOCK
+
+    return max(1, ROW_BLOCK // cols)
+
+
+def _in_row_blocks(w: np.ndarray, choose) -> BlockParams:
+    """choose() over blocks of rows, joined: the codecs' scale searches hold ~150 bytes per value
+    while they run, so a whole 8B ffn tensor at once would need ~9 GB. Blocks never span rows."""
+    step = _rows_per_block(w.shape[1])
+    parts = [choose(w[r0:r0 + step]) for r0 in range(0, w.shape[0], step)]
+    return BlockParams(np.concatenate([p.scale for p in parts]), np.concatenate([p.offset for p in parts]),
+                       {k: np.concatenate([p.raw[k] for p in parts]) for k in parts[0].raw})
 
 
 def _torch_assign(fmt: BlockFormat):
