@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -147,7 +148,7 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
     _check_requant(ts, plans, opts.allow_requant)
     writer = metadata_writer(ts, skip=("general.file_type", "general.quantization_version"))
     writer.add_file_type(FILE_TYPE[(opts.preset or _nearest_preset(plans, shapes)).upper()])
-    writer.add_quantization_version(gguf_quant_version())
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     out = Path(out)
     reports: dict[str, TensorReport] = {}
@@ -170,12 +171,6 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
         finally:
             stream.close()
     return [reports[name] for name in ts.names]
-
-
-def gguf_quant_version() -> int:
-    import gguf
-
-    return gguf.GGML_QUANT_VERSION
 
 
 def _nearest_preset(plans: dict, shapes) -> str:

@@ -149,8 +149,7 @@ HEAD_BLOCK = 1 << 26  # head values handled at once; SmolLM2's whole head fits o
 # approximation of the proxy's gain only; the errors stay exact).
 
 
-def _examine(errors: dict, weight: np.ndarray, importance: np.ndarray | None, source_bpw: float,
-             probe_only: bool = False) -> np.ndarray:
+def _examine(errors: dict, weight: np.ndarray, importance: np.ndarray | None, source_bpw: float) -> np.ndarray:
     """Adds each candidate type's weighted error of `weight` (rows, cols) into `errors`;
     returns the weights decoded from the probe type."""
     imp = np.ones(weight.shape[1], np.float32) if importance is None else importance.astype(np.float32)
@@ -159,12 +158,9 @@ def _examine(errors: dict, weight: np.ndarray, importance: np.ndarray | None, so
     for type_name in CANDIDATES:
         if not fits(type_name, weight.shape[1]) or get_format(type_name).bits_per_weight > source_bpw + 1e-9:
             continue
-        if probe_only and type_name != probe_type:
-            continue
         fmt = get_format(type_name)
         deq = fmt.dequantize(quantize_rtn(weight, fmt, importance).reshape(-1, fmt.type_size)).reshape(weight.shape)
-        if not probe_only:
-            errors[type_name] = errors.get(type_name, 0.0) + float((((weight - deq) ** 2).sum(0) * imp).sum())
+        errors[type_name] = errors.get(type_name, 0.0) + float((((weight - deq) ** 2).sum(0) * imp).sum())
         if type_name == probe_type:
             probe = deq
     return probe
