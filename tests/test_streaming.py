@@ -86,10 +86,13 @@ def test_tiny_files_are_byte_identical_to_the_whole_model_code(models, tmp_path,
     assert sha(make(models, model, job, tmp_path / "out.gguf", sample_text)) == PINNED[f"{model}/{job}"]
 
 
-def test_row_blocks_change_no_byte(models, tmp_path, sample_text, monkeypatch):
+def test_row_blocks_and_codec_threads_change_no_byte(models, tmp_path, sample_text, monkeypatch):
     import pocketlm.models.gguf_stream as stream
+    import pocketlm.quantize.workers as workers
 
     monkeypatch.setattr(stream, "ROW_BLOCK", 1000)  # 3-row blocks on these 256-wide tensors
+    monkeypatch.setattr(workers, "CODEC_VALUES", 600)  # each split again, on three codec threads
+    monkeypatch.setattr(workers, "n_workers", lambda: 3)
     assert sha(make(models, "llama_untied", "Q4_K_M-imatrix", tmp_path / "q.gguf", sample_text)) == PINNED["llama_untied/Q4_K_M-imatrix"]
     assert sha(make(models, "llama", "export-bf16", tmp_path / "e.gguf", sample_text)) == PINNED["llama/export-bf16"]
     # gptq's scale choice and packing also go by row blocks

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PocketError
-from .gguf_file import field_value, open_gguf
+from .gguf_file import fast_gguf_for_transformers, field_value, open_gguf
 from .gguf_tokenizer import SIDECAR, match_llamacpp_pre_tokenizer, sidecar_from_reader
 from .hf_arch import ARCHS, SUPPORTED_GGUF_ARCHS
 from .source import ModelSource, resolve
@@ -112,9 +112,10 @@ def _build_gguf_cache(src: ModelSource, folder: Path) -> LoadedModel:
     meta = {"add_bos": bool(field_value(reader, "tokenizer.ggml.add_bos_token", False))}
     del reader
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
-        match_llamacpp_pre_tokenizer(tokenizer, sidecar)
-        model = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
+        with fast_gguf_for_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+            match_llamacpp_pre_tokenizer(tokenizer, sidecar)
+            model = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise PocketError(f"transformers cannot load {src.path}: {exc}") from None
     _forget_gguf_origin(model)

@@ -29,6 +29,7 @@ from .formats import get as get_format
 from .methods.gptq import quantize_gptq
 from .methods.rtn import quantize_rtn
 from .plan import FILE_TYPE, TensorPlan, plan
+from .workers import map_rows
 
 METHODS = ("rtn", "imatrix", "gptq")
 FLOAT_TYPES = {"F32", "F16", "BF16"}
@@ -85,7 +86,7 @@ def _encode(values, type_name, method, stats, last_use: bool = False) -> tuple[n
         data = quantize_gptq(values, fmt, stats.take_hessian() if last_use else stats.hessian)
     else:
         method = "imatrix" if importance is not None else "rtn"
-        data = quantize_rtn(values, fmt, importance)
+        data = np.concatenate(map_rows(lambda part: quantize_rtn(part, fmt, importance), values))
     deq = fmt.dequantize(data.reshape(-1, fmt.type_size)).reshape(values.shape)
     return data, method, deq, importance
 

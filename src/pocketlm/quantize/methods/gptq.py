@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..formats.base import BlockFormat, BlockParams
+from ..workers import map_rows
 from .rtn import importance_weights
 
 LAZY_BATCH = 256  # columns updated together before the trailing matrix is touched
@@ -162,8 +163,7 @@ def _rows_per_block(cols: int) -> int:
 def _in_row_blocks(w: np.ndarray, choose) -> BlockParams:
     """choose() over blocks of rows, joined: the codecs' scale searches hold ~150 bytes per value
     while they run, so a whole 8B ffn tensor at once would need ~9 GB. Blocks never span rows."""
-    step = _rows_per_block(w.shape[1])
-    parts = [choose(w[r0:r0 + step]) for r0 in range(0, w.shape[0], step)]
+    parts = map_rows(choose, w)
     return BlockParams(np.concatenate([p.scale for p in parts]), np.concatenate([p.offset for p in parts]),
                        {k: np.concatenate([p.raw[k] for p in parts]) for k in parts[0].raw})
 
