@@ -10,7 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WIKI_HELDOUT = Path(__file__).parent / "data" / "wiki-heldout.txt"  # see tests/data/README.md
+# CI runs with POCKETLM_STRICT_TESTS=1 (scripts/test.sh sets it): a skipped test fails there, so a
+# missing dependency or model can never pass CI by skipping what it should have tested.
+STRICT = os.environ.get("POCKETLM_STRICT_TESTS") == "1"
 CORPUS = (
     "The river runs past the old mill and under the stone bridge. In 1887 the town built a "
     "school, a library and 3 new roads. Children learn to read, to count from 1 to 100, and to "
@@ -85,8 +88,11 @@ def _isolated_cache(tmp_path, monkeypatch, _shared_gguf_conversions):
     monkeypatch.setenv("POCKETLM_CACHE", str(cache))
 
 
-def shared_file(rel: str) -> Path:
-    p = SHARED / rel
-    if not p.exists():
-        pytest.skip(f"shared data not present: {p}")
-    return p
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under POCKETLM_STRICT_TESTS=1, which makes every skip a failure: {reason}"

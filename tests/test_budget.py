@@ -85,3 +85,39 @@ def test_cli_budget_and_its_refusals(tiny_hf, sample_text, tmp_path):
     assert r.exit_code == 1 and "not both" in r.stderr
     r = run.invoke(cli, ["quantize", str(tiny_hf), "-o", str(out), "--target-size", "lots"])
     assert r.exit_code == 1 and "cannot read the size" in r.stderr
+
+
+def test_a_codec_whose_output_changes_never_meets_its_old_results(tiny_hf, sample_text, monkeypatch):
+    """The sensitivity table and the compress steps built on the codecs are keyed by what the
+    codecs write: patch Q4_K to write other bytes, and the cached table and those steps' keys
+    no longer match (the distill step, which no codec feeds, keeps its key)."""
+    import os
+
+    from pocketlm.compress.manifest import key_of
+    from pocketlm.quantize.formats import get as get_format
+    from pocketlm.util.cache import cache_dir
+
+    def entries():
+        return sorted(os.listdir(cache_dir() / "sensitivity"))
+
+    first = measure(str(tiny_hf), [str(sample_text)], 1024, progress=False, calib_ctx=128)
+    again = measure(str(tiny_hf), [str(sample_text)], 1024, progress=False, calib_ctx=128)
+    assert len(entries()) == 1 and again.tensors == first.tensors  # unchanged code: the cache serves
+    keys = {step: key_of(step, "same inputs") for step in ("plan", "quantize", "distill")}
+
+    q4k = get_format("Q4_K")
+    choose = type(q4k).choose
+
+    def coarser(self, x, w):  # every Q4_K scale 3% off: other bytes, a larger error
+        p = choose(self, x, w)
+        p.raw["d"] = (p.raw["d"] * 1.03).astype(p.raw["d"].dtype)
+        p.scale = p.scale * 1.03
+        return p
+
+    monkeypatch.setattr(type(q4k), "choose", coarser)
+    changed = measure(str(tiny_hf), [str(sample_text)], 1024, progress=False, calib_ctx=128)
+    assert len(entries()) == 2  # measured afresh, not read back
+    name = next(n for n in changed.tensors if n.startswith("blk."))
+    assert changed.tensors[name]["errors"]["Q4_K"] != first.tensors[name]["errors"]["Q4_K"]
+    assert key_of("plan", "same inputs") != keys["plan"] and key_of("quantize", "same inputs") != keys["quantize"]
+    assert key_of("distill", "same inputs") == keys["distill"]

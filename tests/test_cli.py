@@ -115,3 +115,46 @@ def test_export_refuses_to_overwrite(tiny_gguf_f32, tmp_path):
     assert_one_line_error(run("export", tiny_gguf_f32, "-o", out), "exists")
     assert out.read_bytes() == b"precious"
     assert run("export", tiny_gguf_f32, "-o", out, "--force").exit_code == 0
+
+
+def test_bad_options_are_refused_before_any_work(tiny_hf, tmp_path, monkeypatch):
+    """Each is one `error:` line and exit 1, decided from the command line and the tensors'
+    shapes: the measurement, the calibration and every model load would fail the test."""
+    import pocketlm.models.layers as layers
+    import pocketlm.quantize.pipeline as pipeline
+    import pocketlm.quantize.sensitivity as sensitivity
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the input was checked")
+
+    monkeypatch.setattr(sensitivity, "measure", no_work)
+    monkeypatch.setattr(pipeline, "quantize_model", no_work)
+    monkeypatch.setattr(layers, "LayerStream", no_work)
+    out = tmp_path / "q.gguf"
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    cases = [
+        (["quantize", tiny_hf, "-o", out, "--target-size", "1KB"], "below the smallest file this model quantizes to"),
+        (["quantize", tiny_hf, "-o", out, "--target-size", "sixty"], "cannot read the size 'sixty'"),
+        (["quantize", tiny_hf, "-o", out, "--target-bpw", "0.5"], "'--target-bpw'"),
+        (["quantize", tiny_hf, "-o", out, "--target-bpw", "1.01"], "below the smallest file"),
+        (["quantize", tiny_hf, "-o", out, "--type", "Q9_K"], "unknown --type 'Q9_K'"),
+        (["quantize", tiny_hf, "-o", out, "--type", "Q4_K_M", "--target-size", "1MB"], "not both"),
+        (["quantize", tiny_hf, "-o", out, "--type", "Q4_K_M", "--calib-tokens", "0"], "'--calib-tokens'"),
+        (["quantize", tiny_hf, "-o", out, "--type", "Q4_K_M", "--method", "gtpq"], "'gtpq' is not one of"),
+        (["quantize", tiny_hf, "-o", out, "--type", "Q4_K_M", "--keep", "blk.*=Q9"], "unknown GGUF block type"),
+        (["quantize", tiny_hf, "-o", out, "--type", "Q4_K_M", "--calib", tmp_path / "nope.txt"], "no such file"),
+        (["quantize", tiny_hf, "-o", out, "--target-size", "10MB", "--calib", tmp_path / "nope.txt"], "no such file"),
+        (["quantize", tiny_hf, "-o", out, "--tpye", "Q4_K_M"], "No such option '--tpye'. Did you mean '--type'?"),
+        (["plan", tiny_hf], "give one of --target-size or --target-bpw"),
+        (["plan", tiny_hf, "--target-size", "-5MB"], "cannot read the size"),
+        (["index", text, "--db", tmp_path / "i.db", "--chunk-tokens", "-1"], "'--chunk-tokens'"),
+        (["search", "river", "--db", tmp_path / "i.db", "--k", "0"], "'--k'"),
+        (["eval", tiny_hf, "--ctx", "1"], "'--ctx'"),
+        (["serve", "--port", "70000"], "'--port'"),
+        (["distill", tiny_hf, "-o", tmp_path / "s", "--data", text, "--lr", "0"], "'--lr'"),
+        (["compress", "--target-size", "lots", "-o", tmp_path / "c"], "cannot read the size 'lots'"),
+    ]
+    for args, pattern in cases:
+        assert_one_line_error(run(*args), pattern)
+    assert not out.exists()

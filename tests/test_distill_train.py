@@ -121,11 +121,11 @@ def test_two_processes_train_the_same_model_as_one(tiny_teacher, corpus, tmp_pat
     exe = Path(sys.executable).with_name("pocketlm")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "POCKETLM_CACHE": str(tmp_path / "cache")}
     one = subprocess.run([str(exe), *_distill_args(tiny_teacher, tmp_path / "one", corpus, "--fp32")],
-                         env=env, capture_output=True, text=True)
+                         env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(exe), *_distill_args(tiny_teacher, tmp_path / "two", corpus, "--fp32")],
-                         env=env, capture_output=True, text=True)
+                         env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -87,12 +87,13 @@ def test_untied_output_is_written(tmp_path):
 
 
 def test_second_gguf_load_comes_from_the_cache_and_is_identical(tiny_gguf_f32):
+    from pocketlm.models.load import _gguf_cache_folder
     from pocketlm.models.source import resolve
-    from pocketlm.util.cache import cache_dir, model_content_hash
+    from pocketlm.util.cache import cache_dir
 
     first = load(tiny_gguf_f32)
-    cached = cache_dir() / "hf-from-gguf" / model_content_hash(resolve(tiny_gguf_f32))[:24]
-    assert (cached / "pocketlm_load.json").exists()
+    cached = _gguf_cache_folder(resolve(tiny_gguf_f32))
+    assert cached.parent == cache_dir() / "hf-from-gguf" and (cached / "pocketlm_load.json").exists()
     second = load(tiny_gguf_f32)
     ids = torch.arange(3, 40)[None]
     with torch.inference_mode():

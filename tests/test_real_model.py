@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED, shared_file
+from conftest import WIKI_HELDOUT
 from pocketlm.eval import metrics
 from pocketlm.eval.runner import EvalOptions, evaluate
 from pocketlm.models import inspect, load
@@ -19,11 +19,7 @@ WIKI_SLICE_TOKENS = 3000
 
 @pytest.fixture(scope="module")
 def smol():
-    pytest.importorskip("llama_cpp")
-    try:
-        return load("smollm2-135m")
-    except Exception as exc:  # the wheel is installed by `make`; a bare checkout may lack it
-        pytest.skip(f"default model unavailable: {exc}")
+    return load("smollm2-135m")  # its wheel is installed by `make`: missing, the tests fail
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +28,8 @@ def smol_f32(smol, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def wiki_slice(tmp_path_factory):
-    text = shared_file("text/wiki.txt").read_text()
-    p = tmp_path_factory.mktemp("wiki") / "wiki-tail.txt"
-    p.write_text(text[int(len(text) * 0.8):][:20000])  # the held-out last 20%
-    return p
+def wiki_slice():
+    return WIKI_HELDOUT  # 20,000 characters of the held-out last 20% of wiki.txt
 
 
 def test_info_of_default_model():
@@ -58,10 +51,10 @@ def test_f32_export_matches_transformers(smol, smol_f32):
 def test_torch_tokenizer_splits_text_as_llama_cpp_does(smol, tmp_path):
     """transformers' GGUF converter drops SmolLM2's digit split, which changes how whitespace
     before a digit is tokenized; load() puts it back, also in folders exported from the model."""
-    texts = ["Steps:\n\n  1) read  20 lines\n    42  items, in 2024 and 3.14\t7"]
-    page = SHARED / "corpora" / "python-docs" / "howto" / "argparse.rst.txt"
-    if page.exists():
-        texts.append(page.read_text())
+    from pocketlm.data import SAMPLE_DOCS
+
+    texts = ["Steps:\n\n  1) read  20 lines\n    42  items, in 2024 and 3.14\t7",
+             (SAMPLE_DOCS / "programming.rst").read_text()]  # a real page: reST, code, numbers
     llama = LlamaCppModel(smol.source.path, n_ctx=512)
     reloaded = load(save_hf(smol, tmp_path / "smol-hf"))
     for text in texts:

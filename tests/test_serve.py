@@ -11,13 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+import openai
+import uvicorn
 
-from pocketlm.models.export_gguf import cached_gguf  # noqa: E402
-from pocketlm.models.registry import DEFAULT_MODEL  # noqa: E402
-from pocketlm.rag.index import index_paths  # noqa: E402
-from pocketlm.serve.app import create_app  # noqa: E402
+from pocketlm.models.export_gguf import cached_gguf
+from pocketlm.models.registry import DEFAULT_MODEL
+from pocketlm.rag.index import index_paths
+from pocketlm.serve.app import create_app
 from pocketlm.serve.engine import ContextPool  # noqa: E402
 from pocketlm.serve.knowledge import KnowledgeBase, safe_filename  # noqa: E402
 from pocketlm.errors import PocketError  # noqa: E402
@@ -138,6 +138,32 @@ def test_refusals_in_openais_error_format(client, live):
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
     bad = httpx.post(f"{live.url}/v1/chat/completions", headers=_auth(), json={"messages": []})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_hostile_requests_get_4xx_in_openais_shape(live):
+    def error_of(res, status):
+        assert res.status_code == status, res.text
+        err = res.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}, err
+        return err
+
+    url = live.url
+    # a non-ASCII Authorization header is a wrong key, not a server error
+    res = httpx.get(f"{url}/v1/models", headers=[(b"Authorization", "Bearer t\u00e9st-key".encode("latin-1"))])
+    assert error_of(res, 401)["code"] == "invalid_api_key"
+    assert error_of(httpx.get(f"{url}/v1/nothing-here", headers=_auth()), 404)["code"] == "not_found"
+    assert error_of(httpx.delete(f"{url}/v1/models", headers=_auth()), 405)["code"] == "method_not_allowed"
+    empty = httpx.post(f"{url}/v1/completions", headers=_auth(), json={"prompt": "", "max_tokens": 4})
+    assert error_of(empty, 400)["param"] == "prompt"
+    hacker = httpx.post(f"{url}/v1/chat/completions", headers=_auth(),
+                        json={"messages": [{"role": "hacker", "content": "hi"}], "max_tokens": 4})
+    assert "messages.0.role" in error_of(hacker, 400)["message"]
+    many = httpx.post(f"{url}/v1/embeddings", headers=_auth(), json={"input": ["x"] * 2049})
+    assert "at most 2048 inputs" in error_of(many, 400)["message"]
+    for i in range(5):  # unknown paths share one metrics series instead of adding one each
+        httpx.get(f"{url}/v1/probe-{i}", headers=_auth())
+    metrics = httpx.get(f"{url}/metrics", headers=_auth()).text
+    assert "probe-" not in metrics and 'endpoint="other"' in metrics
 
 
 def test_a_client_that_leaves_stops_its_generation(live):

@@ -237,3 +237,44 @@ def test_streamed_sensitivity_equals_the_whole_model_measure(models, sample_text
         "ffn_up": 0.0009810911148814736, "output": 0.0012213319790832463, "token_embd": 0.015476352668655243}, rel=1e-12)
     assert sens.overhead == 12000 and sens.n_params == sum(
         int(torch.tensor(s).prod()) for s in [i["shape"] for i in sens.tensors.values()] + list(sens.fixed.values()))
+
+
+@pytest.mark.real_model
+def test_sigterm_cleans_up_like_ctrl_c_and_a_rerun_sweeps_a_killed_writers_file(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = Path(sys.executable).with_name("pocketlm")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [str(exe), "quantize", "smollm2-135m", "-o", str(out / "q.gguf"), "--type", "Q4_K_M", "--method", "rtn",
+            "--allow-requant", "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(out.iterdir()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # the output's temporary file appears once writing starts
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert list(out.iterdir()) == []
+    # a writer killed outright (SIGKILL) leaves its temporary file; the next write of that target removes it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = out / f".q.gguf.tmp-{dead.pid}-x1y2"
+    left.write_bytes(b"partial")
+    from pocketlm.util.atomic import write_text
+
+    write_text(out / "q.gguf", "done")
+    assert sorted(p.name for p in out.iterdir()) == ["q.gguf"]
+    assert (out / "q.gguf").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-sync_api = pytest.importorskip("playwright.sync_api")
+from playwright import sync_api
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.real_model,
               pytest.mark.skipif(not CHROMIUM, reason="needs Debian's chromium (scripts/test.sh installs it)")]

@@ -35,7 +35,44 @@ def _refuse_existing(path: Path, force: bool) -> None:
         raise PocketError(f"{path} exists; pass --force to replace it")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """click's own rejections (a bad choice, a number out of range, an unknown option) as one
+    `error:` line and exit status 1, like every other bad input, instead of a usage block and 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(1)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class Size(click.ParamType):
+    """A file size such as 60MB, 57.5MiB or 1GB, as bytes; checked when the command line is read."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from .quantize.budget import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except PocketError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = Size()
+POSITIVE = click.IntRange(min=1)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pocketlm")
 def cli():
     """pocketlm: shrink a language model, measure what was kept, run it on your CPU."""
@@ -81,9 +118,9 @@ def export(model, output, dtype, force):
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--system", default=None, help="System prompt.")
-@click.option("--max-tokens", default=512, show_default=True)
-@click.option("--temperature", default=0.7, show_default=True)
-@click.option("--ctx", default=2048, show_default=True)
+@click.option("--max-tokens", default=512, show_default=True, type=POSITIVE, help="Most tokens generated per answer.")
+@click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(min=0))
+@click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=16))
 @user_errors
 def chat(model, system, max_tokens, temperature, ctx):
     """Chat with MODEL in the terminal, streamed, on llama.cpp. Empty line or Ctrl-D quits."""
@@ -96,12 +133,12 @@ def chat(model, system, max_tokens, temperature, ctx):
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--reference", "-r", default=None, help="Model to compare against (KLD, top-1).")
 @click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path), help="Text file(s) for PPL/KLD.")
-@click.option("--max-tokens", type=int, default=None, help="Use at most this many tokens of the text.")
-@click.option("--ctx", default=512, show_default=True, help="Window length in tokens.")
+@click.option("--max-tokens", type=POSITIVE, default=None, help="Use at most this many tokens of the text.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Window length in tokens.")
 @click.option("--mmlu", type=click.Path(path_type=Path), default=None, help="MMLU jsonl file.")
-@click.option("--mmlu-limit", type=int, default=None, help="Subject-stratified sample size.")
+@click.option("--mmlu-limit", type=POSITIVE, default=None, help="Subject-stratified sample size.")
 @click.option("--speed", is_flag=True, help="Measure prefill/decode tok/s and peak memory.")
-@click.option("--threads", default=2, show_default=True)
+@click.option("--threads", default=2, show_default=True, type=POSITIVE)
 @click.option("--torch-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
               help="Precision for HF folders evaluated by torch.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write results as JSON here.")
@@ -125,13 +162,14 @@ def eval_cmd(model, reference, texts, max_tokens, ctx, mmlu, mmlu_limit, speed, 
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
 @click.option("--type", "preset", default=None, help="llama.cpp preset: Q8_0, Q6_K, Q5_K_M, ..., Q2_K.")
-@click.option("--target-size", default=None, help="Instead of --type: the file size to fit, e.g. 60MB (types per tensor "
-                                                   "chosen from measured sensitivity).")
-@click.option("--target-bpw", type=float, default=None, help="Instead of --type: bits per weight of the whole file.")
+@click.option("--target-size", type=SIZE, default=None, help="Instead of --type: the file size to fit, e.g. 60MB (types "
+                                                              "per tensor chosen from measured sensitivity).")
+@click.option("--target-bpw", type=click.FloatRange(1, 32), default=None,
+              help="Instead of --type: bits per weight of the whole file.")
 @click.option("--method", type=click.Choice(["rtn", "imatrix", "gptq"]), default=None,
               help="Default: gptq with --calib, else imatrix on bundled text.")
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
-@click.option("--calib-tokens", default=8192, show_default=True,
+@click.option("--calib-tokens", default=8192, show_default=True, type=POSITIVE,
               help="Calibration tokens (8192 and 16384 gave the same KLD on SmolLM2 Q4_K_M).")
 @click.option("--keep", multiple=True, help="PATTERN=TYPE per-tensor override, e.g. 'blk.*.ffn_down.weight=Q6_K'.")
 @click.option("--allow-requant", is_flag=True, help="Allow a target type above the input's own quantization.")
@@ -152,26 +190,42 @@ def quantize(model, output, preset, target_size, target_bpw, method, calib, cali
     if output.suffix.lower() != ".gguf":
         raise PocketError("the output of quantize is a .gguf file")
     _refuse_existing(output, force)
+    keep = parse_keep(keep)
+    _check_files(calib, "--calib")
     types = {}
     if preset is None:
         types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=not quiet)
     opts = QuantizeOptions(preset=preset.upper() if preset else None, method=method, calib=[str(c) for c in calib],
-                           calib_tokens=calib_tokens, keep=parse_keep(keep), allow_requant=allow_requant, types=types)
+                           calib_tokens=calib_tokens, keep=keep, allow_requant=allow_requant, types=types)
     reports = quantize_model(model, output, opts)
     if not quiet:
         print_quantize(reports)
     click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
 
 
+def _check_files(paths, flag: str) -> None:
+    for p in paths:
+        if not Path(p).exists():
+            raise PocketError(f"{flag} {p}: no such file or folder")
+
+
 def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: bool) -> dict[str, str]:
-    from .quantize.budget import target_bytes, types_for_budget
-    from .quantize.sensitivity import measure
+    """Every check that needs only the command line and the tensors' shapes comes before the
+    measurement, which takes minutes on a cold cache."""
+    from .quantize.budget import mb, target_bytes, types_for_budget
+    from .quantize.sensitivity import measure, smallest_file_bytes
     from .report_table import print_allocation
 
-    if target_size is not None:
-        from .quantize.budget import parse_size
-
-        parse_size(target_size)  # a typo fails before minutes of measuring
+    if (target_size is None) == (target_bpw is None):
+        raise PocketError("give one of --target-size or --target-bpw")
+    _check_files(calib, "--calib")
+    smallest, n_params = smallest_file_bytes(model)
+    if target_size is not None and target_size < smallest:
+        raise PocketError(f"--target-size {mb(target_size)} is below the smallest file this model quantizes to "
+                          f"({mb(smallest)}: every tensor at its smallest type); distill a smaller student first")
+    if target_bpw is not None and target_bpw * n_params / 8 < smallest:
+        raise PocketError(f"--target-bpw {target_bpw} is below the smallest file this model quantizes to "
+                          f"({smallest * 8 / n_params:.2f} bits per weight)")
     sens = measure(model, [str(c) for c in calib], calib_tokens)
     target = target_bytes(sens, target_size, target_bpw)
     types = types_for_budget(sens, target)
@@ -182,10 +236,10 @@ def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: boo
 
 @cli.command(name="plan")
 @click.argument("model")
-@click.option("--target-size", default=None, help="File size to fit, e.g. 60MB or 57MiB.")
-@click.option("--target-bpw", type=float, default=None, help="Bits per weight of the whole file.")
+@click.option("--target-size", type=SIZE, default=None, help="File size to fit, e.g. 60MB or 57MiB.")
+@click.option("--target-bpw", type=click.FloatRange(1, 32), default=None, help="Bits per weight of the whole file.")
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
-@click.option("--calib-tokens", default=8192, show_default=True)
+@click.option("--calib-tokens", default=8192, show_default=True, type=POSITIVE)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the allocation here.")
 @user_errors
 def plan_cmd(model, target_size, target_bpw, calib, calib_tokens, json_out):
@@ -211,24 +265,24 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output HF folder.")
 @click.option("--data", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Training text: files or folders of documents (.txt .md .rst .html .pdf .docx).")
-@click.option("--layers", type=int, default=None, help="Keep the N most important layers.")
+@click.option("--layers", type=POSITIVE, default=None, help="Keep the N most important layers.")
 @click.option("--drop-layers", default=None, help="Drop these layers, e.g. '3,7,12'.")
-@click.option("--hidden", type=int, default=None, help="Hidden size (default: aligned down to 256).")
-@click.option("--ffn", type=int, default=None, help="MLP width.")
-@click.option("--heads", type=int, default=None, help="Attention heads.")
-@click.option("--kv-heads", type=int, default=None, help="Key/value heads (= heads: plain multi-head).")
+@click.option("--hidden", type=POSITIVE, default=None, help="Hidden size (default: aligned down to 256).")
+@click.option("--ffn", type=POSITIVE, default=None, help="MLP width.")
+@click.option("--heads", type=POSITIVE, default=None, help="Attention heads.")
+@click.option("--kv-heads", type=POSITIVE, default=None, help="Key/value heads (= heads: plain multi-head).")
 @click.option("--student", default=None, help="Start from this model instead of pruning the teacher.")
-@click.option("--tokens", default=500_000, show_default=True, help="Training tokens.")
-@click.option("--seq", default=512, show_default=True, help="Sequence length.")
+@click.option("--tokens", default=500_000, show_default=True, type=POSITIVE, help="Training tokens.")
+@click.option("--seq", default=512, show_default=True, type=click.IntRange(min=2), help="Sequence length.")
 @click.option("--loss", default="fkl", show_default=True, help="fkl | rkl | jsd:BETA | tvd | ce.")
 @click.option("--tail", default="bucket", show_default=True, type=click.Choice(["bucket", "sample"]),
               help="fkl on the teacher's mass outside its top-k: one bucket, or also the data's next token there.")
-@click.option("--topk", default=64, show_default=True, help="Teacher log-probs kept per position.")
-@click.option("--lr", default=3e-4, show_default=True)
-@click.option("--batch", default=8, show_default=True, help="Sequences per optimizer step (all processes).")
-@click.option("--micro-batch", default=2, show_default=True, help="Sequences per forward pass.")
-@click.option("--eval-every", default=50, show_default=True, help="Steps between held-out evaluations.")
-@click.option("--save-every", default=50, show_default=True, help="Steps between checkpoints.")
+@click.option("--topk", default=64, show_default=True, type=POSITIVE, help="Teacher log-probs kept per position.")
+@click.option("--lr", default=3e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--batch", default=8, show_default=True, type=POSITIVE, help="Sequences per optimizer step (all processes).")
+@click.option("--micro-batch", default=2, show_default=True, type=POSITIVE, help="Sequences per forward pass.")
+@click.option("--eval-every", default=50, show_default=True, type=POSITIVE, help="Steps between held-out evaluations.")
+@click.option("--save-every", default=50, show_default=True, type=POSITIVE, help="Steps between checkpoints.")
 @click.option("--fp32", is_flag=True, help="Train in float32 instead of bf16 autocast.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the checkpoint an interrupted run left.")
@@ -255,8 +309,8 @@ def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_h
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--db", required=True, type=click.Path(path_type=Path), help="The index file (SQLite).")
 @click.option("--embedder", default=None, help="all-minilm-l6-v2 (default) or a sentence-transformers folder.")
-@click.option("--chunk-tokens", default=256, show_default=True)
-@click.option("--overlap", default=32, show_default=True)
+@click.option("--chunk-tokens", default=256, show_default=True, type=click.IntRange(min=16))
+@click.option("--overlap", default=32, show_default=True, type=click.IntRange(min=0))
 @click.option("--int8", is_flag=True, help="Store vectors as int8 with a scale (4x smaller).")
 @user_errors
 def index(paths, db, embedder, chunk_tokens, overlap, int8):
@@ -274,7 +328,7 @@ def index(paths, db, embedder, chunk_tokens, overlap, int8):
 @click.argument("query")
 @click.option("--db", required=True, type=click.Path(path_type=Path))
 @click.option("--mode", default="hybrid", show_default=True, type=click.Choice(["bm25", "dense", "hybrid"]))
-@click.option("--k", default=5, show_default=True)
+@click.option("--k", default=5, show_default=True, type=POSITIVE, help="Passages retrieved.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def search(query, db, mode, k, as_json):
@@ -300,9 +354,9 @@ def search(query, db, mode, k, as_json):
 @click.argument("question")
 @click.option("--db", required=True, type=click.Path(path_type=Path))
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--k", default=5, show_default=True)
-@click.option("--max-tokens", default=256, show_default=True)
-@click.option("--ctx", default=2048, show_default=True)
+@click.option("--k", default=5, show_default=True, type=POSITIVE, help="Passages retrieved.")
+@click.option("--max-tokens", default=256, show_default=True, type=POSITIVE, help="Most tokens generated per answer.")
+@click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=16))
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def ask(question, db, model, k, max_tokens, ctx, as_json):
@@ -328,11 +382,11 @@ def ask(question, db, model, k, max_tokens, ctx, as_json):
 
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
-@click.option("--target-size", required=True, help="File size to fit, e.g. 80MB.")
+@click.option("--target-size", required=True, type=SIZE, help="File size to fit, e.g. 80MB.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--domain", type=click.Path(path_type=Path), default=None, help="Documents to index for RAG.")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (see README).")
-@click.option("--tokens", type=int, default=None, help="Distillation tokens (overrides the recipe).")
+@click.option("--tokens", type=POSITIVE, default=None, help="Distillation tokens (overrides the recipe).")
 @click.option("--mmlu", type=click.Path(path_type=Path), default=None, help="MMLU jsonl for a task-accuracy sample.")
 @user_errors
 def compress(model, target_size, output, domain, recipe, tokens, mmlu):
@@ -349,15 +403,16 @@ def compress(model, target_size, output, domain, recipe, tokens, mmlu):
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--db", type=click.Path(path_type=Path), default=None, help="Index for RAG, embeddings and uploads.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback: this machine only).")
-@click.option("--port", default=8000, show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--api-key", envvar="POCKETLM_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health (or POCKETLM_API_KEY).")
-@click.option("--ctx", default=2048, show_default=True, help="Context length of each generation context.")
-@click.option("--parallel", default=1, show_default=True, help="Generation contexts (requests served at once).")
-@click.option("--max-queue", default=16, show_default=True, help="Requests that may wait; more get 429.")
+@click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=16),
+              help="Context length of each generation context.")
+@click.option("--parallel", default=1, show_default=True, type=POSITIVE, help="Generation contexts (requests served at once).")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0), help="Requests that may wait; more get 429.")
 @click.option("--uploads", type=click.Path(path_type=Path), default=None,
               help="Folder for uploaded documents (default: beside the index).")
-@click.option("--max-upload-mb", default=10.0, show_default=True)
+@click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @user_errors
 def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max_upload_mb):
     """OpenAI-compatible API (+ RAG with citations) and a web page, on llama.cpp."""
@@ -368,8 +423,6 @@ def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max
     from .serve.engine import ContextPool
     from .serve.knowledge import KnowledgeBase
 
-    if parallel < 1 or max_queue < 0:
-        raise PocketError("--parallel must be at least 1 and --max-queue at least 0")
     kb = KnowledgeBase(db, uploads) if db else None
     pool = ContextPool(cached_gguf(model, "f16"), n_ctx=ctx, parallel=parallel, max_queue=max_queue)
     model_id = Path(model).stem if Path(model).exists() else model
@@ -380,7 +433,14 @@ def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a container stopping) cleans up exactly like Ctrl-C
+
+
 def main():
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     cli()
 
 

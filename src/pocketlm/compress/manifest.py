@@ -1,6 +1,8 @@
 """Resumable steps: each writes its artifact atomically and records what it was made from.
 
-A step's key hashes its inputs (content hashes of files, the parameters, pocketlm's version).
+A step's key hashes its inputs (content hashes of files, the parameters) and the code that makes
+it (the source of the pocketlm parts it runs, the libraries' versions, and for the steps that
+quantize, what the codecs write).
 A rerun skips a step whose key and artifact are both still there, and redoes one whose inputs
 changed, which in turn changes the keys of the steps that consume its artifact.
 """
@@ -16,8 +18,23 @@ from typing import Callable
 from ..util.atomic import write_json
 
 
-def key_of(*parts) -> str:
-    return hashlib.sha256(json.dumps([version("pocketlm"), *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
+# What code each step runs: its key changes when that code does, and only then.
+STEP_CODE = {
+    "plan": ("quantize", "models", "compress"),
+    "distill": ("distill", "models", "compress"),
+    "quantize": ("quantize", "models", "compress"),
+    "preset": ("quantize/llamacpp_reference", "models", "compress"),
+    "evaluate": ("eval", "runtime", "models", "compress"),
+}
+CODEC_STEPS = ("plan", "quantize")  # steps whose results come from the codecs' output
+
+
+def key_of(step: str, *parts) -> str:
+    from ..quantize.formats.base import codec_fingerprint
+    from ..util.cache import code_version
+
+    code = [code_version(*STEP_CODE[step])] + ([codec_fingerprint()] if step in CODEC_STEPS else [])
+    return hashlib.sha256(json.dumps([step, *code, *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 class Manifest:

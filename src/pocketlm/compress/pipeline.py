@@ -85,7 +85,7 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
         write_json(path, decision)
         return decision
 
-    plan = manifest.run("plan", key_of(src_hash, budget, recipe["distill"], q, calib_hashes), "plan.json", make_plan,
+    plan = manifest.run("plan", key_of("plan", src_hash, budget, recipe["distill"], q, calib_hashes), "plan.json", make_plan,
                         params={"budget": budget, "distill": recipe["distill"]}, say=say)["result"]
     say(f"decision: {plan['why']}")
 
@@ -103,7 +103,7 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
                                                              eval_every=10**9, save_every=25))
             return {"tokens": result["tokens"], "fraction": fraction}
 
-        manifest.run("distill", key_of(src_hash, d, fraction, _hash_files(data)), "student", make_student,
+        manifest.run("distill", key_of("distill", src_hash, d, fraction, _hash_files(data)), "student", make_student,
                      params={**d, "fraction": fraction}, say=say)
         quant_source, quant_hash = out / "student", tree_sha256(out / "student")
 
@@ -118,7 +118,7 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
         kinds = {n: sens.loss(n, t) for n, t in types.items()}
         return {"types": types, "predicted_kld": sens.predicted_kld(types), "loss": kinds, "size": path.stat().st_size}
 
-    quantized = manifest.run("quantize", key_of(quant_hash, budget, q, calib_hashes), "model.gguf", make_model,
+    quantized = manifest.run("quantize", key_of("quantize", quant_hash, budget, q, calib_hashes), "model.gguf", make_model,
                              params={"budget": budget, **q}, say=say)["result"]
 
     ev = recipe["evaluate"]
@@ -133,7 +133,7 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
             llamacpp_quantize(cached_gguf(src, "f32"), path, preset, allow_requantize=True)
             return {"preset": preset, "size": path.stat().st_size}
 
-        manifest.run("preset", key_of(src_hash, preset), f"llamacpp-{preset}.gguf", make_preset,
+        manifest.run("preset", key_of("preset", src_hash, preset), f"llamacpp-{preset}.gguf", make_preset,
                      params={"preset": preset}, say=say)
 
     def make_eval(path: Path) -> dict:
@@ -150,7 +150,7 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
         return {"rows": list(rows)}
 
     model_hash = file_sha256(out / "model.gguf")
-    manifest.run("evaluate", key_of(src_hash, model_hash, preset, ev, _hash_files(texts)), "eval.json", make_eval,
+    manifest.run("evaluate", key_of("evaluate", src_hash, model_hash, preset, ev, _hash_files(texts)), "eval.json", make_eval,
                  params=ev, say=say)
 
     from ..eval.report import write_report

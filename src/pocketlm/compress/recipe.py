@@ -1,37 +1,107 @@
 """The compress recipe: what each step does, with defaults that need no file at all.
 
-A recipe file (YAML) overrides any of these keys; a key we do not know is an error that names
-it, since a misspelt option silently ignored would run a different job than the one asked for.
+A recipe file (YAML) overrides any of these keys. The schema below checks every value before
+any model is loaded: a misspelt key or a wrong value is an error that names the key, the value
+and what is allowed, since one silently ignored or caught late would run a different job, or
+fail an hour in, than the one asked for.
 """
 from __future__ import annotations
 
-import copy
+import re
 from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import PocketError
 
-DEFAULTS: dict = {
-    "distill": {
-        "when": "auto",  # auto: only when quantization alone cannot reach the budget; or always / never
-        "tokens": 200_000,
-        "loss": "fkl",
-        "data": [],  # text files or folders; default: the calibration text
-        "fraction": None,  # of the teacher's non-embedding parameters; default: sized for the budget
-    },
-    "quantize": {"method": "gptq", "calib": [], "calib_tokens": 8192},
-    "evaluate": {"texts": [], "max_tokens": 4096, "ctx": 512, "mmlu": None, "mmlu_limit": 100, "speed": True,
-                 "compare_preset": True},
-    "index": {"chunk_tokens": 256, "overlap": 32},
-}
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DistillStep(_Step):
+    when: Literal["auto", "always", "never"] = "auto"  # auto: only when quantization alone cannot reach the budget
+    tokens: int = Field(200_000, ge=1)
+    loss: str = "fkl"
+    data: list[str] = []  # text files or folders; default: the calibration text
+    fraction: Optional[float] = Field(None, gt=0, lt=1)  # of the teacher's non-embedding parameters; default: sized for the budget
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        from ..distill.losses import parse_loss
+
+        try:
+            parse_loss(value)
+        except PocketError as exc:
+            raise ValueError(str(exc).replace("--loss", "loss")) from None
+        return value
+
+
+class QuantizeStep(_Step):
+    method: Literal["rtn", "imatrix", "gptq"] = "gptq"
+    calib: list[str] = []
+    calib_tokens: int = Field(8192, ge=1)
+
+
+class EvaluateStep(_Step):
+    texts: list[str] = []
+    max_tokens: int = Field(4096, ge=1)
+    ctx: int = Field(512, ge=2)
+    mmlu: Optional[str] = None
+    mmlu_limit: Optional[int] = Field(100, ge=1)
+    speed: bool = True
+    compare_preset: bool = True
+
+
+class IndexStep(_Step):
+    chunk_tokens: int = Field(256, ge=16)
+    overlap: int = Field(32, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_chunk(self):
+        if self.overlap >= self.chunk_tokens:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})")
+        return self
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    distill: DistillStep = DistillStep()
+    quantize: QuantizeStep = QuantizeStep()
+    evaluate: EvaluateStep = EvaluateStep()
+    index: IndexStep = IndexStep()
+
+
+STEPS = tuple(Recipe.model_fields)
+
+
+def _explain(exc: ValidationError, where: str) -> PocketError:
+    """pydantic's first complaint as one line: the key, the value given, what is allowed."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        if len(err["loc"]) == 1:
+            return PocketError(f"{where}unknown step {key!r} (known: {', '.join(STEPS)})")
+        known = Recipe.model_fields[str(err["loc"][0])].annotation.model_fields
+        return PocketError(f"{where}unknown key {key} (known: {', '.join(known)})")
+    msg = re.sub(r" or instance of \w+", "", err["msg"].removeprefix("Value error, "))
+    if err["type"] == "value_error" and not err["loc"][1:]:  # a check across keys: its message names them
+        return PocketError(f"{where}{key}: {msg}")
+    return PocketError(f"{where}{key} = {err['input']!r}: {msg}")
 
 
 def load_recipe(path: str | Path | None = None, **overrides) -> dict:
-    """Defaults, then the file's values, then `overrides` given as 'step.key'=value."""
-    recipe = copy.deepcopy(DEFAULTS)
+    """Defaults, then the file's values, then `overrides` given as 'step.key'=value (None: not
+    given); every value checked. Returns the recipe as plain dicts, one per step."""
+    given: dict = {}
+    where = ""
     if path is not None:
         import yaml
 
         path = Path(path)
+        where = f"{path}: "
         if not path.is_file():
             raise PocketError(f"no recipe file at {path}")
         try:
@@ -39,20 +109,14 @@ def load_recipe(path: str | Path | None = None, **overrides) -> dict:
         except yaml.YAMLError as exc:
             raise PocketError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(given, dict):
-            raise PocketError(f"{path}: a recipe is a mapping of steps (distill, quantize, evaluate, index)")
-        for step, values in given.items():
-            if step not in DEFAULTS:
-                raise PocketError(f"{path}: unknown step {step!r} (known: {', '.join(DEFAULTS)})")
-            if not isinstance(values, dict):
-                raise PocketError(f"{path}: step {step!r} wants a mapping of settings")
-            for key, value in values.items():
-                if key not in DEFAULTS[step]:
-                    raise PocketError(f"{path}: unknown key {step}.{key} (known: {', '.join(DEFAULTS[step])})")
-                recipe[step][key] = value
+            raise PocketError(f"{path}: a recipe is a mapping of steps ({', '.join(STEPS)})")
     for dotted, value in overrides.items():
         if value is not None:
             step, key = dotted.split(".")
-            recipe[step][key] = value
-    if recipe["distill"]["when"] not in ("auto", "always", "never"):
-        raise PocketError("distill.when must be auto, always or never")
-    return recipe
+            section = given.setdefault(step, {})
+            if isinstance(section, dict):
+                section[key] = value
+    try:
+        return Recipe.model_validate(given).model_dump()
+    except ValidationError as exc:
+        raise _explain(exc, where) from None

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..util.atomic import write_json
-from ..util.cache import cache_dir
+from ..util.cache import cache_dir, code_version
 from ..util.hashing import array_sha256
 
 
@@ -36,7 +36,8 @@ class TeacherTargets:
 
 
 def cache_key(teacher_hash: str, sequences: torch.Tensor, topk: int) -> str:
-    tag = np.frombuffer(f"{teacher_hash}|k={topk}|v1".encode(), dtype=np.uint8)
+    code = code_version("distill/teacher_cache", "models")
+    tag = np.frombuffer(f"{teacher_hash}|k={topk}|{code}".encode(), dtype=np.uint8)
     return array_sha256(tag, sequences.numpy())[:32]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..models.source import ModelSource
 from ..util.atomic import atomic_path
-from ..util.cache import cache_dir, model_content_hash
+from ..util.cache import cache_dir, code_version, model_content_hash
 from ..util.hashing import array_sha256
 
 FLOOR = 40.0  # log-probs below (max - FLOOR) are stored as the floor: p < 5e-18 adds nothing
@@ -50,7 +50,8 @@ class ReferenceLogits:
 
 
 def reference_key(src: ModelSource, inputs: np.ndarray, backend: str) -> str:
-    return array_sha256(np.frombuffer(f"{model_content_hash(src)}|{backend}".encode(), dtype=np.uint8), inputs)[:32]
+    code = code_version("eval/reference", "runtime", "models")
+    return array_sha256(np.frombuffer(f"{model_content_hash(src)}|{backend}|{code}".encode(), dtype=np.uint8), inputs)[:32]
 
 
 def _entry(key: str) -> Path:

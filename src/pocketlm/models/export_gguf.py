@@ -89,12 +89,12 @@ def _float_type(dtype: str, shape) -> str:
 def cached_gguf(source, dtype: str) -> Path:
     """A GGUF path for any source: GGUF files as they are, HF folders converted once to
     `dtype` and cached by content (so an edited folder gets a fresh conversion)."""
-    from ..util.cache import cache_dir, model_content_hash
+    from ..util.cache import cache_dir, code_version, model_content_hash
 
     src = resolve(source)
     if src.is_gguf:
         return src.path
-    path = cache_dir() / "gguf" / f"{model_content_hash(src)[:24]}.{dtype}.gguf"
+    path = cache_dir() / "gguf" / f"{model_content_hash(src)[:24]}-{code_version('models')}.{dtype}.gguf"
     if not path.exists():
         log.info("converting %s to GGUF (cached at %s)", src.path, path)
         export_gguf(src, path, dtype, progress=False)

@@ -66,9 +66,10 @@ def load(source, dtype: str = "float32") -> LoadedModel:
 
 
 def _gguf_cache_folder(src: ModelSource) -> Path:
-    from ..util.cache import cache_dir, model_content_hash
+    from ..util.cache import cache_dir, code_version, model_content_hash
 
-    return cache_dir() / "hf-from-gguf" / model_content_hash(src)[:24]
+    code = code_version("models/load", "models/gguf_file", "models/gguf_tokenizer", "models/hf_arch")
+    return cache_dir() / "hf-from-gguf" / f"{model_content_hash(src)[:24]}-{code}"
 
 
 def hf_folder(source) -> Path:

@@ -24,13 +24,13 @@ import torch
 from tqdm import tqdm
 
 from ..util.atomic import write_json
-from ..util.cache import cache_dir, model_content_hash
+from ..util.cache import cache_dir, code_version, model_content_hash
 from .budget import Option
 from .formats import get as get_format
+from .formats.base import codec_fingerprint
 from .methods.rtn import quantize_rtn
 from .plan import fits, tensor_bytes
 
-VERSION = 1
 CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 PROBES = ("Q3_K", "Q4_0")  # the first that fits a tensor: coarse enough that its KLD clears the noise
 GAIN_WINDOWS = 4
@@ -68,7 +68,7 @@ class Sensitivity:
         return float(sum(self.loss(n, types[n]) for n in self.tensors))
 
     def to_json(self) -> dict:
-        return {"version": VERSION, "tensors": self.tensors, "gains": self.gains, "fixed": self.fixed,
+        return {"tensors": self.tensors, "gains": self.gains, "fixed": self.fixed,
                 "overhead": self.overhead, "n_params": self.n_params}
 
 
@@ -90,7 +90,8 @@ def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, c
     ts = open_tensors(src)
     layers = LayerStream(src)
     windows = calibration_windows(layers.tokenizer, layers.add_bos, list(calib), calib_tokens, calib_ctx)
-    key = hashlib.sha256(json.dumps([VERSION, CANDIDATES, model_content_hash(src)]).encode()
+    key = hashlib.sha256(json.dumps([code_version("quantize", "models"), codec_fingerprint(), CANDIDATES,
+                                     model_content_hash(src)]).encode()
                          + b"".join(w.numpy().tobytes() for w in windows)).hexdigest()[:24]
     path = cache_dir() / "sensitivity" / f"{key}.json"
     if path.exists():
@@ -101,8 +102,7 @@ def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, c
     shapes = {n: list(ts.shape(n)) for n in ts.names}
     # A quantized source (the default model is Q4_1) gains nothing from a type above its own:
     # such types are left out, as `quantize` refuses them without --allow-requant.
-    source_bpw = {n: (get_format(e.type).bits_per_weight if e.type not in ("F32", "F16", "BF16") else 99.0)
-                  for n, e in ts.entries.items()}
+    source_bpw = {n: _source_bpw(e) for n, e in ts.entries.items()}
     tensors: dict = {}
     head_name = "output.weight" if "output.weight" in shapes else "token_embd.weight"
     layer_kinds = sorted({kind_of(n) for n, s in shapes.items() if len(s) == 2 and n.startswith("blk.")})
@@ -149,15 +149,39 @@ HEAD_BLOCK = 1 << 26  # head values handled at once; SmolLM2's whole head fits o
 # approximation of the proxy's gain only; the errors stay exact).
 
 
+def candidates(cols: int, source_bpw: float) -> list[str]:
+    """The types a tensor with rows of `cols` values may take: its rows split into their blocks,
+    and no more bits per weight than the source already has."""
+    return [t for t in CANDIDATES if fits(t, cols) and get_format(t).bits_per_weight <= source_bpw + 1e-9]
+
+
+def _source_bpw(entry) -> float:
+    return get_format(entry.type).bits_per_weight if entry.type not in ("F32", "F16", "BF16") else 99.0
+
+
+def smallest_file_bytes(source) -> tuple[int, int]:
+    """(bytes of the smallest file a budget can make of this model, its parameter count), from
+    the tensors' shapes alone: a budget below it is refused before any measuring."""
+    from ..models.export_gguf import header_bytes
+    from ..models.source import resolve
+    from ..models.tensors import open_tensors
+
+    ts = open_tensors(resolve(source))
+    shapes = {n: list(ts.shape(n)) for n in ts.names}
+    total = header_bytes(ts) + 32 * len(shapes)
+    for name, shape in shapes.items():
+        options = candidates(shape[-1], _source_bpw(ts.entries[name])) if len(shape) == 2 else []
+        total += min((tensor_bytes(t, shape) for t in options), default=tensor_bytes("F32", shape))
+    return total, sum(int(np.prod(s)) for s in shapes.values())
+
+
 def _examine(errors: dict, weight: np.ndarray, importance: np.ndarray | None, source_bpw: float) -> np.ndarray:
     """Adds each candidate type's weighted error of `weight` (rows, cols) into `errors`;
     returns the weights decoded from the probe type."""
     imp = np.ones(weight.shape[1], np.float32) if importance is None else importance.astype(np.float32)
     probe_type = next(p for p in PROBES if fits(p, weight.shape[1]))  # always allowed: <= 4.5 bpw
     probe = None
-    for type_name in CANDIDATES:
-        if not fits(type_name, weight.shape[1]) or get_format(type_name).bits_per_weight > source_bpw + 1e-9:
-            continue
+    for type_name in candidates(weight.shape[1], source_bpw):
         fmt = get_format(type_name)
         deq = fmt.dequantize(quantize_rtn(weight, fmt, importance).reshape(-1, fmt.type_size)).reshape(weight.shape)
         errors[type_name] = errors.get(type_name, 0.0) + float((((weight - deq) ** 2).sum(0) * imp).sum())

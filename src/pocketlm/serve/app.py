@@ -6,6 +6,7 @@ sources in an extra `citations` field that ordinary clients ignore.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from contextlib import aclosing
@@ -14,6 +15,7 @@ from importlib import resources
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import PocketError
 from .engine import QueueFull
@@ -34,8 +36,10 @@ class Guard:
     """ASGI middleware: API key, request size limits, and per-endpoint request metrics (it sees
     a streamed response to its end, which a route handler does not)."""
 
-    def __init__(self, app, *, api_key: str | None, max_body: int, max_upload: int, metrics: Metrics):
-        self.app, self.api_key, self.max_body, self.max_upload, self.metrics = app, api_key, max_body, max_upload, metrics
+    def __init__(self, app, *, api_key: str | None, max_body: int, max_upload: int, metrics: Metrics, known_paths):
+        self.app, self.max_body, self.max_upload, self.metrics = app, max_body, max_upload, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.known_paths = known_paths  # metrics label only these: every unknown path would add a series
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -43,8 +47,9 @@ class Guard:
         path = scope["path"]
         headers = dict(scope["headers"])
         started, status = time.perf_counter(), [500]
-        if self.api_key and path not in PUBLIC_PATHS:
-            if headers.get(b"authorization", b"").decode() != f"Bearer {self.api_key}":
+        if self.expected and path not in PUBLIC_PATHS:
+            # compared as bytes: a header in any encoding is just a wrong key, never a decoding error
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
                 return await error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                             "authentication_error", "invalid_api_key")(scope, receive, send)
         limit = self.max_upload if path == "/v1/documents" else self.max_body
@@ -68,7 +73,7 @@ class Guard:
         try:
             await self.app(scope, limited_receive, watched_send)
         finally:
-            endpoint = path if path.startswith("/v1/") or path in PUBLIC_PATHS + ("/metrics",) else "other"
+            endpoint = path if path in self.known_paths() else "other"
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
@@ -83,7 +88,13 @@ def create_app(pool, model_id: str, kb=None, *, api_key: str | None = None, max_
     metrics = Metrics(pool)
     app.state.pool, app.state.kb, app.state.metrics = pool, kb, metrics
     app.add_middleware(Guard, api_key=api_key, max_body=int(max_body_mb * MB), max_upload=int(max_upload_mb * MB),
-                       metrics=metrics)
+                       metrics=metrics, known_paths=lambda: {getattr(r, "path", None) for r in app.routes})
+
+    @app.exception_handler(HTTPException)
+    async def _http(_, exc: HTTPException):  # 404, 405 ... in OpenAI's error shape, like every other error
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(exc.status_code, str(exc.detail), code=codes.get(exc.status_code),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):

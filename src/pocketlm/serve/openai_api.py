@@ -38,14 +38,15 @@ class _Lenient(BaseModel):
 
 
 class ChatMessage(_Lenient):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
     def as_dict(self) -> dict:
         content = self.content
         if isinstance(content, list):  # content parts: we read text only
             content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-        return {"role": self.role, "content": content or ""}
+        role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for the system role
+        return {"role": role, "content": content or ""}
 
 
 class Sampling(_Lenient):
@@ -99,8 +100,15 @@ class CompletionRequest(Sampling):
         if isinstance(self.prompt, list):
             if len(self.prompt) != 1:
                 raise APIError(400, "send one prompt per request", param="prompt")
-            return self.prompt[0]
-        return self.prompt
+            text = self.prompt[0]
+        else:
+            text = self.prompt
+        if not text:  # llama.cpp asserts on an empty prompt
+            raise APIError(400, "prompt is empty", param="prompt")
+        return text
+
+
+MAX_EMBED_INPUTS = 2048
 
 
 class EmbeddingRequest(_Lenient):
@@ -112,6 +120,8 @@ class EmbeddingRequest(_Lenient):
         texts = [self.input] if isinstance(self.input, str) else list(self.input)
         if not texts or any(not isinstance(t, str) or not t for t in texts):
             raise APIError(400, "input must be a non-empty string or a list of them", param="input")
+        if len(texts) > MAX_EMBED_INPUTS:  # OpenAI's own limit; 50,000 inputs held the server for 80 s
+            raise APIError(400, f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(texts)}", param="input")
         return texts
 
 

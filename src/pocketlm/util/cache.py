@@ -1,7 +1,10 @@
 """Where derived artifacts are cached, and the content key they are cached under."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .hashing import file_sha256, tree_sha256
@@ -14,3 +17,30 @@ def cache_dir() -> Path:
 def model_content_hash(src) -> str:
     """Keyed by bytes, not path: a copied or renamed model still hits the cache."""
     return file_sha256(src.path) if src.is_gguf else tree_sha256(src.path)
+
+
+# The libraries whose arithmetic or parsing ends up in cached values.
+LIBRARIES = ("numpy", "torch", "transformers", "tokenizers", "gguf", "llama_cpp_python")
+
+
+@functools.cache
+def code_version(*parts: str) -> str:
+    """What produced a cached value, as far as code goes: the source of pocketlm's named
+    subpackages or modules ("quantize", "models/load") and the versions of the libraries above.
+    A hash of the source, not a version number: nobody forgets to bump it, and an edit that
+    changes nothing it hashes (another subpackage) keeps the caches it does not feed."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for part in sorted(parts):
+        where = root / part
+        files = sorted(where.rglob("*.py")) if where.is_dir() else [where.with_suffix(".py")]
+        if not files or not files[0].exists():
+            raise ValueError(f"no pocketlm source at {part!r}")
+        for f in files:
+            digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    for lib in LIBRARIES:
+        try:
+            digest.update(f"{lib}={version(lib)}".encode())
+        except PackageNotFoundError:
+            digest.update(f"{lib}=absent".encode())
+    return digest.hexdigest()[:16]

@@ -126,3 +126,25 @@ def nibbles(idx: np.ndarray) -> np.ndarray:
 
 def unnibble(b: np.ndarray) -> np.ndarray:
     return np.concatenate([b & 0x0F, b >> 4], axis=-1).astype(np.int64)
+
+
+def codec_fingerprint() -> str:
+    """A hash of what every registered format writes for a fixed input, plain and importance-
+    weighted. Caches of values the codecs produced (sensitivity tables, compress steps) carry it
+    in their key, so a codec whose output changes (an edit, a numpy upgrade, a test patching it)
+    never meets its old results. Not memoised: a few milliseconds."""
+    import hashlib
+
+    from . import _all  # noqa: F401  (importing registers every format)
+
+    rng = np.random.default_rng(20261130)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    x[:, ::37] *= 8  # a few heavy values, as real weight rows have
+    w = np.abs(rng.standard_normal((4, 256))).astype(np.float32) + 0.1
+    digest = hashlib.sha256()
+    for name in sorted(REGISTRY):
+        fmt = REGISTRY[name]
+        digest.update(name.encode())
+        digest.update(fmt.quantize(x).tobytes())
+        digest.update(fmt.quantize(x, w).tobytes())
+    return digest.hexdigest()[:16]
