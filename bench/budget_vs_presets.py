@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import quant_vs_llamacpp as qb  # noqa: E402
+from results_file import save_results  # noqa: E402
+
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
 from pocketlm.models.export_gguf import export_gguf  # noqa: E402
 from pocketlm.models.gguf_file import open_gguf  # noqa: E402
@@ -36,7 +38,6 @@ from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model  # noqa: 
 from pocketlm.quantize.sensitivity import measure  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
 from pocketlm.util.machine import cpu_name  # noqa: E402
-from results_file import save_results  # noqa: E402
 
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
 RESULTS = ROOT / "bench" / "results" / "budget_vs_presets.md"

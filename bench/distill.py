@@ -25,11 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pocketlm.util.machine import machine_name  # noqa: E402
+from results_file import save_results  # noqa: E402
+
 from pocketlm.distill.run import DistillOptions, distill  # noqa: E402
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
-from results_file import save_results  # noqa: E402
+from pocketlm.util.machine import machine_name  # noqa: E402
 
 DATA = Path(os.environ.get("POCKETLM_DATA", ROOT.parent / "shared" / "data"))
 WIKI, C4, MMLU = DATA / "text" / "wiki.txt", DATA / "text" / "c4.txt", DATA / "qa" / "mmlu_test.jsonl"
@@ -145,7 +146,8 @@ def write_results(args, teacher, rows, domain) -> None:
              + (f" --eval-backend {args.eval_backend}" if args.eval_backend != "auto" else "")
              + (" --skip-domain" if args.skip_domain else
                 f" --domain-loss {args.domain_loss}" if args.domain_loss != "fkl" else "")
-             + f"` on {machine_name()} ({os.cpu_count()} CPU cores), {time.strftime('%Y-%m-%d')}. Teacher: {Path(TEACHER).name} (PPL {t_ppl:.3f}"
+             + f"` on {machine_name()} ({os.cpu_count()} CPU cores), {time.strftime('%Y-%m-%d')}. "
+             + f"Teacher: {Path(TEACHER).name} (PPL {t_ppl:.3f}"
              + (f", MMLU {100 * teacher['wiki']['mmlu']:.1f}%" if teacher["wiki"].get("mmlu") else "") + "). "
              f"Held-out: last 20% of wiki.txt, {args.eval_tokens} tokens; MMLU: stratified {args.mmlu}.", "",
              "| student | loss | tokens | held-out PPL | KLD vs teacher | top-1 | MMLU | gap closed | tok/s | wall s |",

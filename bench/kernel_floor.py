@@ -22,12 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from results_file import put_section  # noqa: E402
+
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
 from pocketlm.models.export_gguf import export_gguf  # noqa: E402
 from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
 from pocketlm.util.machine import cpu_name  # noqa: E402
-from results_file import put_section  # noqa: E402
 
 CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench"))
 RESULTS = ROOT / "bench" / "results" / "kernel_floor.md"
@@ -53,7 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", default="smollm2-aligned-512")
     ap.add_argument("--types", default="Q8_0,Q6_K", help="GGUF presets quantized by pocketlm rtn, each measured")
-    ap.add_argument("--file", action="append", default=[], help="LABEL=PATH: an existing quantized GGUF to measure too (e.g. the model's own file)")
+    ap.add_argument("--file", action="append", default=[],
+                    help="LABEL=PATH: an existing quantized GGUF to measure too (e.g. the model's own file)")
     ap.add_argument("--eval-tokens", type=int, default=40960)
     args = ap.parse_args()
     work = CACHE / "quant" / args.tag

@@ -26,14 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pocketlm.util.machine import cpu_name  # noqa: E402
+from results_file import put_section  # noqa: E402
+
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
 from pocketlm.models.export_gguf import export_gguf  # noqa: E402
 from pocketlm.quantize.llamacpp_reference import llamacpp_imatrix, llamacpp_quantize  # noqa: E402
 from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from pocketlm.quantize.plan import PRESETS  # noqa: E402
 from pocketlm.util.atomic import write_json, write_text  # noqa: E402
-from results_file import put_section  # noqa: E402
+from pocketlm.util.machine import cpu_name  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "text" / "wiki.txt"
 CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench"))
@@ -183,7 +184,7 @@ def main() -> None:
     imatrix = work / "llamacpp.imatrix"
     if tools and not imatrix.exists():
         llamacpp_imatrix(ref, calib, imatrix, tools, chunks=args.calib_tokens // 512)
-    rows, results = [], {}
+    results = {}
     for preset in args.types.split(","):
         for variant in args.variants.split(","):
             res_path = row_path(work, preset, variant)
@@ -211,7 +212,8 @@ def _speed_goal(work: Path, results: dict, calib_tokens: int) -> list[str]:
     slowest = max((r["quantize_s"] for (p, v), r in results.items() if is_current(r) and v == "pocketlm gptq"), default=None)
     if slowest is not None:
         stale = any(r is not None and not is_current(r) for r in results.values())
-        lines.append(f"Slowest pocketlm gptq row above{' (not counting † rows)' if stale else ''}: {slowest:.0f} s at {calib_tokens} calibration tokens "
+        lines.append(f"Slowest pocketlm gptq row above{' (not counting † rows)' if stale else ''}: {slowest:.0f} s "
+                     f"at {calib_tokens} calibration tokens "
                      f"({'under' if slowest < 120 else 'over'} 2 minutes; the times include loading the model and "
                      "calibrating; rtn and imatrix rows show their own).")
     timing = work / "defaults-timing.json"

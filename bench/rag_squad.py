@@ -32,12 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pocketlm.util.machine import cpu_name  # noqa: E402
+from results_file import save_results  # noqa: E402
+
 from pocketlm.rag.embedder import Embedder  # noqa: E402
 from pocketlm.rag.index import index_paths  # noqa: E402
 from pocketlm.rag.retrieve import Retriever, rrf  # noqa: E402
 from pocketlm.rag.store import Store, top_k  # noqa: E402
-from results_file import save_results  # noqa: E402
+from pocketlm.util.machine import cpu_name  # noqa: E402
 
 SQUAD = ROOT.parent / "shared" / "data" / "qa" / "squad_v1.1_dev.json"
 WORK = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench")) / "rag"

@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pocketlm.util.machine import cpu_name  # noqa: E402
-from pocketlm.util.atomic import write_json  # noqa: E402
 from results_file import save_results  # noqa: E402
+
+from pocketlm.util.atomic import write_json  # noqa: E402
+from pocketlm.util.machine import cpu_name  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "text" / "wiki.txt"
 CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench")) / "scale"
@@ -274,7 +275,7 @@ def goals(rows: list[dict]) -> list[str]:
             out.append(f"- seconds per billion parameters ({job}): " + ", ".join(f"{s} {v:.0f}" for s, v in per.items())
                        + f" (spread {spread:.0%}, goal 25%): {'MET' if spread <= 0.25 else 'NOT MET'}.")
     t = by.get(("3B", "target"))
-    out.append(f"- --target-size at 3B within 4 GiB: " + (f"peak RSS {t['peak_rss_gib']} GiB: "
+    out.append("- --target-size at 3B within 4 GiB: " + (f"peak RSS {t['peak_rss_gib']} GiB: "
                f"{'MET' if t['peak_rss_gib'] <= 4 else 'NOT MET'}." if t else "NOT MEASURED."))
     return out
 

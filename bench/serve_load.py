@@ -26,8 +26,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from pocketlm.util.machine import cpu_name  # noqa: E402
 from results_file import save_results  # noqa: E402
+
+from pocketlm.util.machine import cpu_name  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serve_load.md"
 QUESTIONS = ["Explain what a compiler does.", "Write a short poem about rain.", "Give three tips for learning to cook.",

@@ -10,8 +10,10 @@ export POCKETLM_STRICT_TESTS=1
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "installing Debian's chromium for the web page test (once per machine)"
   apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
-    || echo "could not install chromium: the web page test will skip" >&2
+    || echo "could not install chromium: the web page test will fail" >&2
 fi
+# Lint first: an unused import or an undefined name fails CI like a failing test.
+.venv/bin/ruff check src tests bench || { echo "ruff found problems (see above): failing" >&2; exit 1; }
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?
 if [ $rc -eq 5 ]; then

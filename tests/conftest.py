@@ -88,6 +88,12 @@ def _isolated_cache(tmp_path, monkeypatch, _shared_gguf_conversions):
     monkeypatch.setenv("POCKETLM_CACHE", str(cache))
 
 
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

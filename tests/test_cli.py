@@ -2,8 +2,8 @@
 import json
 import shutil
 
-import pytest
 from click.testing import CliRunner
+from conftest import umask
 
 from pocketlm.cli import cli
 
@@ -32,9 +32,19 @@ def test_info_json(tiny_gguf_f32):
 
 def test_eval_writes_json_schema(tiny_gguf_f32, tiny_hf, sample_text, tmp_path):
     out = tmp_path / "r.json"
-    r = run("eval", tiny_gguf_f32, "--reference", tiny_hf, "--text", sample_text, "--ctx", 64, "--json", out)
+    r = run("eval", tiny_gguf_f32, "--reference", tiny_hf, "--text", sample_text, "--ctx", 64, "-o", out)
     assert r.exit_code == 0, r.output
     d = json.loads(out.read_text())
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask()  # the user's umask, not a temporary file's 0600
+    again = run("eval", tiny_gguf_f32, "--text", sample_text, "--ctx", 64, "-o", out)
+    assert_one_line_error(again, "exists; pass --force")
+    assert json.loads(out.read_text()) == d  # not replaced
+    printed = run("eval", tiny_gguf_f32, "--text", sample_text, "--ctx", 64, "--json")
+    assert printed.exit_code == 0 and json.loads(printed.stdout)["tokens"] == d["tokens"]
+    old = run("eval", tiny_gguf_f32, "--text", sample_text, "--ctx", 64, "--max-tokens", 100,
+              "--json", tmp_path / "old.json")  # the old spellings still work, and say they will go
+    assert old.exit_code == 0 and "deprecated" in old.stderr and (tmp_path / "old.json").exists()
+    assert json.loads((tmp_path / "old.json").read_text())["tokens"] <= 100
     for key in ("model", "size_bytes", "bpw", "tokens", "ppl", "kld_mean", "kld_p99", "top1", "mmlu_acc",
                 "prefill_tps", "decode_tps", "peak_rss_mb"):
         assert key in d
@@ -104,7 +114,7 @@ def test_reference_with_other_vocabulary(tiny_gguf_f32, sample_text, tmp_path):
 
     other = make_tiny_llama(tmp_path / "other", vocab_size=400, seed_text="zebra quartz vexing jumbled fox " * 30)
     out = tmp_path / "r.json"
-    r = run("eval", tiny_gguf_f32, "--reference", other, "--text", sample_text, "--ctx", 64, "--json", out)
+    r = run("eval", tiny_gguf_f32, "--reference", other, "--text", sample_text, "--ctx", 64, "-o", out)
     assert_one_line_error(r, "another vocabulary")
     assert not out.exists()
 

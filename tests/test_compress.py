@@ -33,7 +33,8 @@ def test_compress_meets_the_budget_reports_and_resumes(job):
     out = job["out"]
     assert (out / "model.gguf").stat().st_size <= 600_000
     rows = json.loads((out / "eval.json").read_text())
-    assert set(rows) == {"original", "pocketlm", f"llama.cpp {json.loads((out / 'manifest.json').read_text())['steps']['preset']['result']['preset']}"}
+    preset = json.loads((out / "manifest.json").read_text())["steps"]["preset"]["result"]["preset"]
+    assert set(rows) == {"original", "pocketlm", f"llama.cpp {preset}"}
     assert rows["pocketlm"]["kld_mean"] > 0 and rows["pocketlm"]["size_bytes"] < rows["original"]["size_bytes"]
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "× smaller" in md.splitlines()[2] and "distillation was skipped" in md

@@ -2,16 +2,16 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from pocketlm.distill.importance import measure
-from pocketlm.distill.losses import bucket_logprobs, divergence, distill_loss, parse_loss, tail_sample_term
+from pocketlm.distill.losses import bucket_logprobs, distill_loss, divergence, parse_loss, tail_sample_term
 from pocketlm.distill.prune import prune
 from pocketlm.distill.shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
 from pocketlm.distill.teacher_cache import teacher_targets
 from pocketlm.errors import PocketError
 from pocketlm.eval.metrics import kld as reference_kld
 from pocketlm.models import load
-from conftest import make_tiny_llama
 
 SMOLLM2 = TeacherDims(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, ffn=1536, vocab=49152, tied=True)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import CORPUS, make_tiny_llama
 from safetensors.torch import load_file
 
 import pocketlm.distill.trainer as trainer_mod
@@ -16,7 +17,6 @@ from pocketlm.distill.teacher_cache import teacher_targets
 from pocketlm.distill.trainer import Checkpoint, TrainConfig, train
 from pocketlm.errors import PocketError
 from pocketlm.models import load
-from conftest import CORPUS, make_tiny_llama
 
 
 @pytest.fixture(scope="module")

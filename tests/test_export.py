@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import CORPUS
 
 from pocketlm.models import inspect, load
 from pocketlm.models.export_gguf import export_gguf
 from pocketlm.models.export_hf import export_hf
 from pocketlm.runtime.llama_cpp_backend import LlamaCppModel
-from conftest import CORPUS
 
 TOKENS_TEXT = CORPUS[:300]
 

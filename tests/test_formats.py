@@ -25,8 +25,8 @@ def tricky_tensor(cols=1024):
 
 @pytest.mark.parametrize("name", ALL)
 def test_layout_matches_gguf_py(name):
-    from gguf.quants import dequantize
     import gguf
+    from gguf.quants import dequantize
 
     fmt = get(name)
     assert gguf.GGML_QUANT_SIZES[fmt.ggml_type] == (fmt.block_size, fmt.type_size)

@@ -1,7 +1,7 @@
 """Gemma 3 (a BOS model with its own norm convention); its package is installed by `make`."""
 import pytest
-
 from conftest import WIKI_HELDOUT
+
 from pocketlm.eval.runner import EvalOptions, evaluate
 from pocketlm.models.export_gguf import export_gguf
 from pocketlm.models.export_hf import export_hf

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from pocketlm.errors import PocketError
 from pocketlm.eval import metrics
 from pocketlm.eval.windows import make_windows
-from pocketlm.errors import PocketError
 
 
 def test_log_softmax_and_nll_by_hand():

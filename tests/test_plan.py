@@ -1,12 +1,12 @@
 """Presets choose the same type for every tensor as llama.cpp's own quantizer does."""
 import pytest
+from conftest import make_tiny_llama
 
 from pocketlm.errors import PocketError
 from pocketlm.models import inspect
 from pocketlm.models.export_gguf import export_gguf
 from pocketlm.quantize.llamacpp_reference import llamacpp_quantize
 from pocketlm.quantize.plan import PRESETS, more_bits, parse_keep, plan
-from conftest import make_tiny_llama
 
 SHAPES = {
     # 256-aligned, GQA 4 (k-quants apply everywhere; llama.cpp's n_gqa >= 4 rules fire)

@@ -1,11 +1,11 @@
 """Width pruning: GQA expanded to MHA computes the same function; cuts give aligned shapes."""
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from pocketlm.distill.prune import prune_llama_width
 from pocketlm.errors import PocketError
 from pocketlm.models import load
-from conftest import make_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -214,3 +214,32 @@ def _one_page_pdf(text: str) -> bytes:
     out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
     out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
     return bytes(out)
+
+
+def test_careless_inputs_are_named_not_silently_dropped(corpus, embedder, tmp_path):
+    import sqlite3
+
+    (corpus / "loop-a.md").symlink_to(corpus / "loop-b.md")
+    (corpus / "loop-b.md").symlink_to(corpus / "loop-a.md")
+    prose = "The mill by the river grinds wheat into flour for the bakery. " * 20
+    (corpus / "stray.txt").write_bytes(prose.encode()[:600] + b"\xe9" + prose.encode()[600:])  # one Latin-1 byte
+    (corpus / "latin1.txt").write_bytes("Café crème, déjà vu à Noël.".encode("latin-1"))  # not UTF-8 at all
+    db = tmp_path / "new" / "folder" / "i.db"  # missing folders are made for a new index
+    report = index_paths([corpus], db, embedder=embedder, progress=False)
+    skipped = dict(report.skipped)
+    assert skipped[str(corpus / "loop-a.md")] == skipped[str(corpus / "loop-b.md")] == "a broken symlink or a symlink loop"
+    assert "is not UTF-8 text (" in skipped[str(corpus / "latin1.txt")]
+    assert report.notes == [(str(corpus / "stray.txt"), "1 byte that is not UTF-8 replaced by \ufffd")]
+    assert report.added == 4  # the three documents and the repaired one
+    retriever = Retriever(Store(db), embedder)
+    with pytest.raises(PocketError, match="the query is empty"):
+        retriever.search("  \n ", k=3)
+    foreign = tmp_path / "notes.db"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE notes (body TEXT)")
+    con.commit()
+    con.close()
+    with pytest.raises(PocketError, match="database of something else"):
+        index_paths([corpus], foreign, embedder=embedder, progress=False)
+    tables = sqlite3.connect(foreign).execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == [("notes",)]  # untouched

@@ -4,8 +4,8 @@ import io
 import numpy as np
 import pytest
 import torch
-
 from conftest import WIKI_HELDOUT
+
 from pocketlm.eval import metrics
 from pocketlm.eval.runner import EvalOptions, evaluate
 from pocketlm.models import inspect, load

@@ -9,20 +9,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
-
 import openai
+import pytest
 import uvicorn
+from test_rag import DOCS  # noqa: E402
 
+from pocketlm.errors import PocketError  # noqa: E402
 from pocketlm.models.export_gguf import cached_gguf
 from pocketlm.models.registry import DEFAULT_MODEL
 from pocketlm.rag.index import index_paths
 from pocketlm.serve.app import create_app
 from pocketlm.serve.engine import ContextPool  # noqa: E402
 from pocketlm.serve.knowledge import KnowledgeBase, safe_filename  # noqa: E402
-from pocketlm.errors import PocketError  # noqa: E402
-
-from test_rag import DOCS  # noqa: E402
 
 KEY = "test-key"
 pytestmark = pytest.mark.real_model

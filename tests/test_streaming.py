@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CORPUS, make_tiny_llama, train_tokenizer, umask
 
-from conftest import CORPUS, make_tiny_llama, train_tokenizer
-from pocketlm.errors import PocketError
 from pocketlm.models.export_gguf import export_gguf
 from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model
 
@@ -269,12 +268,4 @@ def test_sigterm_cleans_up_like_ctrl_c_and_a_rerun_sweeps_a_killed_writers_file(
 
     write_text(out / "q.gguf", "done")
     assert sorted(p.name for p in out.iterdir()) == ["q.gguf"]
-    assert (out / "q.gguf").stat().st_mode & 0o777 == 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    assert (out / "q.gguf").stat().st_mode & 0o777 == 0o666 & ~umask()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from playwright import sync_api
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.real_model,
               pytest.mark.skipif(not CHROMIUM, reason="needs Debian's chromium (scripts/test.sh installs it)")]

@@ -72,6 +72,39 @@ SIZE = Size()
 POSITIVE = click.IntRange(min=1)
 
 
+def _deprecated(old: str, new: str) -> None:
+    click.echo(f"warning: {old} is deprecated and will go; use {new}", err=True)
+
+
+def json_option(fn):
+    """--json prints JSON on stdout, in every command. `--json PATH` (eval and plan once wrote
+    there) still works, with a deprecation line: write files with -o/--output."""
+    return click.option("--json", "as_json", is_flag=False, flag_value="-", default=None, metavar="",
+                        help="Print JSON on stdout instead of tables.")(fn)
+
+
+def _json_target(as_json: str | None, output: Path | None) -> tuple[bool, Path | None]:
+    """(print JSON on stdout, file to write it to) from --json and -o."""
+    if as_json not in (None, "-"):
+        _deprecated("--json PATH", "-o PATH")
+        if output is not None:
+            raise PocketError("give the output file once: -o PATH")
+        return False, Path(as_json)
+    return as_json == "-", output
+
+
+def _write_result(path: Path, data, force: bool) -> None:
+    from .util.atomic import write_json
+
+    _refuse_existing(path, force)
+    write_json(path, data)
+    click.echo(f"wrote {path}", err=True)
+
+
+THREADS = click.option("--threads", default=None, type=POSITIVE,
+                       help="CPU threads for llama.cpp (default: every core the process may use).")
+
+
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pocketlm")
 def cli():
@@ -80,7 +113,7 @@ def cli():
 
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@json_option
 @user_errors
 def info(model, as_json):
     """Architecture, parameters, tensor types and size of MODEL (folder, .gguf or name)."""
@@ -88,7 +121,7 @@ def info(model, as_json):
     from .report_table import print_info
 
     d = inspect(model).to_dict()
-    if as_json:
+    if _json_target(as_json, None)[0]:
         click.echo(json.dumps(d, indent=2))
     else:
         print_info(d)
@@ -100,14 +133,15 @@ def info(model, as_json):
               help="out.gguf for a GGUF file; a folder path (no .gguf) for a Hugging Face folder.")
 @click.option("--type", "dtype", default="f16", show_default=True, type=click.Choice(["f32", "f16", "bf16"]))
 @click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def export(model, output, dtype, force):
+def export(model, output, dtype, force, quiet):
     """Write MODEL as a GGUF file or a Hugging Face folder."""
     _refuse_existing(output, force)
     if output.suffix.lower() == ".gguf":
         from .models.export_gguf import export_gguf
 
-        export_gguf(model, output, dtype)
+        export_gguf(model, output, dtype, progress=not quiet)
     else:
         from .models.export_hf import export_hf
 
@@ -121,41 +155,54 @@ def export(model, output, dtype, force):
 @click.option("--max-tokens", default=512, show_default=True, type=POSITIVE, help="Most tokens generated per answer.")
 @click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(min=0))
 @click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=16))
+@THREADS
 @user_errors
-def chat(model, system, max_tokens, temperature, ctx):
+def chat(model, system, max_tokens, temperature, ctx, threads):
     """Chat with MODEL in the terminal, streamed, on llama.cpp. Empty line or Ctrl-D quits."""
     from .runtime.chat import chat_loop
 
-    chat_loop(model, system=system, max_tokens=max_tokens, temperature=temperature, n_ctx=ctx)
+    chat_loop(model, system=system, max_tokens=max_tokens, temperature=temperature, n_ctx=ctx, n_threads=threads)
 
 
 @cli.command(name="eval")
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--reference", "-r", default=None, help="Model to compare against (KLD, top-1).")
 @click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path), help="Text file(s) for PPL/KLD.")
-@click.option("--max-tokens", type=POSITIVE, default=None, help="Use at most this many tokens of the text.")
+@click.option("--text-tokens", type=POSITIVE, default=None, help="Use at most this many tokens of the text.")
+@click.option("--max-tokens", "old_max_tokens", type=POSITIVE, default=None, hidden=True)  # the old name of --text-tokens
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(min=2), help="Window length in tokens.")
 @click.option("--mmlu", type=click.Path(path_type=Path), default=None, help="MMLU jsonl file.")
 @click.option("--mmlu-limit", type=POSITIVE, default=None, help="Subject-stratified sample size.")
 @click.option("--speed", is_flag=True, help="Measure prefill/decode tok/s and peak memory.")
-@click.option("--threads", default=2, show_default=True, type=POSITIVE)
+@THREADS
 @click.option("--torch-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
               help="Precision for HF folders evaluated by torch.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write results as JSON here.")
+@json_option
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the results as JSON here.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
 @user_errors
-def eval_cmd(model, reference, texts, max_tokens, ctx, mmlu, mmlu_limit, speed, threads, torch_dtype, json_out):
+def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mmlu_limit, speed, threads, torch_dtype,
+             as_json, output, force):
     """Perplexity, KL-divergence and top-1 vs a reference, MMLU, speed and size of MODEL."""
     from .eval.runner import EvalOptions, evaluate
     from .report_table import print_eval
-    from .util.atomic import write_json
 
-    opts = EvalOptions(texts=list(texts), reference=reference, max_tokens=max_tokens, ctx=ctx, mmlu=mmlu and str(mmlu),
-                       mmlu_limit=mmlu_limit, speed=speed, threads=threads, torch_dtype=torch_dtype)
+    if old_max_tokens is not None:
+        _deprecated("eval --max-tokens", "--text-tokens (--max-tokens means tokens generated, in chat and ask)")
+        text_tokens = text_tokens or old_max_tokens
+    to_stdout, output = _json_target(as_json, output)
+    if output is not None:
+        _refuse_existing(output, force)  # before minutes of evaluation, not after
+    opts = EvalOptions(texts=list(texts), reference=reference, max_tokens=text_tokens, ctx=ctx, mmlu=mmlu and str(mmlu),
+                       mmlu_limit=mmlu_limit, speed=speed, threads=threads or _cores(), torch_dtype=torch_dtype,
+                       progress=not to_stdout)
     result = evaluate(model, opts)
-    print_eval(result)
-    if json_out:
-        write_json(json_out, result)
-        click.echo(f"wrote {json_out}")
+    if to_stdout:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        print_eval(result)
+    if output is not None:
+        _write_result(output, result, force)
 
 
 @cli.command()
@@ -240,15 +287,20 @@ def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: boo
 @click.option("--target-bpw", type=click.FloatRange(1, 32), default=None, help="Bits per weight of the whole file.")
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
 @click.option("--calib-tokens", default=8192, show_default=True, type=POSITIVE)
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the allocation here.")
+@json_option
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the allocation (JSON) here.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
 @user_errors
-def plan_cmd(model, target_size, target_bpw, calib, calib_tokens, json_out):
+def plan_cmd(model, target_size, target_bpw, calib, calib_tokens, as_json, output, force):
     """Dry run of a budget: each tensor's type, the file size and the predicted KLD."""
-    types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=True)
-    if json_out:
-        from .util.atomic import write_json
-
-        write_json(json_out, types)
+    to_stdout, output = _json_target(as_json, output)
+    if output is not None:
+        _refuse_existing(output, force)
+    types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=not to_stdout)
+    if to_stdout:
+        click.echo(json.dumps(types, indent=2))
+    if output is not None:
+        _write_result(output, types, force)
 
 
 def _int_list(text: str | None) -> list[int] | None:
@@ -291,7 +343,8 @@ def _int_list(text: str | None) -> list[int] | None:
 def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_heads, student, tokens, seq, loss, tail, topk,
             lr, batch, micro_batch, eval_every, save_every, fp32, seed, resume, force):
     """Prune TEACHER into a smaller student and heal it with knowledge distillation."""
-    from .distill.run import DistillOptions, distill as run_distill
+    from .distill.run import DistillOptions
+    from .distill.run import distill as run_distill
 
     opts = DistillOptions(data=[str(d) for d in data], tokens=tokens, seq=seq, layers=layers,
                           drop_layers=_int_list(drop_layers), hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
@@ -312,14 +365,17 @@ def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_h
 @click.option("--chunk-tokens", default=256, show_default=True, type=click.IntRange(min=16))
 @click.option("--overlap", default=32, show_default=True, type=click.IntRange(min=0))
 @click.option("--int8", is_flag=True, help="Store vectors as int8 with a scale (4x smaller).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def index(paths, db, embedder, chunk_tokens, overlap, int8):
+def index(paths, db, embedder, chunk_tokens, overlap, int8, quiet):
     """Index documents (.txt .md .rst .html .pdf .docx) for search and ask."""
     from .rag.index import index_paths
 
-    r = index_paths([str(p) for p in paths], db, embedder, chunk_tokens, overlap, int8)
+    r = index_paths([str(p) for p in paths], db, embedder, chunk_tokens, overlap, int8, progress=not quiet)
     for path, why in r.skipped:
         click.echo(f"skipped {path}: {why}", err=True)
+    for path, what in r.notes:
+        click.echo(f"note: {path}: {what}", err=True)
     click.echo(f"{db}: {r.added} added, {r.updated} updated, {r.unchanged} unchanged, {r.removed} removed, "
                f"{r.chunks} chunks embedded in {r.seconds:.1f} s")
 
@@ -329,13 +385,14 @@ def index(paths, db, embedder, chunk_tokens, overlap, int8):
 @click.option("--db", required=True, type=click.Path(path_type=Path))
 @click.option("--mode", default="hybrid", show_default=True, type=click.Choice(["bm25", "dense", "hybrid"]))
 @click.option("--k", default=5, show_default=True, type=POSITIVE, help="Passages retrieved.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @user_errors
 def search(query, db, mode, k, as_json):
     """Search the index: BM25, dense or hybrid (reciprocal-rank fusion)."""
     from .rag.answer import citation_json
     from .rag.retrieve import open_retriever
 
+    as_json = _json_target(as_json, None)[0]
     retriever = open_retriever(db, mode != "bm25")
     hits = retriever.search(query, mode=mode, k=k)
     if as_json:
@@ -357,17 +414,19 @@ def search(query, db, mode, k, as_json):
 @click.option("--k", default=5, show_default=True, type=POSITIVE, help="Passages retrieved.")
 @click.option("--max-tokens", default=256, show_default=True, type=POSITIVE, help="Most tokens generated per answer.")
 @click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=16))
-@click.option("--json", "as_json", is_flag=True)
+@THREADS
+@json_option
 @user_errors
-def ask(question, db, model, k, max_tokens, ctx, as_json):
+def ask(question, db, model, k, max_tokens, ctx, threads, as_json):
     """Answer QUESTION from the indexed documents with the local model, citing sources."""
     from .models.export_gguf import cached_gguf
     from .rag.answer import ask as run_ask
     from .rag.retrieve import open_retriever
     from .runtime.llama_cpp_backend import LlamaCppModel
 
+    as_json = _json_target(as_json, None)[0]
     retriever = open_retriever(db, True)
-    llm = LlamaCppModel(cached_gguf(model, "f16"), n_ctx=ctx)
+    llm = LlamaCppModel(cached_gguf(model, "f16"), n_ctx=ctx, n_threads=threads or _cores())
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
     answer = run_ask(question, retriever, llm, k=k, max_tokens=max_tokens, on_text=stream)
     if as_json:
@@ -413,8 +472,9 @@ def compress(model, target_size, output, domain, recipe, tokens, mmlu):
 @click.option("--uploads", type=click.Path(path_type=Path), default=None,
               help="Folder for uploaded documents (default: beside the index).")
 @click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@THREADS
 @user_errors
-def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max_upload_mb):
+def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max_upload_mb, threads):
     """OpenAI-compatible API (+ RAG with citations) and a web page, on llama.cpp."""
     import uvicorn
 
@@ -424,13 +484,22 @@ def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max
     from .serve.knowledge import KnowledgeBase
 
     kb = KnowledgeBase(db, uploads) if db else None
-    pool = ContextPool(cached_gguf(model, "f16"), n_ctx=ctx, parallel=parallel, max_queue=max_queue)
+    pool = ContextPool(cached_gguf(model, "f16"), n_ctx=ctx, parallel=parallel, max_queue=max_queue, threads=threads)
     model_id = Path(model).stem if Path(model).exists() else model
     app = create_app(pool, model_id, kb, api_key=api_key, max_upload_mb=max_upload_mb)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     click.echo(f"pocketlm: {model_id} on http://{host}:{port}/ (OpenAI base URL http://{host}:{port}/v1)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _terminate(signum, frame):

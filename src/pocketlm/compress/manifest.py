@@ -17,7 +17,6 @@ from typing import Callable
 
 from ..util.atomic import write_json
 
-
 # What code each step runs: its key changes when that code does, and only then.
 STEP_CODE = {
     "plan": ("quantize", "models", "compress"),

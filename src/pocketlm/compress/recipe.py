@@ -60,9 +60,13 @@ class IndexStep(_Step):
     overlap: int = Field(32, ge=0)
 
     @model_validator(mode="after")
-    def _overlap_below_chunk(self):
-        if self.overlap >= self.chunk_tokens:
-            raise ValueError(f"overlap ({self.overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})")
+    def _chunking(self):
+        from ..rag.index import check_chunking
+
+        try:
+            check_chunking(self.chunk_tokens, self.overlap)
+        except PocketError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
 

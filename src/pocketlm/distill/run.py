@@ -165,7 +165,8 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     history = train(student.model, seqs.train, train_targets, seqs.held_out, held_targets, cfg, ckpt, opts.resume,
                     opts.progress)
     manifest = {"teacher": str(src.path), "teacher_sha256": teacher_hash, "shape": shape.to_dict() if shape else None,
-                "student_init": opts.student, "loss": opts.loss, "tail": opts.tail, "topk": opts.topk, "tokens": steps * cfg.batch * (opts.seq - 1),
+                "student_init": opts.student, "loss": opts.loss, "tail": opts.tail, "topk": opts.topk,
+                "tokens": steps * cfg.batch * (opts.seq - 1),
                 "train_tokens_available": seqs.train_tokens, "documents": seqs.documents, "seq": opts.seq,
                 "steps": steps, "lr": opts.lr, "batch": opts.batch, "history": history,
                 "seconds": time.perf_counter() - t_start}

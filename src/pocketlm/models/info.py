@@ -96,7 +96,7 @@ def inspect(source) -> ModelInfo:
 
 
 def _inspect_gguf(src: ModelSource) -> ModelInfo:
-    from .gguf_file import open_gguf, field_value
+    from .gguf_file import field_value, open_gguf
 
     reader = open_gguf(src.path)
     arch = field_value(reader, "general.architecture", "unknown")
@@ -125,6 +125,9 @@ _SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32":
 def _inspect_hf(src: ModelSource) -> ModelInfo:
     from safetensors import safe_open
 
+    from .tensors import open_tensors
+
+    open_tensors(src).check_shapes()  # a bad config, an unknown architecture, damaged shards: one error line
     config = json.loads((src.path / "config.json").read_text())
     tensors: list[TensorInfo] = []
     size = 0

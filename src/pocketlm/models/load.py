@@ -6,7 +6,6 @@ the GGUF's tokenizer keys are kept beside the model so an export can restore the
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,9 @@ def load(source, dtype: str = "float32") -> LoadedModel:
     torch_dtype = getattr(torch, dtype)
     if src.is_gguf:
         return _load_gguf(src, torch_dtype)
+    from .tensors import open_tensors
+
+    open_tensors(src).check_shapes()  # transformers' own errors on a damaged folder are tracebacks
     config = json.loads((src.path / "config.json").read_text())
     model_type = (config.get("text_config") or config).get("model_type", config.get("model_type"))
     if model_type not in ARCHS:

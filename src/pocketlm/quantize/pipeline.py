@@ -22,8 +22,8 @@ from ..errors import PocketError
 from ..models.export_gguf import metadata_writer
 from ..models.gguf_stream import StreamingGGUF, check_disk_space, row_blocks
 from ..models.hf_arch import deinterleave_rotary_rows
-from ..models.tensors import open_tensors
 from ..models.source import resolve
+from ..models.tensors import open_tensors
 from ..util.atomic import atomic_path
 from .formats import get as get_format
 from .methods.gptq import quantize_gptq
@@ -123,7 +123,8 @@ def calibration_windows(tokenizer, add_bos: bool, files, n_tokens: int, ctx: int
     text = read_texts(files) if files else read_texts(sorted(SAMPLE_DOCS.glob("*.rst")))
     ids = tokenizer(text, add_special_tokens=False).input_ids
     if len(ids) < n_tokens:
-        raise PocketError(f"calibration text has {len(ids)} tokens, fewer than --calib-tokens {n_tokens}; give more text or a smaller number")
+        raise PocketError(f"calibration text has {len(ids)} tokens, fewer than --calib-tokens {n_tokens}; "
+                          "give more text or a smaller number")
     bos_id = tokenizer.bos_token_id if add_bos else None
     per = ctx - 1 if add_bos else ctx
     windows = make_windows(ids, ctx, bos_id, max_tokens=max(n_tokens, per))  # at least one window

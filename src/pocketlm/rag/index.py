@@ -20,7 +20,6 @@ from .embedder import Embedder
 from .loaders import find_documents, load_document
 from .store import Store
 
-
 EMBED_BATCH = 64  # chunks embedded per call, across files: one call per small file costs 10x
 
 
@@ -32,7 +31,14 @@ class IndexReport:
     removed: int = 0
     chunks: int = 0
     skipped: list = field(default_factory=list)  # (path, why)
+    notes: list = field(default_factory=list)  # (path, what was repaired): indexed, but the user should know
     seconds: float = 0.0
+
+
+def check_chunking(chunk_tokens: int, overlap: int) -> None:
+    """The one rule for chunk sizes (the CLI and the compress recipe both ask it)."""
+    if chunk_tokens < 16 or not 0 <= overlap < chunk_tokens // 2:
+        raise PocketError(f"chunk_tokens must be at least 16 and overlap below half of it (got {chunk_tokens} and {overlap})")
 
 
 def check_settings(store: Store, embedder: Embedder, chunk_tokens: int, overlap: int, int8: bool) -> None:
@@ -53,13 +59,12 @@ def check_settings(store: Store, embedder: Embedder, chunk_tokens: int, overlap:
 
 def index_paths(paths, db: str | Path, embedder_name: str | None = None, chunk_tokens: int = 256, overlap: int = 32,
                 int8: bool = False, progress: bool = True, embedder: Embedder | None = None) -> IndexReport:
-    if chunk_tokens < 16 or not 0 <= overlap < chunk_tokens // 2:
-        raise PocketError("--chunk-tokens must be at least 16 and --overlap below half of it")
+    check_chunking(chunk_tokens, overlap)
     t0 = time.perf_counter()
-    files = find_documents(paths)
+    report = IndexReport()
+    files = find_documents(paths, report.skipped)
     embedder = embedder or Embedder(embedder_name)
     store = Store(db, create=True)
-    report = IndexReport()
     try:
         check_settings(store, embedder, chunk_tokens, overlap, int8)
         known = store.document_hashes()
@@ -97,6 +102,7 @@ def index_paths(paths, db: str | Path, embedder_name: str | None = None, chunk_t
                     report.skipped.append((str(f), str(exc)))
                     bar.update(1)
                     continue
+                report.notes += [(str(f), note) for note in doc.notes]
                 chunks = chunk_document(doc, chunk_tokens, overlap, embedder.count_tokens)
                 if not chunks:
                     report.skipped.append((str(f), "no text"))

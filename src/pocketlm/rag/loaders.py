@@ -29,6 +29,7 @@ class Document:
     path: Path
     title: str
     sections: list[Section] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the reader had to repair, for the user to see
 
     @property
     def text(self) -> str:
@@ -43,12 +44,19 @@ def kind_of(path: Path) -> str | None:
     return KINDS.get(suffixes[-1]) if suffixes else None
 
 
-def find_documents(paths) -> list[Path]:
-    """Files given, and supported files under folders given (sorted: a stable order)."""
+def find_documents(paths, skipped: list | None = None) -> list[Path]:
+    """Files given, and supported files under folders given (sorted: a stable order). Broken
+    symlinks and symlink loops under a folder go to `skipped` as (path, why), not silently."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and kind_of(f) and not f.name.startswith("."))
+            for f in sorted(p.rglob("*")):
+                if f.name.startswith(".") or not kind_of(f):
+                    continue
+                if f.is_file():
+                    found.append(f)
+                elif f.is_symlink() and skipped is not None:
+                    skipped.append((str(f), "a broken symlink or a symlink loop"))
         elif p.is_file():
             found.append(p)
         else:
@@ -63,10 +71,10 @@ def load_document(path: Path) -> Document:
         return _pdf(path)
     if kind == "docx":
         return _docx(path)
-    text = _decode(path)
+    text, notes = _decode(path)
     sections = {"markdown": _markdown, "rst": _rst, "html": _html}.get(kind, _plain)(text)
     title = next((s.heading.split(" > ")[0] for s in sections if s.heading), path.stem)
-    return Document(path, title, [s for s in sections if s.text.strip() or s.heading])
+    return Document(path, title, [s for s in sections if s.text.strip() or s.heading], notes)
 
 
 def read_document(path: Path) -> str:
@@ -79,14 +87,25 @@ def read_document(path: Path) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def _decode(path: Path) -> str:
+BAD_BYTES_KEPT = 0.01  # a text with at most this share of undecodable bytes is read, with them replaced
+
+
+def _decode(path: Path) -> tuple[str, list[str]]:
+    """The file's text and what had to be repaired. A few bad bytes (a stray Latin-1 character
+    in a UTF-8 file) should not cost the whole document; a file mostly in another encoding is
+    refused, since its text would be garbled."""
     raw = path.read_bytes()
     if b"\x00" in raw[:4096]:
         raise PocketError(f"{path} looks binary, not a text document")
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig"), []
     except UnicodeDecodeError:
-        raise PocketError(f"{path} is not UTF-8 text") from None
+        pass
+    text = raw.decode("utf-8-sig", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8-sig", errors="ignore").count("\ufffd")
+    if bad > BAD_BYTES_KEPT * max(1, len(raw)):
+        raise PocketError(f"{path} is not UTF-8 text ({bad} of {len(raw)} bytes do not decode)")
+    return text, [f"{bad} byte{'s' if bad != 1 else ''} that {'are' if bad != 1 else 'is'} not UTF-8 replaced by \ufffd"]
 
 
 def _plain(text: str) -> list[Section]:

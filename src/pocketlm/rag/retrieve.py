@@ -37,6 +37,8 @@ class Retriever:
     def search(self, query: str, mode: str = "hybrid", k: int = 5, pool: int = 50,
                vector: np.ndarray | None = None) -> list[Hit]:
         """`vector`: the query's embedding, when the caller already has it."""
+        if not query.strip():  # every passage would score alike: any answer would be arbitrary
+            raise PocketError("the query is empty")
         if mode not in MODES:
             raise PocketError(f"unknown --mode {mode!r} (choose one of {', '.join(MODES)})")
         t0 = time.perf_counter()

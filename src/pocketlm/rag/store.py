@@ -51,8 +51,15 @@ class Store:
         self.path = Path(path)
         if not create and not self.path.exists():
             raise PocketError(f"no index at {self.path}; build one with `pocketlm index FOLDER --db {self.path}`")
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path)
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "meta" not in tables:  # someone else's database: adding our tables would change it
+                self.db.close()
+                raise PocketError(f"{self.path} is an SQLite database of something else (tables: "
+                                  f"{', '.join(sorted(tables)[:5])}); pocketlm will not add its index to it")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)

@@ -21,8 +21,19 @@ from ..errors import PocketError
 from .engine import QueueFull
 from .generation import End, Start, Text, chat_events, completion_events
 from .metrics import Metrics
-from .openai_api import (APIError, ChatRequest, CompletionRequest, EmbeddingRequest, chat_chunk, chat_completion,
-                         completion_chunk, embeddings, error_response, new_id, usage)
+from .openai_api import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    chat_chunk,
+    chat_completion,
+    completion_chunk,
+    embeddings,
+    error_response,
+    new_id,
+    usage,
+)
 
 MB = 1024 * 1024
 PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # the page is static; the API calls it makes need the key

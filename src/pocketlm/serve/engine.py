@@ -26,14 +26,14 @@ class QueueFull(Exception):
 
 class ContextPool:
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, parallel: int = 1, max_queue: int = 8,
-                 loader: Callable | None = None):
+                 loader: Callable | None = None, threads: int | None = None):
         if parallel < 1 or max_queue < 0:
             raise ValueError("parallel must be >= 1 and max_queue >= 0")
         if loader is None:
             from ..runtime.llama_cpp_backend import LlamaCppModel as loader
         # Contexts share the cores rather than oversubscribe them. On 2 cores, two contexts of one
         # thread each doubled throughput under load (bench/results/serve_load.md).
-        threads = max(1, (os.cpu_count() or 2) // parallel)
+        threads = max(1, (threads or os.cpu_count() or 2) // parallel)
         self.models = [loader(path, n_ctx=n_ctx, n_threads=threads) for _ in range(parallel)]
         self.n_ctx = n_ctx
         self.max_queue = max_queue

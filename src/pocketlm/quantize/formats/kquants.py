@@ -147,7 +147,8 @@ class Q3_K(_SignedScaleK):
     def pack(self, idx, p):
         c = (p.raw["sc"] + 32).astype(np.uint8)
         scales = np.concatenate([(c[:, :8] & 15) | ((c[:, 8:] & 15) << 4),
-                                 np.bitwise_or.reduce(((c >> 4) & 3).reshape(-1, 4, 4) << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1), axis=1)],
+                                 np.bitwise_or.reduce(((c >> 4) & 3).reshape(-1, 4, 4)
+                                                      << (2 * np.arange(4, dtype=np.uint8)).reshape(1, 4, 1), axis=1)],
                                 axis=-1)
         return np.concatenate([_bitplane(idx >> 2), _crumbs(idx & 3), scales, f16(p.raw["d"])[1]], axis=-1)
 
