@@ -24,8 +24,12 @@ def hf_config(folder: Path):
         cfg = json.loads(path.read_text())
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PocketError(f"{path} is not a usable model config ({type(exc).__name__}: {exc})") from None
+    try:
         return AutoConfig.from_pretrained(folder)
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # transformers parses the values and raises many types on bad ones (a dtype
+        # 'flt32' is an AttributeError): every one means the same to the user
         raise PocketError(f"{path} is not a usable model config ({type(exc).__name__}: {exc})") from None
 
 

@@ -84,6 +84,11 @@ def open_gguf(path: str | Path):
         reader = FastGGUFReader(path)
     except Exception as exc:  # gguf-py raises ValueError/IndexError/struct errors on damage
         raise PocketError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    for key, f in reader.fields.items():
+        try:
+            f.contents()  # every string decodes now, or every later reader of it fails with a traceback
+        except (UnicodeDecodeError, ValueError, IndexError) as exc:
+            raise PocketError(f"{path} is not a readable GGUF file (field {key!r}: {type(exc).__name__}: {exc})") from None
     size = path.stat().st_size
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)

@@ -119,29 +119,19 @@ def _inspect_gguf(src: ModelSource) -> ModelInfo:
     )
 
 
-_SAFETENSORS_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1}
-
-
 def _inspect_hf(src: ModelSource) -> ModelInfo:
-    from safetensors import safe_open
-
-    from .tensors import open_tensors
+    from .tensors import SafetensorsFile, open_tensors, shard_files
 
     open_tensors(src).check_shapes()  # a bad config, an unknown architecture, damaged shards: one error line
     config = json.loads((src.path / "config.json").read_text())
     tensors: list[TensorInfo] = []
     size = 0
-    for f in sorted(src.path.glob("*.safetensors")):
+    for f in shard_files(src.path):
         size += f.stat().st_size
-        with safe_open(f, framework="numpy") as st:
-            for name in st.keys():
-                sl = st.get_slice(name)
-                shape = tuple(int(x) for x in sl.get_shape())
-                dtype = sl.get_dtype()
-                n = 1
-                for s in shape:
-                    n *= s
-                tensors.append(TensorInfo(name, shape, dtype, n * _SAFETENSORS_DTYPES.get(dtype, 4)))
+        st = SafetensorsFile(f)
+        for name in st.keys():
+            begin, end = st.meta[name]["data_offsets"]
+            tensors.append(TensorInfo(name, st.shape(name), st.dtype(name), end - begin))
     if not tensors:
         raise PocketError(f"{src.path} holds no safetensors weights")
     template = False

@@ -61,6 +61,13 @@ class TensorSource:
                 raise PocketError(f"{where}: tensor {name} ({e.key}) has shape {tuple(e.shape)}, the config implies {want}")
 
 
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 class SafetensorsFile:
     """One safetensors file read with pread, not mmap: a mapped 16 GB checkpoint's touched pages
     count as the process's resident memory until the file is closed, so reading a model through
@@ -68,6 +75,7 @@ class SafetensorsFile:
 
     DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+    ITEM_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
     def __init__(self, path: Path):
         import struct
@@ -80,14 +88,35 @@ class SafetensorsFile:
                 if n > size - 8:
                     raise ValueError(f"header of {n} bytes in a file of {size}")
                 header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
             self.base = 8 + n
             self.meta = {k: v for k, v in header.items() if k != "__metadata__"}
-            for name, info in self.meta.items():
-                begin, end = info["data_offsets"]
-                if info["dtype"] not in self.DTYPES or self.base + end > size or begin > end:
-                    raise ValueError(f"tensor {name} ({info['dtype']}, bytes {begin}..{end}) does not fit a file of {size}")
+            self._check_layout(size - self.base)
         except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
             raise PocketError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+    def _check_layout(self, data_bytes: int) -> None:
+        """The rules of safetensors' own reader (which transformers uses later): every tensor's
+        bytes match its shape and dtype, and the tensors tile the data region exactly, in order,
+        with no gap, overlap or trailing bytes."""
+        spans = []
+        for name, info in self.meta.items():
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if dtype not in self.DTYPES:
+                raise ValueError(f"tensor {name} has unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"tensor {name} has shape {shape!r}")
+            if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != self.ITEM_BYTES[dtype] * _prod(shape):
+                raise ValueError(f"tensor {name} ({dtype}, shape {shape}) has bytes {begin}..{end}")
+            spans.append((begin, end, name))
+        at = 0
+        for begin, end, name in sorted(spans):
+            if begin != at:
+                raise ValueError(f"tensor {name} starts at byte {begin} of the data, not {at}")
+            at = end
+        if at != data_bytes:
+            raise ValueError(f"the tensors cover {at} bytes of data, the file holds {data_bytes}")
 
     def keys(self) -> list[str]:
         return sorted(self.meta)  # the order safetensors' own reader lists them in

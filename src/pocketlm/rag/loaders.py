@@ -229,8 +229,13 @@ def _html(text: str) -> list[Section]:
 
 
 def _pdf(path: Path) -> Document:
+    import logging
+
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
+
+    # pypdf logs every repair it makes on a damaged file; the user gets one line from us instead
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
 
     try:
         reader = PdfReader(path)
