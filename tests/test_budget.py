@@ -56,7 +56,8 @@ def sensitivity(tiny_hf, sample_text, tmp_path_factory):
 
 def test_budgets_are_met_and_more_bytes_buy_less_kld(tiny_hf, tiny_gguf_f32, sample_text, sensitivity, tmp_path):
     assert set(sensitivity.gains) >= {"attn_q", "attn_v", "ffn_down", "token_embd"}
-    assert all(g >= 0 for g in sensitivity.gains.values())
+    # measured, not defaulted: the code clamps negative gains to 0, so only > 0 shows a measurement
+    assert all(g > 0 for g in sensitivity.gains.values()), sensitivity.gains
     small = min(sum(min(o.bytes for o in opts) for opts in sensitivity.options().values()), 10**12)
     opts = EvalOptions(texts=[sample_text], ctx=64, reference=str(tiny_gguf_f32), progress=False)
     results = []

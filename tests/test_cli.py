@@ -48,7 +48,8 @@ def test_eval_writes_json_schema(tiny_gguf_f32, tiny_hf, sample_text, tmp_path):
     for key in ("model", "size_bytes", "bpw", "tokens", "ppl", "kld_mean", "kld_p99", "top1", "mmlu_acc",
                 "prefill_tps", "decode_tps", "peak_rss_mb"):
         assert key in d
-    assert d["tokens"] > 0 and d["ppl"] > 1 and d["kld_mean"] >= 0 and 0 <= d["top1"] <= 1
+    # the model is the f32 GGUF of its reference: llama.cpp and torch must agree almost exactly
+    assert d["tokens"] > 0 and d["ppl"] > 1 and d["kld_mean"] < 1e-3 and d["top1"] > 0.98, d
     assert "PPL" in r.stdout
 
 

@@ -226,9 +226,7 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
 def quantize(model, output, preset, target_size, target_bpw, method, calib, calib_tokens, keep, allow_requant, force,
              quiet):
     """Quantize MODEL to a GGUF file that llama.cpp, Ollama and LM Studio run."""
-    from .quantize.pipeline import QuantizeOptions, quantize_model
     from .quantize.plan import PRESETS, parse_keep
-    from .report_table import print_quantize
 
     if (preset is None) == (target_size is None and target_bpw is None):
         raise PocketError("give either --type PRESET or a budget (--target-size or --target-bpw), not both")
@@ -242,6 +240,9 @@ def quantize(model, output, preset, target_size, target_bpw, method, calib, cali
     types = {}
     if preset is None:
         types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=not quiet)
+    from .quantize.pipeline import QuantizeOptions, quantize_model
+    from .report_table import print_quantize
+
     opts = QuantizeOptions(preset=preset.upper() if preset else None, method=method, calib=[str(c) for c in calib],
                            calib_tokens=calib_tokens, keep=keep, allow_requant=allow_requant, types=types)
     reports = quantize_model(model, output, opts)
@@ -259,20 +260,22 @@ def _check_files(paths, flag: str) -> None:
 def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: bool) -> dict[str, str]:
     """Every check that needs only the command line and the tensors' shapes comes before the
     measurement, which takes minutes on a cold cache."""
-    from .quantize.budget import mb, target_bytes, types_for_budget
-    from .quantize.sensitivity import measure, smallest_file_bytes
-    from .report_table import print_allocation
+    from .quantize.budget import mb, smallest_file_bytes, target_bytes, types_for_budget
 
     if (target_size is None) == (target_bpw is None):
         raise PocketError("give one of --target-size or --target-bpw")
     _check_files(calib, "--calib")
-    smallest, n_params = smallest_file_bytes(model)
+    smallest, n_params, exact = smallest_file_bytes(model)
+    least = "" if exact else "at least "
     if target_size is not None and target_size < smallest:
         raise PocketError(f"--target-size {mb(target_size)} is below the smallest file this model quantizes to "
-                          f"({mb(smallest)}: every tensor at its smallest type); distill a smaller student first")
+                          f"({least}{mb(smallest)}: every tensor at its smallest type); distill a smaller student first")
     if target_bpw is not None and target_bpw * n_params / 8 < smallest:
         raise PocketError(f"--target-bpw {target_bpw} is below the smallest file this model quantizes to "
-                          f"({smallest * 8 / n_params:.2f} bits per weight)")
+                          f"({least}{smallest * 8 / n_params:.2f} bits per weight)")
+    from .quantize.sensitivity import measure  # torch: only once the input is known to be good
+    from .report_table import print_allocation
+
     sens = measure(model, [str(c) for c in calib], calib_tokens)
     target = target_bytes(sens, target_size, target_bpw)
     types = types_for_budget(sens, target)
@@ -343,6 +346,10 @@ def _int_list(text: str | None) -> list[int] | None:
 def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_heads, student, tokens, seq, loss, tail, topk,
             lr, batch, micro_batch, eval_every, save_every, fp32, seed, resume, force):
     """Prune TEACHER into a smaller student and heal it with knowledge distillation."""
+    from .distill.loss_spec import check_tail, parse_loss
+
+    check_tail(parse_loss(loss)[0], tail)  # before torch is imported: a typo costs a fraction of a second
+    _check_files(data, "--data")
     from .distill.run import DistillOptions
     from .distill.run import distill as run_distill
 

@@ -30,7 +30,7 @@ class DistillStep(_Step):
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, value: str) -> str:
-        from ..distill.losses import parse_loss
+        from ..distill.loss_spec import parse_loss
 
         try:
             parse_loss(value)
@@ -61,7 +61,7 @@ class IndexStep(_Step):
 
     @model_validator(mode="after")
     def _chunking(self):
-        from ..rag.index import check_chunking
+        from ..rag.chunking import check_chunking
 
         try:
             check_chunking(self.chunk_tokens, self.overlap)

@@ -21,37 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PocketError
-
-LOSSES = ("fkl", "rkl", "jsd", "tvd", "ce")
-TAILS = ("bucket", "sample")
-
-
-def parse_loss(spec: str) -> tuple[str, float | None]:
-    """'fkl' | 'rkl' | 'tvd' | 'ce' | 'jsd:BETA' (BETA in (0, 1); 'jsd' alone means 0.5)."""
-    name, _, arg = spec.partition(":")
-    name = name.lower()
-    if name not in LOSSES:
-        raise PocketError(f"unknown --loss {spec!r} (choose one of fkl, rkl, jsd:BETA, tvd, ce)")
-    if name != "jsd":
-        if arg:
-            raise PocketError(f"--loss {name} takes no parameter")
-        return name, None
-    try:
-        beta = float(arg) if arg else 0.5
-    except ValueError:
-        raise PocketError(f"--loss jsd:BETA wants a number, got {arg!r}") from None
-    if not 0.0 < beta < 1.0:
-        raise PocketError(f"--loss jsd:{beta} needs 0 < BETA < 1")
-    return name, beta
-
-
-def check_tail(loss: str, tail: str) -> None:
-    """The one rule for --tail: the bucket works under every loss; the sampled tail term is an
-    estimate of forward KL's missing part, so it means nothing for the other divergences."""
-    if tail not in TAILS:
-        raise PocketError(f"unknown --tail {tail!r} (choose one of {', '.join(TAILS)})")
-    if tail == "sample" and loss != "fkl":
-        raise PocketError(f"--tail sample works with --loss fkl only (it estimates forward KL's tail), not with {loss}")
+from .loss_spec import LOSSES, TAILS, check_tail, parse_loss  # noqa: F401  (the losses' names live there)
 
 
 def bucket_logprobs(student_logits: torch.Tensor, t_idx: torch.Tensor, t_logp: torch.Tensor,

@@ -18,7 +18,7 @@ from ..util.hashing import array_sha256
 from ..util.machine import compute_device
 from .data import load_sequences
 from .importance import measure
-from .losses import check_tail, parse_loss
+from .loss_spec import check_tail, parse_loss
 from .prune import check_prunable, prune
 from .shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
 from .teacher_cache import teacher_targets

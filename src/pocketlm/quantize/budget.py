@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PocketError
+from .formats import get as get_format
+from .plan import fits, tensor_bytes
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -130,3 +132,59 @@ def target_bytes(sens, target_size: str | None, target_bpw: float | None) -> int
     if not 1.0 <= target_bpw <= 32.0:
         raise PocketError(f"--target-bpw {target_bpw} is outside 1..32 bits per weight")
     return int(target_bpw * sens.n_params / 8)
+
+
+# The types a budget chooses among. Here, not in sensitivity.py, so that the smallest possible
+# file is known from shapes alone, before torch is even imported.
+CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def candidates(cols: int, source_bpw: float) -> list[str]:
+    """The types a tensor with rows of `cols` values may take: its rows split into their blocks,
+    and no more bits per weight than the source already has."""
+    return [t for t in CANDIDATES if fits(t, cols) and get_format(t).bits_per_weight <= source_bpw + 1e-9]
+
+
+def source_bpw_of(entry) -> float:
+    return get_format(entry.type).bits_per_weight if entry.type not in ("F32", "F16", "BF16") else 99.0
+
+
+def _smallest(shapes_and_bpw) -> int:
+    total = 0
+    for shape, bpw in shapes_and_bpw:
+        options = candidates(shape[-1], bpw) if len(shape) == 2 else []
+        total += min((tensor_bytes(t, shape) for t in options), default=tensor_bytes("F32", shape))
+    return total
+
+
+def smallest_file_bytes(source) -> tuple[int, int, bool]:
+    """(bytes of the smallest file a budget can make of this model, its parameter count, whether
+    the bytes are exact), from the tensors' shapes alone: a budget below it is refused before any
+    measuring. A GGUF gives it exactly. A HF folder gives a lower bound from the safetensors
+    headers (the metadata left out), since its exact figure needs transformers' config and
+    tokenizer, whose import alone takes seconds."""
+    from ..models.source import resolve
+
+    src = resolve(source)
+    if src.is_gguf:
+        from ..models.export_gguf import header_bytes
+        from ..models.tensors import open_tensors
+
+        ts = open_tensors(src)
+        shapes = {n: list(ts.shape(n)) for n in ts.names}
+        total = header_bytes(ts) + 32 * len(shapes) + _smallest((s, source_bpw_of(ts.entries[n])) for n, s in shapes.items())
+        return total, sum(int(np.prod(s)) for s in shapes.values()), True
+    import json
+
+    from ..models.tensors import SafetensorsFile, shard_files
+
+    try:
+        tied = json.loads((src.path / "config.json").read_text()).get("tie_word_embeddings") is True
+    except (OSError, ValueError, AttributeError):
+        tied = False  # the full check reports a bad config; a lower bound just counts the head
+    shapes = []
+    for f in shard_files(src.path):
+        st = SafetensorsFile(f)
+        shapes += [list(st.shape(n)) for n in st.keys() if not (tied and n.endswith("lm_head.weight"))]
+    float_bpw = 99.0  # a float checkpoint may take any candidate type
+    return _smallest((s, float_bpw) for s in shapes), sum(int(np.prod(s)) for s in shapes), False

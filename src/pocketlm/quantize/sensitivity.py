@@ -25,13 +25,12 @@ from tqdm import tqdm
 
 from ..util.atomic import write_json
 from ..util.cache import cache_dir, code_version, model_content_hash
-from .budget import Option
+from .budget import CANDIDATES, Option, candidates, source_bpw_of
 from .formats import get as get_format
 from .formats.base import codec_fingerprint
 from .methods.rtn import quantize_rtn
 from .plan import fits, tensor_bytes
 
-CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 PROBES = ("Q3_K", "Q4_0")  # the first that fits a tensor: coarse enough that its KLD clears the noise
 GAIN_WINDOWS = 4
 _LAYER = re.compile(r"^blk\.\d+\.(.+)\.weight$")
@@ -102,7 +101,7 @@ def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, c
     shapes = {n: list(ts.shape(n)) for n in ts.names}
     # A quantized source (the default model is Q4_1) gains nothing from a type above its own:
     # such types are left out, as `quantize` refuses them without --allow-requant.
-    source_bpw = {n: _source_bpw(e) for n, e in ts.entries.items()}
+    source_bpw = {n: source_bpw_of(e) for n, e in ts.entries.items()}
     tensors: dict = {}
     head_name = "output.weight" if "output.weight" in shapes else "token_embd.weight"
     layer_kinds = sorted({kind_of(n) for n, s in shapes.items() if len(s) == 2 and n.startswith("blk.")})
@@ -147,32 +146,6 @@ def _probe_type(info: dict) -> str:
 HEAD_BLOCK = 1 << 26  # head values handled at once; SmolLM2's whole head fits one block, so small models
 # compute exactly as a whole-model forward would. Bigger heads keep their probe in bf16 (an
 # approximation of the proxy's gain only; the errors stay exact).
-
-
-def candidates(cols: int, source_bpw: float) -> list[str]:
-    """The types a tensor with rows of `cols` values may take: its rows split into their blocks,
-    and no more bits per weight than the source already has."""
-    return [t for t in CANDIDATES if fits(t, cols) and get_format(t).bits_per_weight <= source_bpw + 1e-9]
-
-
-def _source_bpw(entry) -> float:
-    return get_format(entry.type).bits_per_weight if entry.type not in ("F32", "F16", "BF16") else 99.0
-
-
-def smallest_file_bytes(source) -> tuple[int, int]:
-    """(bytes of the smallest file a budget can make of this model, its parameter count), from
-    the tensors' shapes alone: a budget below it is refused before any measuring."""
-    from ..models.export_gguf import header_bytes
-    from ..models.source import resolve
-    from ..models.tensors import open_tensors
-
-    ts = open_tensors(resolve(source))
-    shapes = {n: list(ts.shape(n)) for n in ts.names}
-    total = header_bytes(ts) + 32 * len(shapes)
-    for name, shape in shapes.items():
-        options = candidates(shape[-1], _source_bpw(ts.entries[name])) if len(shape) == 2 else []
-        total += min((tensor_bytes(t, shape) for t in options), default=tensor_bytes("F32", shape))
-    return total, sum(int(np.prod(s)) for s in shapes.values())
 
 
 def _examine(errors: dict, weight: np.ndarray, importance: np.ndarray | None, source_bpw: float) -> np.ndarray:

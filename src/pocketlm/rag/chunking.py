@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import PocketError
 from .loaders import Document
 
 
@@ -62,3 +63,9 @@ def chunk_document(doc: Document, chunk_tokens: int, overlap: int, count: Callab
                 carried += sizes[back]
             start = back
     return chunks
+
+
+def check_chunking(chunk_tokens: int, overlap: int) -> None:
+    """The one rule for chunk sizes (the CLI and the compress recipe both ask it)."""
+    if chunk_tokens < 16 or not 0 <= overlap < chunk_tokens // 2:
+        raise PocketError(f"chunk_tokens must be at least 16 and overlap below half of it (got {chunk_tokens} and {overlap})")

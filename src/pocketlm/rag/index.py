@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..errors import PocketError
 from ..util.hashing import file_sha256
-from .chunking import chunk_document
+from .chunking import check_chunking, chunk_document
 from .embedder import Embedder
 from .loaders import find_documents, load_document
 from .store import Store
@@ -33,12 +33,6 @@ class IndexReport:
     skipped: list = field(default_factory=list)  # (path, why)
     notes: list = field(default_factory=list)  # (path, what was repaired): indexed, but the user should know
     seconds: float = 0.0
-
-
-def check_chunking(chunk_tokens: int, overlap: int) -> None:
-    """The one rule for chunk sizes (the CLI and the compress recipe both ask it)."""
-    if chunk_tokens < 16 or not 0 <= overlap < chunk_tokens // 2:
-        raise PocketError(f"chunk_tokens must be at least 16 and overlap below half of it (got {chunk_tokens} and {overlap})")
 
 
 def check_settings(store: Store, embedder: Embedder, chunk_tokens: int, overlap: int, int8: bool) -> None:
