@@ -23,7 +23,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from conftest import make_tiny_llama  # noqa: E402
-from fuzz_harness import document_seeds, fuzz, read_document, read_gguf, read_hf_folder  # noqa: E402
+from fuzz_harness import document_seeds, file_placer, folder_placer, fuzz, read_document, read_gguf, read_hf_folder  # noqa: E402
 from results_file import save_results  # noqa: E402
 
 from pocketlm.util.machine import cpu_name  # noqa: E402
@@ -50,18 +50,7 @@ def main() -> None:
 
         hf = make_tiny_llama(tmp / "tiny")
         gguf_seed = export_gguf(hf, tmp / "seed.gguf", "f16", progress=False).read_bytes()
-        work = tmp / "work"
-
-        def place_file(name, data):
-            (tmp / name).write_bytes(data)
-            return tmp / name
-
-        def place_in_folder(name, data):
-            if work.exists():
-                shutil.rmtree(work)
-            shutil.copytree(hf, work)
-            (work / name).write_bytes(data)
-            return work
+        place_file, place_in_folder = file_placer(tmp), folder_placer(hf, tmp / "work")
 
         folder_seeds = {n: (hf / n).read_bytes() for n in ("config.json", "model.safetensors")}
         docs = document_seeds(tmp)

@@ -105,6 +105,27 @@ def fuzz(seed_files: dict[str, bytes], place: Callable[[str, bytes], Path], read
     return tally
 
 
+def file_placer(folder: Path) -> Callable[[str, bytes], Path]:
+    """place() for readers of one file: the mutant under the seed's name in `folder`."""
+    def place(name: str, data: bytes) -> Path:
+        (folder / name).write_bytes(data)
+        return folder / name
+    return place
+
+
+def folder_placer(seed_folder: Path, work: Path) -> Callable[[str, bytes], Path]:
+    """place() for readers of a folder: a fresh copy of the seed folder with one file damaged."""
+    import shutil
+
+    def place(name: str, data: bytes) -> Path:
+        if work.exists():
+            shutil.rmtree(work)
+        shutil.copytree(seed_folder, work)
+        (work / name).write_bytes(data)
+        return work
+    return place
+
+
 # -- the readers under test, and seed files for them ----------------------------------------------------------
 
 def read_gguf(path: Path) -> None:

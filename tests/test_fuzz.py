@@ -2,10 +2,8 @@
 seeds (bench/fuzz.py runs thousands and writes bench/results/fuzz.md)."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from fuzz_harness import document_seeds, fuzz, read_document, read_gguf, read_hf_folder
+from fuzz_harness import document_seeds, file_placer, folder_placer, fuzz, read_document, read_gguf, read_hf_folder
 
 from pocketlm.models.export_gguf import export_gguf
 
@@ -19,36 +17,16 @@ def _check(tally):
 
 def test_gguf_reader(tiny_hf, tmp_path):
     seed = export_gguf(tiny_hf, tmp_path / "seed.gguf", "f16", progress=False).read_bytes()
-    target = tmp_path / "m.gguf"
-
-    def place(name, data):
-        target.write_bytes(data)
-        return target
-
-    _check(fuzz({"m.gguf": seed}, place, read_gguf, CASES, seed=1, focus=8192))
+    _check(fuzz({"m.gguf": seed}, file_placer(tmp_path), read_gguf, CASES, seed=1, focus=8192))
 
 
 def test_safetensors_and_config_reader(tiny_hf, tmp_path):
     seeds = {n: (tiny_hf / n).read_bytes() for n in ("config.json", "model.safetensors")}
-    work = tmp_path / "work"
-
-    def place(name, data):
-        if work.exists():
-            shutil.rmtree(work)
-        shutil.copytree(tiny_hf, work)
-        (work / name).write_bytes(data)
-        return work
-
-    _check(fuzz(seeds, place, read_hf_folder, CASES, seed=2, focus=4096))
+    _check(fuzz(seeds, folder_placer(tiny_hf, tmp_path / "work"), read_hf_folder, CASES, seed=2, focus=4096))
 
 
 @pytest.mark.parametrize("kind", ["md", "html", "pdf", "docx"])
 def test_document_loaders(kind, tmp_path):
     seeds = {n: b for n, b in document_seeds(tmp_path).items() if n.endswith(kind)}
-
-    def place(name, data):
-        (tmp_path / name).write_bytes(data)
-        return tmp_path / name
-
-    tally = fuzz(seeds, place, read_document, CASES, seed=3)
+    tally = fuzz(seeds, file_placer(tmp_path), read_document, CASES, seed=3)
     assert tally.cases == CASES and tally.bad == 0, tally.failures[:5]

@@ -3,6 +3,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from fuzz_harness import one_page_pdf
 
 import pocketlm.rag.index as index_mod
 from pocketlm.cli import cli
@@ -62,7 +63,7 @@ def test_docx_and_pdf_and_encrypted_pdf(tmp_path):
     doc = load_document(tmp_path / "m.docx")
     assert [s.heading for s in doc.sections] == ["Manual", "Manual > Safety"] and "red button" in doc.sections[0].text
 
-    (tmp_path / "p.pdf").write_bytes(_one_page_pdf("Hello from page one"))
+    (tmp_path / "p.pdf").write_bytes(one_page_pdf("Hello from page one"))
     pdf = load_document(tmp_path / "p.pdf")
     assert pdf.sections[0].page == 1 and "Hello from page one" in pdf.sections[0].text
 
@@ -195,25 +196,6 @@ def test_index_and_search_commands(corpus, tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02")
     res = runner.invoke(cli, ["index", str(tmp_path / "bin.txt"), "--db", str(db)])
     assert res.exit_code == 0 and "skipped" in res.output and "binary" in res.output
-
-
-def _one_page_pdf(text: str) -> bytes:
-    """A minimal valid PDF with one line of Helvetica text (offsets computed, not hard-coded)."""
-    stream = f"BT /F1 12 Tf 20 50 Td ({text}) Tj ET".encode()
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 100] /Contents 4 0 R "
-               b"/Resources << /Font << /F1 5 0 R >> >> >>",
-               b"<< /Length " + str(len(stream)).encode() + b" >>\nstream\n" + stream + b"\nendstream",
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for i, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += f"{i} 0 obj\n".encode() + body + b"\nendobj\n"
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    return bytes(out)
 
 
 def test_careless_inputs_are_named_not_silently_dropped(corpus, embedder, tmp_path):
