@@ -215,3 +215,28 @@ def test_load_sixteen_clients_get_answers_or_clean_429s(live):
     metrics = httpx.get(f"{live.url}/metrics", headers=_auth()).text
     assert 'pocketlm_requests_total{endpoint="/v1/chat/completions",status="429"}' in metrics
     assert "pocketlm_time_to_first_token_seconds_count" in metrics and "pocketlm_queue_depth 0.0" in metrics
+
+
+def test_a_body_that_never_finishes_gets_408_and_frees_the_server():
+    """A client that announces a body and sends only part of it is answered 408 once the next
+    piece is late, instead of holding a worker for as long as it likes."""
+    from types import SimpleNamespace
+
+    pool = SimpleNamespace(models=[], busy=0, waiting=0)  # the body is refused before any model is needed
+    server = LiveServer(create_app(pool, "stub", body_timeout_s=0.5))
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            reply = b""
+            while b"}}" not in reply:  # headers and the JSON error may come in separate packets
+                piece = s.recv(65536)
+                if not piece:
+                    break
+                reply += piece
+            reply = reply.decode()
+        status, _, rest = reply.partition("\r\n")
+        assert " 408 " in status and '"code":"request_timeout"' in rest.replace(" ", ""), reply
+        assert httpx.get(f"{server.url}/health").status_code == 200  # still serving
+    finally:
+        server.stop()

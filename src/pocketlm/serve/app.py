@@ -6,6 +6,7 @@ sources in an extra `citations` field that ordinary clients ignore.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -43,12 +44,18 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTooSlow(Exception):
+    pass
+
+
 class Guard:
     """ASGI middleware: API key, request size limits, and per-endpoint request metrics (it sees
     a streamed response to its end, which a route handler does not)."""
 
-    def __init__(self, app, *, api_key: str | None, max_body: int, max_upload: int, metrics: Metrics, known_paths):
+    def __init__(self, app, *, api_key: str | None, max_body: int, max_upload: int, metrics: Metrics, known_paths,
+                 body_timeout: float):
         self.app, self.max_body, self.max_upload, self.metrics = app, max_body, max_upload, metrics
+        self.body_timeout = body_timeout
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.known_paths = known_paths  # metrics label only these: every unknown path would add a series
 
@@ -66,14 +73,23 @@ class Guard:
         limit = self.max_upload if path == "/v1/documents" else self.max_body
         if int(headers.get(b"content-length", b"0") or 0) > limit:
             return await _too_large(limit)(scope, receive, send)
-        received = 0
+        received, body_done = 0, False
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            # A client that sends its body slowly (or never finishes it) would hold a worker: each
+            # piece must come within body_timeout. Once the body is complete, receive() only waits
+            # for the client to leave, which a long streamed answer must not time out.
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise BodyTooSlow(self.body_timeout) from None
             received += len(message.get("body", b""))
             if received > limit:
                 raise BodyTooLarge(limit)
+            body_done = message.get("type") != "http.request" or not message.get("more_body", False)
             return message
 
         async def watched_send(message):
@@ -94,15 +110,22 @@ def _too_large(limit: int) -> JSONResponse:
 
 
 def create_app(pool, model_id: str, kb=None, *, api_key: str | None = None, max_body_mb: float = 1,
-               max_upload_mb: float = 10) -> FastAPI:
+               max_upload_mb: float = 10, body_timeout_s: float = 30) -> FastAPI:
     app = FastAPI(title="pocketlm", docs_url=None, redoc_url=None)
     metrics = Metrics(pool)
     app.state.pool, app.state.kb, app.state.metrics = pool, kb, metrics
     app.add_middleware(Guard, api_key=api_key, max_body=int(max_body_mb * MB), max_upload=int(max_upload_mb * MB),
-                       metrics=metrics, known_paths=lambda: {getattr(r, "path", None) for r in app.routes})
+                       metrics=metrics, known_paths=lambda: {getattr(r, "path", None) for r in app.routes},
+                       body_timeout=body_timeout_s)
 
     @app.exception_handler(HTTPException)
-    async def _http(_, exc: HTTPException):  # 404, 405 ... in OpenAI's error shape, like every other error
+    async def _http(request, exc: HTTPException):  # 404, 405 ... in OpenAI's error shape, like every other error
+        # FastAPI turns any failure while reading a body into "400, error parsing the body"; the
+        # limits above raise inside that read, so their own answers are restored here
+        if isinstance(exc.__cause__, BodyTooSlow):
+            return await _slow(request, exc.__cause__)
+        if isinstance(exc.__cause__, BodyTooLarge):
+            return _too_large(exc.__cause__.args[0])
         codes = {404: "not_found", 405: "method_not_allowed"}
         return error_response(exc.status_code, str(exc.detail), code=codes.get(exc.status_code),
                               headers=getattr(exc, "headers", None))
@@ -119,6 +142,10 @@ def create_app(pool, model_id: str, kb=None, *, api_key: str | None = None, max_
     @app.exception_handler(BodyTooLarge)
     async def _large(_, exc: BodyTooLarge):
         return _too_large(exc.args[0])
+
+    @app.exception_handler(BodyTooSlow)
+    async def _slow(_, exc: BodyTooSlow):
+        return error_response(408, f"the request body did not arrive within {exc.args[0]:g} s", code="request_timeout")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, exc: RequestValidationError):
