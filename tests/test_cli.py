@@ -164,6 +164,9 @@ def test_bad_options_are_refused_before_any_work(tiny_hf, tmp_path, monkeypatch)
         (["eval", tiny_hf, "--ctx", "1"], "'--ctx'"),
         (["serve", "--port", "70000"], "'--port'"),
         (["distill", tiny_hf, "-o", tmp_path / "s", "--data", text, "--lr", "0"], "'--lr'"),
+        (["distill", tiny_hf, "-o", tmp_path / "s", "--data", text, "--drop-layers", "3,x"], "'--drop-layers'"),
+        (["distill", tiny_hf, "-o", tmp_path / "s", "--data", text, "--loss", "kl"], "unknown --loss 'kl'"),
+        (["distill", tiny_hf, "-o", tmp_path / "s", "--data", tmp_path / "nope"], "--data"),
         (["compress", "--target-size", "lots", "-o", tmp_path / "c"], "cannot read the size 'lots'"),
     ]
     for args, pattern in cases:

@@ -306,13 +306,20 @@ def plan_cmd(model, target_size, target_bpw, calib, calib_tokens, as_json, outpu
         _write_result(output, types, force)
 
 
-def _int_list(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise PocketError(f"--drop-layers wants comma-separated layer numbers, got {text!r}") from None
+class IntList(click.ParamType):
+    """Comma-separated non-negative integers such as 3,7,12; checked when the command line is read."""
+    name = "int,int,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            numbers = [int(x) for x in str(value).replace(" ", "").split(",") if x]
+        except ValueError:
+            self.fail(f"wants comma-separated numbers, got {value!r}", param, ctx)
+        if not numbers or min(numbers) < 0:
+            self.fail(f"wants one or more numbers of 0 or more, got {value!r}", param, ctx)
+        return numbers
 
 
 @cli.command()
@@ -321,7 +328,7 @@ def _int_list(text: str | None) -> list[int] | None:
 @click.option("--data", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Training text: files or folders of documents (.txt .md .rst .html .pdf .docx).")
 @click.option("--layers", type=POSITIVE, default=None, help="Keep the N most important layers.")
-@click.option("--drop-layers", default=None, help="Drop these layers, e.g. '3,7,12'.")
+@click.option("--drop-layers", default=None, type=IntList(), help="Drop these layers, e.g. '3,7,12'.")
 @click.option("--hidden", type=POSITIVE, default=None, help="Hidden size (default: aligned down to 256).")
 @click.option("--ffn", type=POSITIVE, default=None, help="MLP width.")
 @click.option("--heads", type=POSITIVE, default=None, help="Attention heads.")
@@ -354,7 +361,7 @@ def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_h
     from .distill.run import distill as run_distill
 
     opts = DistillOptions(data=[str(d) for d in data], tokens=tokens, seq=seq, layers=layers,
-                          drop_layers=_int_list(drop_layers), hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
+                          drop_layers=drop_layers, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
                           student=student, loss=loss, tail=tail, topk=topk, lr=lr, batch=batch, micro_batch=micro_batch,
                           eval_every=eval_every, save_every=save_every, bf16=not fp32, seed=seed, resume=resume,
                           force=force, say=click.echo)
