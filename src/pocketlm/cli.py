@@ -1,111 +1,32 @@
 """Command line: parses arguments, calls the library, prints. Nothing else lives here."""
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from .cli_common import (
+    POSITIVE,
+    SIZE,
+    THREADS,
+    IntList,
+    OneLineErrors,
+    check_files,
+    cores,
+    deprecated,
+    json_option,
+    json_target,
+    refuse_existing,
+    terminate,
+    user_errors,
+    write_result,
+)
 from .errors import PocketError
 from .models.registry import DEFAULT_MODEL
 
 
-def user_errors(fn):
-    """Bad input becomes one line on stderr and exit status 1, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PocketError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except OSError as exc:  # disk full, permission denied, ...: the OS already said it well
-            click.echo(f"error: {exc.strerror or exc} ({exc.filename or ''})", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-    return wrapper
-
-
-def _refuse_existing(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise PocketError(f"{path} exists; pass --force to replace it")
-
-
-class _OneLineErrors(click.Group):
-    """click's own rejections (a bad choice, a number out of range, an unknown option) as one
-    `error:` line and exit status 1, like every other bad input, instead of a usage block and 2."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
-            sys.exit(1)
-        except click.Abort:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-        if not standalone_mode:
-            return rv
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-class Size(click.ParamType):
-    """A file size such as 60MB, 57.5MiB or 1GB, as bytes; checked when the command line is read."""
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        from .quantize.budget import parse_size
-
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except PocketError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-SIZE = Size()
-POSITIVE = click.IntRange(min=1)
-
-
-def _deprecated(old: str, new: str) -> None:
-    click.echo(f"warning: {old} is deprecated and will go; use {new}", err=True)
-
-
-def json_option(fn):
-    """--json prints JSON on stdout, in every command. `--json PATH` (eval and plan once wrote
-    there) still works, with a deprecation line: write files with -o/--output."""
-    return click.option("--json", "as_json", is_flag=False, flag_value="-", default=None, metavar="",
-                        help="Print JSON on stdout instead of tables.")(fn)
-
-
-def _json_target(as_json: str | None, output: Path | None) -> tuple[bool, Path | None]:
-    """(print JSON on stdout, file to write it to) from --json and -o."""
-    if as_json not in (None, "-"):
-        _deprecated("--json PATH", "-o PATH")
-        if output is not None:
-            raise PocketError("give the output file once: -o PATH")
-        return False, Path(as_json)
-    return as_json == "-", output
-
-
-def _write_result(path: Path, data, force: bool) -> None:
-    from .util.atomic import write_json
-
-    _refuse_existing(path, force)
-    write_json(path, data)
-    click.echo(f"wrote {path}", err=True)
-
-
-THREADS = click.option("--threads", default=None, type=POSITIVE,
-                       help="CPU threads for llama.cpp (default: every core the process may use).")
-
-
-@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pocketlm")
 def cli():
     """pocketlm: shrink a language model, measure what was kept, run it on your CPU."""
@@ -121,7 +42,7 @@ def info(model, as_json):
     from .report_table import print_info
 
     d = inspect(model).to_dict()
-    if _json_target(as_json, None)[0]:
+    if json_target(as_json, None)[0]:
         click.echo(json.dumps(d, indent=2))
     else:
         print_info(d)
@@ -137,7 +58,7 @@ def info(model, as_json):
 @user_errors
 def export(model, output, dtype, force, quiet):
     """Write MODEL as a GGUF file or a Hugging Face folder."""
-    _refuse_existing(output, force)
+    refuse_existing(output, force)
     if output.suffix.lower() == ".gguf":
         from .models.export_gguf import export_gguf
 
@@ -188,13 +109,13 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
     from .report_table import print_eval
 
     if old_max_tokens is not None:
-        _deprecated("eval --max-tokens", "--text-tokens (--max-tokens means tokens generated, in chat and ask)")
+        deprecated("eval --max-tokens", "--text-tokens (--max-tokens means tokens generated, in chat and ask)")
         text_tokens = text_tokens or old_max_tokens
-    to_stdout, output = _json_target(as_json, output)
+    to_stdout, output = json_target(as_json, output)
     if output is not None:
-        _refuse_existing(output, force)  # before minutes of evaluation, not after
+        refuse_existing(output, force)  # before minutes of evaluation, not after
     opts = EvalOptions(texts=list(texts), reference=reference, max_tokens=text_tokens, ctx=ctx, mmlu=mmlu and str(mmlu),
-                       mmlu_limit=mmlu_limit, speed=speed, threads=threads or _cores(), torch_dtype=torch_dtype,
+                       mmlu_limit=mmlu_limit, speed=speed, threads=threads or cores(), torch_dtype=torch_dtype,
                        progress=not to_stdout)
     result = evaluate(model, opts)
     if to_stdout:
@@ -202,7 +123,7 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
     else:
         print_eval(result)
     if output is not None:
-        _write_result(output, result, force)
+        write_result(output, result, force)
 
 
 @cli.command()
@@ -234,9 +155,9 @@ def quantize(model, output, preset, target_size, target_bpw, method, calib, cali
         raise PocketError(f"unknown --type {preset!r} (choose one of {', '.join(PRESETS)})")
     if output.suffix.lower() != ".gguf":
         raise PocketError("the output of quantize is a .gguf file")
-    _refuse_existing(output, force)
+    refuse_existing(output, force)
     keep = parse_keep(keep)
-    _check_files(calib, "--calib")
+    check_files(calib, "--calib")
     types = {}
     if preset is None:
         types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=not quiet)
@@ -251,12 +172,6 @@ def quantize(model, output, preset, target_size, target_bpw, method, calib, cali
     click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
 
 
-def _check_files(paths, flag: str) -> None:
-    for p in paths:
-        if not Path(p).exists():
-            raise PocketError(f"{flag} {p}: no such file or folder")
-
-
 def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: bool) -> dict[str, str]:
     """Every check that needs only the command line and the tensors' shapes comes before the
     measurement, which takes minutes on a cold cache."""
@@ -264,7 +179,7 @@ def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: boo
 
     if (target_size is None) == (target_bpw is None):
         raise PocketError("give one of --target-size or --target-bpw")
-    _check_files(calib, "--calib")
+    check_files(calib, "--calib")
     smallest, n_params, exact = smallest_file_bytes(model)
     least = "" if exact else "at least "
     if target_size is not None and target_size < smallest:
@@ -296,30 +211,14 @@ def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: boo
 @user_errors
 def plan_cmd(model, target_size, target_bpw, calib, calib_tokens, as_json, output, force):
     """Dry run of a budget: each tensor's type, the file size and the predicted KLD."""
-    to_stdout, output = _json_target(as_json, output)
+    to_stdout, output = json_target(as_json, output)
     if output is not None:
-        _refuse_existing(output, force)
+        refuse_existing(output, force)
     types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=not to_stdout)
     if to_stdout:
         click.echo(json.dumps(types, indent=2))
     if output is not None:
-        _write_result(output, types, force)
-
-
-class IntList(click.ParamType):
-    """Comma-separated non-negative integers such as 3,7,12; checked when the command line is read."""
-    name = "int,int,..."
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        try:
-            numbers = [int(x) for x in str(value).replace(" ", "").split(",") if x]
-        except ValueError:
-            self.fail(f"wants comma-separated numbers, got {value!r}", param, ctx)
-        if not numbers or min(numbers) < 0:
-            self.fail(f"wants one or more numbers of 0 or more, got {value!r}", param, ctx)
-        return numbers
+        write_result(output, types, force)
 
 
 @cli.command()
@@ -356,7 +255,7 @@ def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_h
     from .distill.loss_spec import check_tail, parse_loss
 
     check_tail(parse_loss(loss)[0], tail)  # before torch is imported: a typo costs a fraction of a second
-    _check_files(data, "--data")
+    check_files(data, "--data")
     from .distill.run import DistillOptions
     from .distill.run import distill as run_distill
 
@@ -406,7 +305,7 @@ def search(query, db, mode, k, as_json):
     from .rag.answer import citation_json
     from .rag.retrieve import open_retriever
 
-    as_json = _json_target(as_json, None)[0]
+    as_json = json_target(as_json, None)[0]
     retriever = open_retriever(db, mode != "bm25")
     hits = retriever.search(query, mode=mode, k=k)
     if as_json:
@@ -438,9 +337,9 @@ def ask(question, db, model, k, max_tokens, ctx, threads, as_json):
     from .rag.retrieve import open_retriever
     from .runtime.llama_cpp_backend import LlamaCppModel
 
-    as_json = _json_target(as_json, None)[0]
+    as_json = json_target(as_json, None)[0]
     retriever = open_retriever(db, True)
-    llm = LlamaCppModel(cached_gguf(model, "f16"), n_ctx=ctx, n_threads=threads or _cores())
+    llm = LlamaCppModel(cached_gguf(model, "f16"), n_ctx=ctx, n_threads=threads or cores())
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
     answer = run_ask(question, retriever, llm, k=k, max_tokens=max_tokens, on_text=stream)
     if as_json:
@@ -507,23 +406,10 @@ def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (kill, a container stopping) cleans up exactly like Ctrl-C
-
-
 def main():
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     cli()
 
 

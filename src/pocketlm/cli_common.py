@@ -1,0 +1,140 @@
+"""What every pocketlm command shares: parameter types checked when the command line is read,
+the flags that mean one thing everywhere, and the rule that bad input is one `error:` line and
+exit status 1 (click's own rejections included), never a traceback."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import PocketError
+
+
+def user_errors(fn):
+    """Bad input becomes one line on stderr and exit status 1, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PocketError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # disk full, permission denied, ...: the OS already said it well
+            click.echo(f"error: {exc.strerror or exc} ({exc.filename or ''})", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def refuse_existing(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise PocketError(f"{path} exists; pass --force to replace it")
+
+
+class OneLineErrors(click.Group):
+    """click's own rejections (a bad choice, a number out of range, an unknown option) as one
+    `error:` line and exit status 1, like every other bad input, instead of a usage block and 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(1)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class Size(click.ParamType):
+    """A file size such as 60MB, 57.5MiB or 1GB, as bytes; checked when the command line is read."""
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from .quantize.budget import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except PocketError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = Size()
+POSITIVE = click.IntRange(min=1)
+
+
+def deprecated(old: str, new: str) -> None:
+    click.echo(f"warning: {old} is deprecated and will go; use {new}", err=True)
+
+
+def json_option(fn):
+    """--json prints JSON on stdout, in every command. `--json PATH` (eval and plan once wrote
+    there) still works, with a deprecation line: write files with -o/--output."""
+    return click.option("--json", "as_json", is_flag=False, flag_value="-", default=None, metavar="",
+                        help="Print JSON on stdout instead of tables.")(fn)
+
+
+def json_target(as_json: str | None, output: Path | None) -> tuple[bool, Path | None]:
+    """(print JSON on stdout, file to write it to) from --json and -o."""
+    if as_json not in (None, "-"):
+        deprecated("--json PATH", "-o PATH")
+        if output is not None:
+            raise PocketError("give the output file once: -o PATH")
+        return False, Path(as_json)
+    return as_json == "-", output
+
+
+def write_result(path: Path, data, force: bool) -> None:
+    from .util.atomic import write_json
+
+    refuse_existing(path, force)
+    write_json(path, data)
+    click.echo(f"wrote {path}", err=True)
+
+
+THREADS = click.option("--threads", default=None, type=POSITIVE,
+                       help="CPU threads for llama.cpp (default: every core the process may use).")
+
+
+class IntList(click.ParamType):
+    """Comma-separated non-negative integers such as 3,7,12; checked when the command line is read."""
+    name = "int,int,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            numbers = [int(x) for x in str(value).replace(" ", "").split(",") if x]
+        except ValueError:
+            self.fail(f"wants comma-separated numbers, got {value!r}", param, ctx)
+        if not numbers or min(numbers) < 0:
+            self.fail(f"wants one or more numbers of 0 or more, got {value!r}", param, ctx)
+        return numbers
+
+
+def check_files(paths, flag: str) -> None:
+    for p in paths:
+        if not Path(p).exists():
+            raise PocketError(f"{flag} {p}: no such file or folder")
+
+
+def cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a container stopping) cleans up exactly like Ctrl-C
