@@ -45,9 +45,9 @@ def test_eval_writes_json_schema(tiny_gguf_f32, tiny_hf, sample_text, tmp_path):
               "--json", tmp_path / "old.json")  # the old spellings still work, and say they will go
     assert old.exit_code == 0 and "deprecated" in old.stderr and (tmp_path / "old.json").exists()
     assert json.loads((tmp_path / "old.json").read_text())["tokens"] <= 100
-    for key in ("model", "size_bytes", "bpw", "tokens", "ppl", "kld_mean", "kld_p99", "top1", "mmlu_acc",
-                "prefill_tps", "decode_tps", "peak_rss_mb"):
-        assert key in d
+    # the schema's keys are always there (the runner fills them); what they hold is the test
+    assert d["size_bytes"] == tiny_gguf_f32.stat().st_size and d["backend"] == "llama.cpp" and d["ctx"] == 64
+    assert d["mmlu_acc"] is None and d["prefill_tps"] is None and d["decode_tps"] is None  # not asked for
     # the model is the f32 GGUF of its reference: llama.cpp and torch must agree almost exactly
     assert d["tokens"] > 0 and d["ppl"] > 1 and d["kld_mean"] < 1e-3 and d["top1"] > 0.98, d
     assert "PPL" in r.stdout
