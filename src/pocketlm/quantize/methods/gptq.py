@@ -127,7 +127,10 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
     assign = _torch_assign(fmt)
     levels = torch.from_numpy(np.asarray(fmt.levels, dtype=np.float32))
     wt = w.T.contiguous()
-    idx_sorted = torch.empty((cols, rows), dtype=torch.int64)
+    # level indices held in one byte (every format has at most 256 levels), not eight: two copies of
+    # them per tensor are the sweep's largest arrays after the weights
+    small = len(fmt.levels) <= 256
+    idx_sorted = torch.empty((cols, rows), dtype=torch.uint8 if small else torch.int64)
     for b0 in range(0, cols, LAZY_BATCH):
         b1 = min(b0 + LAZY_BATCH, cols)
         w1 = wt[b0:b1].clone()
@@ -141,7 +144,7 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
             w1[j:].addr_(u[c, c:b1], e, alpha=-1)
             err[j] = e
         wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)
-    idx = np.empty((rows, cols), np.int64)
+    idx = np.empty((rows, cols), np.uint8 if small else np.int64)
     idx[:, perm.numpy()] = idx_sorted.T.numpy()
     del idx_sorted, wt, w
     per_row = cols // bs
@@ -150,7 +153,7 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
         r1 = min(r0 + _rows_per_block(cols), rows)
         sub = BlockParams(params.scale[r0 * per_row:r1 * per_row], params.offset[r0 * per_row:r1 * per_row],
                           {k: v[r0 * per_row:r1 * per_row] for k, v in params.raw.items()})
-        packed.append(fmt.pack(idx[r0:r1].reshape(-1, bs), sub).reshape(r1 - r0, -1))
+        packed.append(fmt.pack(idx[r0:r1].astype(np.int64).reshape(-1, bs), sub).reshape(r1 - r0, -1))
     return np.concatenate(packed)
 
 
