@@ -222,10 +222,10 @@ def main() -> None:
 
 
 NOTES = [
-    "- Run 2026-11-30 on this machine, one job at a time. Two rows were disturbed by a test run beside them: "
+    "- Run 2026-11-30 on this machine, one job at a time. Rows disturbed by a test run beside them: "
     "1B `llama-imatrix` (~5 of its 14 minutes overlapped a 5-minute pytest run, and its extra-disk figure, 0.07 GB, is "
-    "wrong: pytest deleted files meanwhile; the real figure is its 0.8 GB output plus the 1.3 MB imatrix) and 1B "
-    "`gptq` (~3 of its 42 minutes).",
+    "wrong: pytest deleted files meanwhile; the real figure is its 0.8 GB output plus the 1.3 MB imatrix) and, "
+    "lightly, the re-measured 1B `gptq` (a 1-minute test run in its 36 minutes) and 3B `rtn` (20 s in 17 minutes).",
     "- The 1B `gptq` row was re-measured on the current code (pread, codec blocks on 2 threads): 2501 s and "
     "3.92 GiB before, 2143 s and 3.61 GiB now, same bytes. The peak is no longer the codec's search; the arrays "
     "of gptq's sweep over the largest tensors remain (weights, their transpose, level indices held as int64 until "
@@ -238,7 +238,9 @@ NOTES = [
     "- 3B `rtn` ran on the same code as the 1B `rtn` row: 1012 s, 0.69 GiB peak, 315 s per billion parameters "
     "against 336 at 1B (flat within 7%). Its extra-disk figure (1.07 GB for a 2.0 GB file) is wrong: a test run's "
     "temporary folders were deleted during it (the job writes only its output).",
-    "- Not run in this session (time): 1B imatrix and --target-size, every 3B row but rtn, every 8B row. The 3B "
+    "- 1B `imatrix` (8192 calibration tokens, one layer at a time, the codec on 2 threads): 959 s, 2.17 GiB, "
+    "beside llama.cpp's llama-imatrix + llama-quantize at 842 s (1.1x).",
+    "- Not run in this session (time): 1B --target-size, every 3B row but rtn, every 8B row. The 3B "
     "and 8B checkpoints are made by the script (6.4 and 16 GB). At the measured 1B rates an 8B gptq run would take ~4-5 hours on 2 "
     "cores, so the 8B goals are unmeasured, not met.",
     "- llama.cpp's RSS also counts its mmap of the input (the f16 file): 1.69 GiB for llama-quantize on a 2.5 GB input.",
