@@ -13,7 +13,6 @@ from .cli_common import (
     IntList,
     OneLineErrors,
     check_files,
-    cores,
     deprecated,
     json_option,
     json_target,
@@ -24,6 +23,7 @@ from .cli_common import (
 )
 from .errors import PocketError
 from .models.registry import DEFAULT_MODEL
+from .util.machine import usable_cores
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,7 +82,7 @@ def chat(model, system, max_tokens, temperature, ctx, threads):
     """Chat with MODEL in the terminal, streamed, on llama.cpp. Empty line or Ctrl-D quits."""
     from .runtime.chat import chat_loop
 
-    chat_loop(model, system=system, max_tokens=max_tokens, temperature=temperature, n_ctx=ctx, n_threads=threads)
+    chat_loop(model, system=system, max_tokens=max_tokens, temperature=temperature, n_ctx=ctx, n_threads=threads or usable_cores())
 
 
 @cli.command(name="eval")
@@ -115,7 +115,7 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
     if output is not None:
         refuse_existing(output, force)  # before minutes of evaluation, not after
     opts = EvalOptions(texts=list(texts), reference=reference, max_tokens=text_tokens, ctx=ctx, mmlu=mmlu and str(mmlu),
-                       mmlu_limit=mmlu_limit, speed=speed, threads=threads or cores(), torch_dtype=torch_dtype,
+                       mmlu_limit=mmlu_limit, speed=speed, threads=threads or usable_cores(), torch_dtype=torch_dtype,
                        progress=not to_stdout)
     result = evaluate(model, opts)
     if to_stdout:
@@ -179,7 +179,6 @@ def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: boo
 
     if (target_size is None) == (target_bpw is None):
         raise PocketError("give one of --target-size or --target-bpw")
-    check_files(calib, "--calib")
     smallest, n_params, exact = smallest_file_bytes(model)
     least = "" if exact else "at least "
     if target_size is not None and target_size < smallest:
@@ -214,6 +213,7 @@ def plan_cmd(model, target_size, target_bpw, calib, calib_tokens, as_json, outpu
     to_stdout, output = json_target(as_json, output)
     if output is not None:
         refuse_existing(output, force)
+    check_files(calib, "--calib")
     types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=not to_stdout)
     if to_stdout:
         click.echo(json.dumps(types, indent=2))
@@ -339,7 +339,7 @@ def ask(question, db, model, k, max_tokens, ctx, threads, as_json):
 
     as_json = json_target(as_json, None)[0]
     retriever = open_retriever(db, True)
-    llm = LlamaCppModel(cached_gguf(model, "f16"), n_ctx=ctx, n_threads=threads or cores())
+    llm = LlamaCppModel(cached_gguf(model, "f16"), n_ctx=ctx, n_threads=threads or usable_cores())
     stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
     answer = run_ask(question, retriever, llm, k=k, max_tokens=max_tokens, on_text=stream)
     if as_json:

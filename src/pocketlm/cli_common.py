@@ -127,14 +127,5 @@ def check_files(paths, flag: str) -> None:
             raise PocketError(f"{flag} {p}: no such file or folder")
 
 
-def cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, a container stopping) cleans up exactly like Ctrl-C

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
 from ..util.atomic import write_json
+from ..util.cache import code_version, library_versions
 
 # What code each step runs: its key changes when that code does, and only then.
 STEP_CODE = {
@@ -30,7 +30,6 @@ CODEC_STEPS = ("plan", "quantize")  # steps whose results come from the codecs' 
 
 def key_of(step: str, *parts) -> str:
     from ..quantize.formats.base import codec_fingerprint
-    from ..util.cache import code_version
 
     code = [code_version(*STEP_CODE[step])] + ([codec_fingerprint()] if step in CODEC_STEPS else [])
     return hashlib.sha256(json.dumps([step, *code, *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -55,18 +54,10 @@ class Manifest:
         t0 = time.perf_counter()
         result = make(target)
         record = {"key": key, "artifact": artifact, "params": params, "seconds": round(time.perf_counter() - t0, 1),
-                  "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": result}
+                  "versions": library_versions(("pocketlm", "torch", "transformers", "llama_cpp_python", "gguf")),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": result}
         self.data["steps"][name] = record
         write_json(self.path, self.data)
         say(f"[{name}] finished in {record['seconds']:.0f} s")
         return record
 
-
-def _versions() -> dict:
-    out = {}
-    for pkg in ("pocketlm", "torch", "transformers", "llama_cpp_python", "gguf"):
-        try:
-            out[pkg] = version(pkg)
-        except Exception:  # a missing optional package is recorded as absent
-            out[pkg] = None
-    return out

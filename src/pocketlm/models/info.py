@@ -120,15 +120,15 @@ def _inspect_gguf(src: ModelSource) -> ModelInfo:
 
 
 def _inspect_hf(src: ModelSource) -> ModelInfo:
-    from .tensors import SafetensorsFile, open_tensors, shard_files
+    from .tensors import open_tensors
 
-    open_tensors(src).check_shapes()  # a bad config, an unknown architecture, damaged shards: one error line
+    ts = open_tensors(src)
+    ts.check_shapes()  # a bad config, an unknown architecture, damaged shards: one error line
     config = json.loads((src.path / "config.json").read_text())
     tensors: list[TensorInfo] = []
     size = 0
-    for f in shard_files(src.path):
-        size += f.stat().st_size
-        st = SafetensorsFile(f)
+    for st in ts.files:
+        size += st.path.stat().st_size
         for name in st.keys():
             begin, end = st.meta[name]["data_offsets"]
             tensors.append(TensorInfo(name, st.shape(name), st.dtype(name), end - begin))

@@ -154,9 +154,9 @@ class SafetensorsSource(TensorSource):
         self.source = src
         self.facts = facts or ModelFacts.from_hf_folder(src.path)
         self._where: dict[str, SafetensorsFile] = {}
+        self.files = [SafetensorsFile(f) for f in shard_files(src.path)]  # every shard, headers checked
         entries: dict[str, TensorEntry] = {}
-        for f in shard_files(src.path):
-            handle = SafetensorsFile(f)
+        for handle in self.files:
             for hf_name in handle.keys():
                 if self.facts.tied and hf_name == "lm_head.weight":
                     continue

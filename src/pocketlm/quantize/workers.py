@@ -6,21 +6,18 @@ loops: threads over disjoint row blocks therefore write the same bytes ~1.75x fa
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from ..util.machine import usable_cores
 
 CODEC_VALUES = 1 << 20  # values one worker encodes at a time: the k-quant searches hold ~150 bytes per value
 MAX_WORKERS = 4  # each worker's searches hold ~150 MB; more cores than this rarely sit idle on a laptop
 
 
 def n_workers() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores))
+    return max(1, min(MAX_WORKERS, usable_cores()))
 
 
 def map_rows(fn, values: np.ndarray, per_block: int = CODEC_VALUES) -> list:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
+
+from ..util.machine import usable_cores
 
 
 class QueueFull(Exception):
@@ -33,7 +34,7 @@ class ContextPool:
             from ..runtime.llama_cpp_backend import LlamaCppModel as loader
         # Contexts share the cores rather than oversubscribe them. On 2 cores, two contexts of one
         # thread each doubled throughput under load (bench/results/serve_load.md).
-        threads = max(1, (threads or os.cpu_count() or 2) // parallel)
+        threads = max(1, (threads or usable_cores()) // parallel)
         self.models = [loader(path, n_ctx=n_ctx, n_threads=threads) for _ in range(parallel)]
         self.n_ctx = n_ctx
         self.max_queue = max_queue

@@ -9,6 +9,7 @@ any file a tool writes (mkstemp's private 0600 must not survive the rename).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -47,17 +48,13 @@ def _alive(pid: int) -> bool:
 def _remove_leftovers(target: Path) -> None:
     """Temporaries of this target whose writer is no longer running."""
     pattern = re.compile(re.escape(f".{target.name}.tmp-") + r"(\d+)-")
-    for p in target.parent.glob(f".{glob_escape(target.name)}.tmp-*"):
+    for p in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
         m = pattern.match(p.name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 @contextlib.contextmanager

@@ -38,9 +38,17 @@ def code_version(*parts: str) -> str:
             raise ValueError(f"no pocketlm source at {part!r}")
         for f in files:
             digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    for lib in LIBRARIES:
-        try:
-            digest.update(f"{lib}={version(lib)}".encode())
-        except PackageNotFoundError:
-            digest.update(f"{lib}=absent".encode())
+    for lib, v in library_versions(LIBRARIES).items():
+        digest.update(f"{lib}={v}".encode())
     return digest.hexdigest()[:16]
+
+
+def library_versions(names) -> dict:
+    """Installed version of each distribution, None where it is absent."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

@@ -14,6 +14,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which containers and taskset narrow)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def compute_device(local_rank: int = 0):
     """Where torch work goes: this process's GPU when there is one (under torchrun, one GPU per
     local rank), else the CPU."""
