@@ -103,9 +103,6 @@ def test_q4_1_grid_comes_back_exactly_at_5_bits():
     assert np.array_equal(fmt.dequantize(gptq.reshape(-1, fmt.type_size)).reshape(layer.shape), layer)
 
 
-@pytest.mark.xfail(strict=True, reason="known defect, see bench/results/quant_vs_llamacpp.md: the scale searches "
-                   "sum their candidate errors in float32; float64 fixes it but changes codes of nearly every "
-                   "benchmarked file, so it waits for a re-measure")
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_1", "Q5_1"])
 def test_grid_comes_back_exactly_under_wide_importance(name):
     """Importance from real activations spans orders of magnitude (the output tensor's most of

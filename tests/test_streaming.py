@@ -1,6 +1,8 @@
 """Streaming a model (lazy tensors, one layer at a time, a GGUF written tensor by tensor) changes
 no byte of what pocketlm writes: the files below were made by the whole-model code before
-streaming (commit 9ccd30a) from the same inputs, and their sha256 is pinned here."""
+streaming (commit 9ccd30a) from the same inputs, and their sha256 is pinned here. The quantized
+pins were re-made when the scale searches moved to float64 sums (#20), by 9ccd30a with only that
+change applied to quantize/formats/search.py: today's code still writes the same bytes."""
 from __future__ import annotations
 
 import hashlib
@@ -19,18 +21,18 @@ from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model
 PINNED = {
     "llama/export-f16": "910429b8aef154d3e3e77e2f53aefa163b6aac5276324348061f1a74179d6434",
     "llama/export-bf16": "4659f30ad27ad2b7a6e85d9e00b7828d5084dc1c251efc68b0a2e8ceb67d2b48",
-    "llama/Q4_K_M-rtn": "f543de23c203c13ff73d82822f9ceb0ab6571465b14782114893c2f2ff71e124",
-    "llama/Q4_K_M-imatrix": "2ca089b70a10d5d34261999c67f03ff5f9c83bae69a2cc02d515a9a1a40c5f1e",
-    "llama/Q4_K_M-gptq": "5a087edd60747a9a0236d8e19dbf362de9f7644f957a7d962c3728f8c45a4fbb",
-    "llama/Q8_0-rtn": "9e82f84a59b36028459be9cd97333db9434d34d7c6eaa8343ad6e6834e392929",
+    "llama/Q4_K_M-rtn": "d550787c8b4262832d6765cae0bcb7bdb92986c865867ce0274ea2aa7f2970b0",
+    "llama/Q4_K_M-imatrix": "053544f27fca45f10dfa1515a7e90b2367a7747718c45d26168aa19e2be65796",
+    "llama/Q4_K_M-gptq": "a5715907c56d26f131c84075be13b129afeada2019f5528a1b65cd302b40d7e3",
+    "llama/Q8_0-rtn": "65812f5fc80f586c4b48aa870390cb9480fd6a8f7f7d82b9971f0bc724530189",
     "llama_untied/export-f32": "5d5eae076139ffa34c0a28324cf3ec8d57bb036ef44fbf5ef3a346d8c2e80f81",
-    "llama_untied/Q4_K_M-imatrix": "f99fb08ac515899128151a21cf5b601c932336ca54c64a61c86092bcc039db94",
+    "llama_untied/Q4_K_M-imatrix": "2877ade17f1e9c11eceffa8a803c82612b20c848f1b78a75c05bba7b1318d323",
     "llama_untied/Q3_K_S-gptq": "69eca799aa68bffa891b3bd363df41d9d330056482682b0a0b56e6ee3d887ba3",
     "gemma3/export-f16": "c4636f243396b7991bf4af39422ec12d9bff5cf40794f527bffc4a9f5780e316",
-    "gemma3/Q4_K_M-gptq": "05201a85de6f8e1d4f634272900ccff81694fc78e53f884921e1278ce9ebb31b",
+    "gemma3/Q4_K_M-gptq": "00f18c20709ffecb063caa0b648fc7361511202f93ee0742c4ede5214d2e3a1a",
     "qwen2/export-bf16": "06cecee96a9c566e87691b4556106173c701dfddeda87ede70ab28aeaa04dd01",
-    "qwen2/Q4_K_M-gptq": "f2bcbfb863332abd08cb431ee408d1a63d1ffc9513eba95336e615295cdb93f7",
-    "default/Q4_K_M-rtn": "8962bbd6800d99695a68f91c032213a214d1731c2d2828dfcbe65469d55f43f9",
+    "qwen2/Q4_K_M-gptq": "737f439d56ec7402513db711359c6caf64469908d5efb93c9c9a131fc1a6301d",
+    "default/Q4_K_M-rtn": "98d0fcf0c0410ffa5a33f258bc557d6fcf535a89b67f5967a641f659c59a1f68",
 }
 
 

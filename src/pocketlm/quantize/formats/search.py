@@ -25,14 +25,19 @@ def fit_scale(x: np.ndarray, w: np.ndarray, levels: np.ndarray, steps: int = 5, 
     picks which end, so asymmetric grids like -8..7 use their longer side), nudged by up to
     `spread` levels. For each candidate's assignment q the best scale has a closed form,
     sum(wqx)/sum(wqq), and so does its error, sum(wxx) - sum(wqx)^2/sum(wqq).
+
+    float64 throughout: that error is a difference of two nearly equal sums, and with importance
+    spanning orders of magnitude float32 rounding alone (~1e-7 of sum wxx) outweighs the true error
+    of a near miss, so the zero-error scale of values already on the grid could lose to it.
     """
+    x, w = x.astype(np.float64), w.astype(np.float64)
     levels = np.asarray(levels, dtype=np.float32)
     imax = np.abs(x).argmax(axis=-1)
     xmax = np.take_along_axis(x, imax[:, None], axis=-1)[:, 0]
     zero = xmax == 0
     xmax = np.where(zero, 1.0, xmax)
-    best_s = np.zeros(x.shape[0], np.float32)
-    best_err = np.full(x.shape[0], np.inf, np.float32)
+    best_s = np.zeros(x.shape[0])
+    best_err = np.full(x.shape[0], np.inf)
     swxx = (w * x * x).sum(-1)
     for end in (levels[0], levels[-1]):
         for nudge in np.linspace(-spread, spread, steps) if steps > 1 else (0.0,):
@@ -59,7 +64,9 @@ def fit_scale_min(x: np.ndarray, w: np.ndarray, nmax: int, *, offset_le_zero: bo
     coarse_grid: also try the grid of one bit fewer spanning the block's range. A block that was
     quantized before at that width (a Q4_1 model re-quantized to Q5_1) then comes back exactly,
     where the candidates near nmax land between its levels and cost a rounding error.
+    float64 throughout, for the cancellation fit_scale describes.
     """
+    x, w = x.astype(np.float64), w.astype(np.float64)
     xmin = x.min(axis=-1)
     if offset_le_zero:
         xmin = np.minimum(xmin, 0)
