@@ -146,6 +146,9 @@ def main() -> None:
     ap.add_argument("--tag", default=None)
     ap.add_argument("--types", default=",".join(PRESETS))
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--remeasure", default=None,
+                    help="variants whose missing or † rows are measured (default: all in --variants); the others' † rows "
+                         "are shown as they stand, so the goal rows can be brought up to date first")
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--note", default="", help="said under the section's heading; remembered per --tag")
@@ -184,12 +187,13 @@ def main() -> None:
     imatrix = work / "llamacpp.imatrix"
     if tools and not imatrix.exists():
         llamacpp_imatrix(ref, calib, imatrix, tools, chunks=args.calib_tokens // 512)
+    remeasure = set((args.remeasure or args.variants).split(","))
     results = {}
     for preset in args.types.split(","):
         for variant in args.variants.split(","):
             res_path = row_path(work, preset, variant)
             cached = json.loads(res_path.read_text()) if res_path.exists() else None
-            if is_current(cached):
+            if is_current(cached) or (cached is not None and variant not in remeasure):
                 results[(preset, variant)] = cached
             else:
                 out = res_path.with_suffix(".gguf")
