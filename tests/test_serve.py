@@ -20,6 +20,7 @@ from pocketlm.models.registry import DEFAULT_MODEL
 from pocketlm.rag.index import index_paths
 from pocketlm.serve.app import create_app
 from pocketlm.serve.engine import ContextPool  # noqa: E402
+from pocketlm.serve.http import HeaderDeadlineProtocol
 from pocketlm.serve.knowledge import KnowledgeBase, safe_filename  # noqa: E402
 
 KEY = "test-key"
@@ -29,12 +30,13 @@ pytestmark = pytest.mark.real_model
 class LiveServer:
     """uvicorn in a thread of this process, on a free loopback port."""
 
-    def __init__(self, app):
+    def __init__(self, app, protocol=HeaderDeadlineProtocol):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    http=protocol))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -238,5 +240,38 @@ def test_a_body_that_never_finishes_gets_408_and_frees_the_server():
         status, _, rest = reply.partition("\r\n")
         assert " 408 " in status and '"code":"request_timeout"' in rest.replace(" ", ""), reply
         assert httpx.get(f"{server.url}/health").status_code == 200  # still serving
+    finally:
+        server.stop()
+
+
+def test_headers_that_never_finish_are_cut_off_even_if_bytes_keep_coming():
+    """uvicorn resets its only timer on every byte, so a client trickling header lines would hold
+    its connection forever; pocketlm's protocol closes it once the headers are late."""
+    import select
+    from types import SimpleNamespace
+
+    class Quick(HeaderDeadlineProtocol):
+        header_timeout_s = 0.5
+
+    server = LiveServer(create_app(SimpleNamespace(models=[], busy=0, waiting=0), "stub"), protocol=Quick)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            t0, closed = time.monotonic(), False
+            while not closed and time.monotonic() - t0 < 5:
+                time.sleep(0.1)
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                    readable, _, _ = select.select([s], [], [], 0)
+                    closed = bool(readable) and s.recv(1024) == b""
+                except OSError:
+                    closed = True
+            took = time.monotonic() - t0
+        assert closed and 0.3 < took < 2.5, took
+        # a whole request on a kept-alive connection is unaffected, and the server still serves
+        with httpx.Client(base_url=server.url) as c:
+            assert c.get("/health").status_code == 200
+            time.sleep(0.2)
+            assert c.get("/health").status_code == 200
     finally:
         server.stop()
