@@ -260,6 +260,7 @@ def test_sigterm_cleans_up_like_ctrl_c_and_a_rerun_sweeps_a_killed_writers_file(
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert "tensor/s" not in err and "it/s" not in err, "--quiet still drew a progress bar"
     assert list(out.iterdir()) == []
     # a writer killed outright (SIGKILL) leaves its temporary file; the next write of that target removes it
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -142,7 +142,7 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
 @click.option("--keep", multiple=True, help="PATTERN=TYPE per-tensor override, e.g. 'blk.*.ffn_down.weight=Q6_K'.")
 @click.option("--allow-requant", is_flag=True, help="Allow a target type above the input's own quantization.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--quiet", is_flag=True, help="No per-tensor table.")
+@click.option("--quiet", is_flag=True, help="No progress bars, no per-tensor table.")
 @user_errors
 def quantize(model, output, preset, target_size, target_bpw, method, calib, calib_tokens, keep, allow_requant, force,
              quiet):
@@ -160,19 +160,19 @@ def quantize(model, output, preset, target_size, target_bpw, method, calib, cali
     check_files(calib, "--calib")
     types = {}
     if preset is None:
-        types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=not quiet)
+        types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, table=not quiet, progress=not quiet)
     from .quantize.pipeline import QuantizeOptions, quantize_model
     from .report_table import print_quantize
 
     opts = QuantizeOptions(preset=preset.upper() if preset else None, method=method, calib=[str(c) for c in calib],
-                           calib_tokens=calib_tokens, keep=keep, allow_requant=allow_requant, types=types)
+                           calib_tokens=calib_tokens, keep=keep, allow_requant=allow_requant, types=types, progress=not quiet)
     reports = quantize_model(model, output, opts)
     if not quiet:
         print_quantize(reports)
     click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
 
 
-def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: bool) -> dict[str, str]:
+def _budget_types(model, target_size, target_bpw, calib, calib_tokens, *, table: bool, progress: bool) -> dict[str, str]:
     """Every check that needs only the command line and the tensors' shapes comes before the
     measurement, which takes minutes on a cold cache."""
     from .quantize.budget import mb, smallest_file_bytes, target_bytes, types_for_budget
@@ -190,10 +190,10 @@ def _budget_types(model, target_size, target_bpw, calib, calib_tokens, show: boo
     from .quantize.sensitivity import measure  # torch: only once the input is known to be good
     from .report_table import print_allocation
 
-    sens = measure(model, [str(c) for c in calib], calib_tokens)
+    sens = measure(model, [str(c) for c in calib], calib_tokens, progress=progress)
     target = target_bytes(sens, target_size, target_bpw)
     types = types_for_budget(sens, target)
-    if show:
+    if table:
         print_allocation(sens, types, target)
     return types
 
@@ -214,7 +214,7 @@ def plan_cmd(model, target_size, target_bpw, calib, calib_tokens, as_json, outpu
     if output is not None:
         refuse_existing(output, force)
     check_files(calib, "--calib")
-    types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, show=not to_stdout)
+    types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, table=not to_stdout, progress=True)
     if to_stdout:
         click.echo(json.dumps(types, indent=2))
     if output is not None:
@@ -394,6 +394,7 @@ def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max
     from .models.export_gguf import cached_gguf
     from .serve.app import create_app
     from .serve.engine import ContextPool
+    from .serve.http import HeaderDeadlineProtocol
     from .serve.knowledge import KnowledgeBase
 
     kb = KnowledgeBase(db, uploads) if db else None
@@ -403,7 +404,7 @@ def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     click.echo(f"pocketlm: {model_id} on http://{host}:{port}/ (OpenAI base URL http://{host}:{port}/v1)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", http=HeaderDeadlineProtocol)
 
 
 def main():
