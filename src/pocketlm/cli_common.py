@@ -85,7 +85,7 @@ def json_option(fn):
 
 def json_target(as_json: str | None, output: Path | None) -> tuple[bool, Path | None]:
     """(print JSON on stdout, file to write it to) from --json and -o."""
-    if as_json not in (None, "-"):
+    if as_json is not None and as_json != "-":
         deprecated("--json PATH", "-o PATH")
         if output is not None:
             raise PocketError("give the output file once: -o PATH")

@@ -184,7 +184,7 @@ def nearest_preset(src, budget: int) -> str:
     for preset in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"):
         sizes[preset] = head + preset_bytes(shapes, preset, ts.facts.n_layers, ts.facts.gqa)
     fitting = [p for p, s in sizes.items() if s <= budget]
-    return max(fitting, key=sizes.get) if fitting else min(sizes, key=sizes.get)
+    return max(fitting, key=lambda p: sizes[p]) if fitting else min(sizes, key=lambda p: sizes[p])
 
 
 def _fraction_for_budget(src, budget: int) -> float:

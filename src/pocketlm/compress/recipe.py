@@ -88,7 +88,8 @@ def _explain(exc: ValidationError, where: str) -> PocketError:
     if err["type"] == "extra_forbidden":
         if len(err["loc"]) == 1:
             return PocketError(f"{where}unknown step {key!r} (known: {', '.join(STEPS)})")
-        known = Recipe.model_fields[str(err["loc"][0])].annotation.model_fields
+        step = Recipe.model_fields[str(err["loc"][0])].annotation
+        known = step.model_fields if isinstance(step, type) and issubclass(step, BaseModel) else {}
         return PocketError(f"{where}unknown key {key} (known: {', '.join(known)})")
     msg = re.sub(r" or instance of \w+", "", err["msg"].removeprefix("Value error, "))
     if err["type"] == "value_error" and not err["loc"][1:]:  # a check across keys: its message names them

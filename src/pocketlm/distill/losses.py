@@ -53,6 +53,8 @@ def divergence(name: str, teacher: torch.Tensor, student: torch.Tensor, beta: fl
     if name == "tvd":
         return 0.5 * (teacher.exp() - student.exp()).abs().sum(-1)
     if name == "jsd":
+        if beta is None:
+            raise PocketError("jsd needs its beta")
         mix = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1 - beta)]), dim=0)
         return beta * _kl(teacher, mix) + (1 - beta) * _kl(student, mix)
     raise PocketError(f"{name} is not a divergence")
@@ -67,11 +69,14 @@ def tail_sample_term(s_full: torch.Tensor, student_bucket: torch.Tensor, targets
 
 
 def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, targets: torch.Tensor,
-                 teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, tail: str = "bucket") -> torch.Tensor:
-    """Mean loss over positions. student_logits (B, T, V); targets (B, T) next tokens."""
+                 teacher: tuple[torch.Tensor, ...] | None, tail: str = "bucket") -> torch.Tensor:
+    """Mean loss over positions. student_logits (B, T, V); targets (B, T) next tokens; teacher:
+    the teacher's (top-k ids, their log-probs, the tail's log-mass), as TeacherTargets.batch gives."""
     check_tail(name, tail)
     if name == "ce":
         return F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), targets.reshape(-1))
+    if teacher is None:
+        raise PocketError(f"the {name} loss needs the teacher's top-k (ids, log-probs, tail)")
     s_full = torch.log_softmax(student_logits.float(), dim=-1)
     t, s = _bucket(s_full, *teacher)
     loss = divergence(name, t, s, beta)

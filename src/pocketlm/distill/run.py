@@ -91,7 +91,7 @@ def describe(t: TeacherDims, shape: StudentShape) -> list[str]:
     return lines
 
 
-def _run_key(teacher_hash: str, shape: StudentShape, seqs: torch.Tensor, cfg: TrainConfig, topk: int, student: str | None) -> str:
+def _run_key(teacher_hash: str, shape: StudentShape | None, seqs: torch.Tensor, cfg: TrainConfig, topk: int, student: str | None) -> str:
     settings = json.dumps({"teacher": teacher_hash, "shape": shape.to_dict() if shape else None, "student": student,
                            "loss": cfg.loss, "beta": cfg.beta, "topk": topk,
                            **({"tail": cfg.tail} if cfg.tail != "bucket" else {}), "lr": cfg.lr, "batch": cfg.batch,

@@ -76,7 +76,7 @@ class Dist:
 
 def batch_rows(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
     """The global batch of sequence indices for an optimizer step."""
-    start, rows = step * batch, []
+    start, rows = step * batch, list[int]()
     while len(rows) < batch:
         epoch, offset = divmod(start + len(rows), n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))

@@ -37,6 +37,7 @@ def kld(ref_logp: np.ndarray, cand_logp: np.ndarray) -> np.ndarray:
 def summarize(nll_all: np.ndarray, kld_all: np.ndarray | None, top1_all: np.ndarray | None) -> dict:
     out = {"tokens": int(nll_all.size), "ppl": float(np.exp(nll_all.mean()))}
     if kld_all is not None:
+        assert top1_all is not None, "the reference gives both"
         out["kld_mean"] = float(kld_all.mean())
         out["kld_p99"] = float(np.percentile(kld_all, 99))
         out["top1"] = float(top1_all.mean())

@@ -91,7 +91,10 @@ class ReferenceWriter:
         np.savez(self.tmp / "side.npz", lo=self.lo, nll=self.nll, argmax=self.argmax)
         (self.tmp / "about.json").write_text(json.dumps(self.about, indent=2))
         self._ctx.__exit__(None, None, None)
-        return load_cached(self.key)
+        done = load_cached(self.key)
+        if done is None:
+            raise RuntimeError(f"the reference just written for {self.key} cannot be read back")
+        return done
 
     def abort(self, exc) -> None:
         del self.codes

@@ -108,9 +108,9 @@ def evaluate(model: str, opts: EvalOptions) -> dict:
                 kld.append(metrics.kld(ref.logp(i), logp))
                 top1.append(logp.argmax(-1) == ref.argmax[i])
         cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
-        result.update(metrics.summarize(cat(nll), cat(kld), cat(top1)))
+        result.update(metrics.summarize(np.concatenate(nll), cat(kld), cat(top1)))
         result["bos"] = windows.bos
-        if ref is not None:
+        if ref is not None and ref_src is not None:
             result.update(reference=ref_src.name, reference_backend=ref_backend,
                           reference_ppl=float(np.exp(ref.nll.mean())))
     if opts.mmlu:

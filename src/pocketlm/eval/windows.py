@@ -48,14 +48,14 @@ class Windows:
 def make_windows(tokens: list[int], ctx: int, bos_id: int | None, max_tokens: int | None = None) -> Windows:
     if ctx < 2:
         raise PocketError("--ctx must be at least 2")
-    tokens = np.asarray(tokens, dtype=np.int64)
+    ids = np.asarray(tokens, dtype=np.int64)
     if max_tokens:
-        tokens = tokens[:max_tokens]
+        ids = ids[:max_tokens]
     per_window = ctx - 1 if bos_id is not None else ctx
-    n = len(tokens) // per_window
+    n = len(ids) // per_window
     if n == 0:
-        raise PocketError(f"the text has {len(tokens)} tokens, fewer than one window of {per_window}; give more text or a smaller --ctx")
-    body = tokens[: n * per_window].reshape(n, per_window)
+        raise PocketError(f"the text has {len(ids)} tokens, fewer than one window of {per_window}; give more text or a smaller --ctx")
+    body = ids[: n * per_window].reshape(n, per_window)
     if bos_id is not None:
         body = np.concatenate([np.full((n, 1), bos_id, dtype=np.int64), body], axis=1)
     return Windows(body, ctx, bos_id is not None)

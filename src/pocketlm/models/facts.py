@@ -80,7 +80,7 @@ class ModelFacts:
         """The (rows, cols) every model of these facts must have, by GGUF name; checked against
         the checkpoint before any work so a config/weights mismatch fails in seconds."""
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        shapes = {"token_embd.weight": (self.vocab, self.hidden)}
+        shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (self.vocab, self.hidden)}
         for i in range(self.n_layers):
             b = f"blk.{i}."
             shapes.update({b + "attn_q.weight": (q, self.hidden), b + "attn_k.weight": (kv, self.hidden),

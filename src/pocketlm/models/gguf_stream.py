@@ -84,18 +84,24 @@ class StreamingGGUF:
         nbytes = self._info[name][1]
         if at + buf.nbytes > nbytes:
             raise PocketError(f"internal: {name} got {at + buf.nbytes} bytes, its type and shape give {nbytes}")
-        view = memoryview(buf)
+        fd = self._open_fd()
+        view = memoryview(buf.data)
         done = 0
         while done < buf.nbytes:
-            done += os.pwrite(self._fd, view[done:], self._offset[name] + at + done)
+            done += os.pwrite(fd, view[done:], self._offset[name] + at + done)
         self._written[name] = self._written.get(name, 0) + buf.nbytes
 
     def finish(self) -> None:
         missing = [n for n in self._order if self._written.get(n, 0) != self._info[n][1]]
         if missing:
             raise PocketError(f"internal: {len(missing)} tensors not fully written (first: {missing[0]})")
-        os.fsync(self._fd)
+        os.fsync(self._open_fd())
         self.close()
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise PocketError(f"internal: {self.path} is not open for writing (begin() not called, or closed)")
+        return self._fd
 
     def close(self) -> None:
         if self._fd is not None:

@@ -85,6 +85,7 @@ def add_hf_tokenizer_to_writer(writer, folder: Path, n_vocab: int) -> None:
         raise PocketError(f"{folder} has no tokenizer.json: cannot write the tokenizer into the GGUF")
     tj = json.loads(tj_path.read_text())
     model_type = tj.get("model", {}).get("type")
+    vocab: BpeVocab | LlamaHfVocab
     if model_type == "BPE" and not tj["model"].get("byte_fallback") and (tj.get("decoder") or {}).get("type") == "ByteLevel":
         vocab = BpeVocab(folder)
         writer.add_tokenizer_model("gpt2")

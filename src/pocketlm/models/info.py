@@ -65,7 +65,8 @@ class ModelInfo:
 
     def type_summary(self) -> list[tuple[str, int, int]]:
         """(type, tensor count, parameter count), most parameters first."""
-        count, params = Counter(), Counter()
+        count: Counter[str] = Counter()
+        params: Counter[str] = Counter()
         for t in self.tensors:
             count[t.type] += 1
             params[t.type] += t.n_params
@@ -120,9 +121,9 @@ def _inspect_gguf(src: ModelSource) -> ModelInfo:
 
 
 def _inspect_hf(src: ModelSource) -> ModelInfo:
-    from .tensors import open_tensors
+    from .tensors import SafetensorsSource
 
-    ts = open_tensors(src)
+    ts = SafetensorsSource(src)
     ts.check_shapes()  # a bad config, an unknown architecture, damaged shards: one error line
     config = json.loads((src.path / "config.json").read_text())
     tensors: list[TensorInfo] = []

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import PocketError
 from .gguf_file import fast_gguf_for_transformers, field_value, open_gguf
@@ -20,12 +21,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 LOAD_META = "pocketlm_load.json"  # what the GGUF said that a HF folder cannot (add_bos)
 
+if TYPE_CHECKING:  # importing transformers takes seconds; the CLI's light commands never need it
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 @dataclass
 class LoadedModel:
     source: ModelSource
-    model: object  # transformers PreTrainedModel, eval mode
-    tokenizer: object
+    model: PreTrainedModel  # eval mode
+    tokenizer: PreTrainedTokenizerBase
     gguf_tokenizer: dict | None = None  # tokenizer.* keys of the source GGUF, if any
     meta: dict = field(default_factory=dict)
 

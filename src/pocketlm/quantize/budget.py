@@ -129,6 +129,7 @@ def target_bytes(sens, target_size: str | None, target_bpw: float | None) -> int
         raise PocketError("give one of --target-size or --target-bpw")
     if target_size is not None:
         return parse_size(target_size)
+    assert target_bpw is not None  # exactly one of the two is given, checked above
     if not 1.0 <= target_bpw <= 32.0:
         raise PocketError(f"--target-bpw {target_bpw} is outside 1..32 bits per weight")
     return int(target_bpw * sens.n_params / 8)
@@ -171,9 +172,9 @@ def smallest_file_bytes(source) -> tuple[int, int, bool]:
         from ..models.tensors import open_tensors
 
         ts = open_tensors(src)
-        shapes = {n: list(ts.shape(n)) for n in ts.names}
-        total = header_bytes(ts) + 32 * len(shapes) + _smallest((s, source_bpw_of(ts.entries[n])) for n, s in shapes.items())
-        return total, sum(int(np.prod(s)) for s in shapes.values()), True
+        by_name = {n: list(ts.shape(n)) for n in ts.names}
+        total = header_bytes(ts) + 32 * len(by_name) + _smallest((s, source_bpw_of(ts.entries[n])) for n, s in by_name.items())
+        return total, sum(int(np.prod(s)) for s in by_name.values()), True
     import json
 
     from ..models.tensors import SafetensorsFile, shard_files

@@ -27,14 +27,19 @@ class LinearStats:
     def importance(self) -> np.ndarray:
         return (self.sq_sum / max(self.tokens, 1)).cpu().numpy()
 
+    def _xtx(self) -> torch.Tensor:
+        if self.xtx is None:
+            raise RuntimeError("these statistics hold no Hessian: collected without one, or already taken")
+        return self.xtx
+
     @property
     def hessian(self) -> np.ndarray:
-        return (self.xtx / max(self.tokens, 1)).cpu().numpy()
+        return (self._xtx() / max(self.tokens, 1)).cpu().numpy()
 
     def take_hessian(self) -> torch.Tensor:
         """H = X^T X / n made from the accumulator itself, which is given up: for the last
         tensor that uses these statistics, no copy of the Hessian is made."""
-        xtx, self.xtx = self.xtx, None
+        xtx, self.xtx = self._xtx(), None
         return xtx.div_(max(self.tokens, 1)).cpu()
 
 
@@ -53,7 +58,7 @@ def _capture_layer_inputs(model, windows: list[torch.Tensor]):
     (rotary embeddings, masks: the same for all windows of one length). The decoder layers
     are bypassed while this runs, so they need not hold weights yet."""
     inner, layers = _decoder_layers(model)
-    kwargs_by_layer: list[dict] = [None] * len(layers)
+    kwargs_by_layer: list[dict | None] = [None] * len(layers)
     inputs: list[torch.Tensor] = []
 
     def record(i):
@@ -85,12 +90,16 @@ def _capture_layer_inputs(model, windows: list[torch.Tensor]):
             h.remove()
         for layer in layers:
             del layer.forward
-    for kw in kwargs_by_layer:
+    captured: list[dict] = []
+    for i, kw in enumerate(kwargs_by_layer):
+        if kw is None:
+            raise RuntimeError(f"decoder layer {i} was not reached while its inputs were captured")
         kw.pop("hidden_states", None)
         kw.pop("past_key_values", None)
         kw.pop("past_key_value", None)
         kw["use_cache"] = False
-    return inputs, kwargs_by_layer
+        captured.append(kw)
+    return inputs, captured
 
 
 def _run_layer(layer, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
@@ -119,7 +128,8 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
         if stream is not None:
             stream.load(layer)
         stats: dict[str, LinearStats] = {}
-        handles, last_input = [], {}
+        handles: list = []
+        last_input: dict[str, torch.Tensor] = {}
         for name, mod in layer.named_modules():
             if isinstance(mod, torch.nn.Linear):
                 handles.append(mod.register_forward_hook(_accumulator(stats, name, mod.in_features, want_hessian, last_input)))

@@ -145,6 +145,8 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
     shapes = [(name, ts.shape(name)) for name in ts.names]
     if opts.types:
         plans = {name: TensorPlan(name, opts.types.get(name, "F32")) for name, _ in shapes}
+    elif opts.preset is None:
+        raise PocketError("give a preset or every tensor's type")
     else:
         plans = {p.name: p for p in plan(shapes, opts.preset, facts.n_layers, facts.gqa, opts.keep)}
     _check_requant(ts, plans, opts.allow_requant)
@@ -183,7 +185,7 @@ def _nearest_preset(plans: dict, shapes) -> str:
         t = plans[name].type
         if t not in FLOAT_TYPES:
             weight[t] = weight.get(t, 0) + int(np.prod(shape))
-    main = max(weight, key=weight.get) if weight else "Q8_0"
+    main = max(weight, key=lambda t: weight[t]) if weight else "Q8_0"
     return {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(main, main)
 
 

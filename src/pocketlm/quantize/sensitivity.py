@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import PocketError
 from ..util.atomic import write_json
 from ..util.cache import cache_dir, code_version, model_content_hash
 from .budget import CANDIDATES, Option, candidates, source_bpw_of
@@ -152,9 +153,13 @@ def _examine(errors: dict, weight: np.ndarray, importance: np.ndarray | None, so
     """Adds each candidate type's weighted error of `weight` (rows, cols) into `errors`;
     returns the weights decoded from the probe type."""
     imp = np.ones(weight.shape[1], np.float32) if importance is None else importance.astype(np.float32)
-    probe_type = next(p for p in PROBES if fits(p, weight.shape[1]))  # always allowed: <= 4.5 bpw
-    probe = None
-    for type_name in candidates(weight.shape[1], source_bpw):
+    probe_type = next(p for p in PROBES if fits(p, weight.shape[1]))
+    allowed = candidates(weight.shape[1], source_bpw)
+    if probe_type not in allowed:  # a source already quantized below ~3.4 bpw
+        raise PocketError(f"a tensor is stored at {source_bpw:.2f} bits per weight, below {probe_type}: a size budget "
+                          "has nothing to choose among; quantize the float model instead")
+    probe: np.ndarray = np.empty(0)
+    for type_name in allowed:
         fmt = get_format(type_name)
         deq = fmt.dequantize(quantize_rtn(weight, fmt, importance).reshape(-1, fmt.type_size)).reshape(weight.shape)
         errors[type_name] = errors.get(type_name, 0.0) + float((((weight - deq) ** 2).sum(0) * imp).sum())

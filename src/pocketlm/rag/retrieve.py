@@ -51,7 +51,9 @@ class Retriever:
         lexical = self.store.search_text(query, n) if mode != "dense" else []
         dense = []
         if mode != "bm25":
-            dense = self.store.search(vector if pending is None else pending.result()[0], n)
+            qvec = vector if pending is None else pending.result()[0]
+            assert qvec is not None  # given, or embedded just above
+            dense = self.store.search(qvec, n)
         if mode == "bm25":
             fused = lexical
         elif mode == "dense":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, cast
 
 import numpy as np
 
@@ -24,7 +24,7 @@ class LlamaCppModel:
         except (ValueError, RuntimeError) as exc:
             raise PocketError(f"llama.cpp cannot load {path}: {exc}") from None
         self.n_ctx = n_ctx
-        self._formatter = None  # the chat template, compiled when first needed
+        self._formatter: Any = None  # the chat template, compiled when first needed; False: the model has none
 
     @property
     def n_vocab(self) -> int:
@@ -73,24 +73,27 @@ class LlamaCppModel:
     def stream_chat(self, messages: list[dict], **params) -> Iterator[dict]:
         """llama-cpp-python's OpenAI-shaped chunks, for the server (params as OpenAI names them)."""
         self.llm.reset()  # see stream_completion
-        return self.llm.create_chat_completion(messages=messages, stream=True, **params)
+        # llama-cpp-python types messages as TypedDicts and returns a union over `stream`; these are
+        # the dicts the server validated, and stream=True gives the iterator
+        return cast(Iterator[dict], self.llm.create_chat_completion(messages=cast(Any, messages), stream=True, **params))
 
     def stream_completion(self, prompt: str, **params) -> Iterator[dict]:
         # Without a reset llama-cpp-python reuses the cached prompt prefix and re-evaluates the
         # last prompt token alone; on AVX-512 builds a 1-token batch rounds differently from the
         # whole-prompt batch, so the same greedy request was answered differently the second time.
         self.llm.reset()
-        return self.llm.create_completion(prompt, stream=True, **params)
+        return cast(Iterator[dict], self.llm.create_completion(prompt, stream=True, **params))
 
     def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.7,
              seed: int | None = None, repeat_penalty: float = 1.0) -> Iterator[str]:
-        stream = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature,
-                                                 seed=seed, repeat_penalty=repeat_penalty, stream=True)
+        stream = self.stream_chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                  repeat_penalty=repeat_penalty)
         for chunk in stream:
             piece = chunk["choices"][0]["delta"].get("content")
             if piece:
                 yield piece
 
     def complete(self, prompt: str, *, max_tokens: int = 128, temperature: float = 0.0) -> Iterator[str]:
-        for chunk in self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=True):
+        for chunk in cast(Iterator[dict], self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature,
+                                                                      stream=True)):
             yield chunk["choices"][0]["text"]

@@ -212,13 +212,15 @@ async def _respond(request: Request, events, req, model_id: str, prefix: str, me
     cid, model = new_id(prefix), req.model or model_id
     is_chat = prefix == "chatcmpl"
 
+    first = True
+
     def observe(event):
-        if isinstance(event, Text) and observe.first:
+        nonlocal first
+        if isinstance(event, Text) and first:
             metrics.first_token.observe(time.perf_counter() - t0)
-            observe.first = False
+            first = False
         elif isinstance(event, End):
             metrics.tokens_out.inc(event.completion_tokens)
-    observe.first = True
 
     if req.stream:
         return StreamingResponse(_sse(events, start, cid, model, is_chat, req.include_usage, observe),
@@ -232,6 +234,8 @@ async def _respond(request: Request, events, req, model_id: str, prefix: str, me
             seen += 1
             if seen % 8 == 0 and await request.is_disconnected():
                 return Response(status_code=499)  # closing the events stops the generation thread
+    if end is None:
+        raise RuntimeError("the generation ended without its End event")
     extra = {"citations": end.citations} if end.citations is not None else {}
     use = usage(start.prompt_tokens, end.completion_tokens)
     if is_chat:

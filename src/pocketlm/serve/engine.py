@@ -31,7 +31,9 @@ class ContextPool:
         if parallel < 1 or max_queue < 0:
             raise ValueError("parallel must be >= 1 and max_queue >= 0")
         if loader is None:
-            from ..runtime.llama_cpp_backend import LlamaCppModel as loader
+            from ..runtime.llama_cpp_backend import LlamaCppModel
+
+            loader = LlamaCppModel
         # Contexts share the cores rather than oversubscribe them. On 2 cores, two contexts of one
         # thread each doubled throughput under load (bench/results/serve_load.md).
         threads = max(1, (threads or usable_cores()) // parallel)

@@ -36,6 +36,7 @@ class KnowledgeBase:
         self.uploads = Path(uploads) if uploads else self.db.with_name(self.db.stem + "-uploads")
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         self.retriever = self._thread.submit(open_retriever, self.db, True).result()
+        assert self.retriever.embedder is not None  # open_retriever(..., True) loads it or raises
         self.embedder = self.retriever.embedder
         self.embedder_name = self.embedder.name
 
@@ -67,7 +68,7 @@ class KnowledgeBase:
             tmp.write_bytes(data)
         store = self.retriever.store
         report = index_paths([target], self.db, embedder=self.embedder, progress=False,
-                             chunk_tokens=int(store.meta("chunk_tokens", "256")), overlap=int(store.meta("overlap", "32")),
+                             chunk_tokens=int(store.meta("chunk_tokens") or 256), overlap=int(store.meta("overlap") or 32),
                              int8=store.meta("vectors") == "int8")
         store.forget_vectors()
         if report.skipped:

@@ -45,7 +45,7 @@ def code_version(*parts: str) -> str:
 
 def library_versions(names) -> dict:
     """Installed version of each distribution, None where it is absent."""
-    out = {}
+    out: dict[str, str | None] = {}
     for name in names:
         try:
             out[name] = version(name)

@@ -151,9 +151,9 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
     packed = []
     for r0 in range(0, rows, _rows_per_block(cols)):
         r1 = min(r0 + _rows_per_block(cols), rows)
-        sub = BlockParams(params.scale[r0 * per_row:r1 * per_row], params.offset[r0 * per_row:r1 * per_row],
-                          {k: v[r0 * per_row:r1 * per_row] for k, v in params.raw.items()})
-        packed.append(fmt.pack(idx[r0:r1].astype(np.int64).reshape(-1, bs), sub).reshape(r1 - r0, -1))
+        part = BlockParams(params.scale[r0 * per_row:r1 * per_row], params.offset[r0 * per_row:r1 * per_row],
+                           {k: v[r0 * per_row:r1 * per_row] for k, v in params.raw.items()})
+        packed.append(fmt.pack(idx[r0:r1].astype(np.int64).reshape(-1, bs), part).reshape(r1 - r0, -1))
     return np.concatenate(packed)
 
 
