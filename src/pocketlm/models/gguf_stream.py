@@ -85,7 +85,7 @@ class StreamingGGUF:
         if at + buf.nbytes > nbytes:
             raise PocketError(f"internal: {name} got {at + buf.nbytes} bytes, its type and shape give {nbytes}")
         fd = self._open_fd()
-        view = memoryview(buf.data)
+        view = buf.data
         done = 0
         while done < buf.nbytes:
             done += os.pwrite(fd, view[done:], self._offset[name] + at + done)

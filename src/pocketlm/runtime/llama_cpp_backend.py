@@ -73,8 +73,11 @@ class LlamaCppModel:
     def stream_chat(self, messages: list[dict], **params) -> Iterator[dict]:
         """llama-cpp-python's OpenAI-shaped chunks, for the server (params as OpenAI names them)."""
         self.llm.reset()  # see stream_completion
+        return self._chat_chunks(messages, **params)
+
+    def _chat_chunks(self, messages: list[dict], **params) -> Iterator[dict]:
         # llama-cpp-python types messages as TypedDicts and returns a union over `stream`; these are
-        # the dicts the server validated, and stream=True gives the iterator
+        # plain dicts of the same shape, and stream=True gives the iterator
         return cast(Iterator[dict], self.llm.create_chat_completion(messages=cast(Any, messages), stream=True, **params))
 
     def stream_completion(self, prompt: str, **params) -> Iterator[dict]:
@@ -86,8 +89,9 @@ class LlamaCppModel:
 
     def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.7,
              seed: int | None = None, repeat_penalty: float = 1.0) -> Iterator[str]:
-        stream = self.stream_chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                  repeat_penalty=repeat_penalty)
+        # no reset: a terminal chat reuses the cached prefix of its history, turn after turn
+        stream = self._chat_chunks(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                   repeat_penalty=repeat_penalty)
         for chunk in stream:
             piece = chunk["choices"][0]["delta"].get("content")
             if piece:

@@ -13,11 +13,9 @@ import asyncio
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-HEADER_TIMEOUT_S = 30.0
-
 
 class HeaderDeadlineProtocol(H11Protocol):
-    header_timeout_s = HEADER_TIMEOUT_S
+    header_timeout_s = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
