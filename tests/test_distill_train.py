@@ -145,8 +145,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_finishes(tiny_teacher, corpus, tm
     exe = Path(sys.executable).with_name("pocketlm")
     env = {**os.environ, "POCKETLM_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "student"
-    total_steps = 323  # 40,000 tokens / (4 sequences x 31 scored tokens): long enough to interrupt
-    args = [str(exe), *_distill_args(tiny_teacher, out, corpus, "--fp32", "--tokens", "40000")]
+    total_steps = 97  # 12,000 tokens / (4 sequences x 31 scored tokens): ~4 s of steps, long enough to interrupt
+    args = [str(exe), *_distill_args(tiny_teacher, out, corpus, "--fp32", "--tokens", "12000")]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen, deadline = "", time.time() + 120
     while "distill (fkl)" not in seen and time.time() < deadline:  # training has started

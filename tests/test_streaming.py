@@ -91,8 +91,8 @@ def test_row_blocks_and_codec_threads_change_no_byte(models, tmp_path, sample_te
     import pocketlm.models.gguf_stream as stream
     import pocketlm.quantize.workers as workers
 
-    monkeypatch.setattr(stream, "ROW_BLOCK", 1000)  # 3-row blocks on these 256-wide tensors
-    monkeypatch.setattr(workers, "CODEC_VALUES", 600)  # each split again, on three codec threads
+    monkeypatch.setattr(stream, "ROW_BLOCK", 5000)  # 19-row blocks on these 256-wide tensors (no multiple of 8)
+    monkeypatch.setattr(workers, "CODEC_VALUES", 1800)  # each split again in 7-row parts, on three codec threads
     monkeypatch.setattr(workers, "n_workers", lambda: 3)
     assert sha(make(models, "llama_untied", "Q4_K_M-imatrix", tmp_path / "q.gguf", sample_text)) == PINNED["llama_untied/Q4_K_M-imatrix"]
     assert sha(make(models, "llama", "export-bf16", tmp_path / "e.gguf", sample_text)) == PINNED["llama/export-bf16"]

@@ -6,6 +6,7 @@ permute Q/K rows, which store norms as 1 + w) come from hf_arch.ARCHS through it
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,16 @@ def hf_config(folder: Path):
         raise PocketError(f"{path} is not a usable model config ({type(exc).__name__}: {exc})") from None
 
 
+@functools.lru_cache(maxsize=8)
+def _name_map(arch: str, n_layers: int):
+    # gguf-py builds this map from scratch on every call (~15 ms, every name of every architecture);
+    # asked once per tensor it cost seconds per model load
+    import gguf
+
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    return gguf.get_tensor_name_map(arch_enum, n_layers)
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     model_type: str  # Hugging Face model_type ("llama", "gemma3_text", ...)
@@ -57,10 +68,7 @@ class ModelFacts:
 
     def name_map(self):
         """gguf-py's HF -> GGUF tensor name map for this architecture and depth."""
-        import gguf
-
-        arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.arch)
-        return gguf.get_tensor_name_map(arch_enum, self.n_layers)
+        return _name_map(self.arch, self.n_layers)
 
     def gguf_name(self, hf_name: str) -> str | None:
         name = hf_name.removeprefix("model.language_model.").removeprefix("language_model.")
