@@ -18,7 +18,7 @@ def job(tiny_hf, sample_text, tmp_path):
     (docs / "mill.md").write_text("# The mill\n\nThe old mill by the river grinds wheat every Tuesday.\n")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"quantize:\n  calib: [{sample_text}]\n  calib_tokens: 1024\n"
-                      f"evaluate:\n  texts: [{sample_text}]\n  max_tokens: 512\n  ctx: 64\n")
+                      f"evaluate:\n  texts: [{sample_text}]\n  max_tokens: 512\n  ctx: 64\n  speed: false\n")  # speed: its own test
     return {"model": str(tiny_hf), "recipe": recipe, "docs": docs, "out": tmp_path / "out"}
 
 
@@ -94,3 +94,16 @@ def test_compress_can_distill_first(job, sample_text):
     assert steps["distill"]["result"]["tokens"] >= 3000 and (out / "student" / "config.json").exists()
     assert (out / "model.gguf").stat().st_size <= 500_000
     assert "the recipe asks for distillation" in (out / "report.md").read_text()
+
+
+def test_report_shows_measured_speed():
+    """The compress jobs above skip the speed pass (seconds of child processes each; the measure itself
+    is tested in test_eval): the report's speed plot and headline are checked on known rows here."""
+    from pocketlm.eval.report import _plots, _table, headline
+
+    rows = {"original": {"size_bytes": 4e6, "decode_tps": 50.0, "prefill_tps": 400.0, "ppl": 10.0},
+            "pocketlm": {"size_bytes": 1e6, "decode_tps": 125.0, "prefill_tps": 900.0, "ppl": 11.0, "top1": 0.9}}
+    top = headline(rows)
+    assert top.startswith("4.0× smaller (4.00 MB → 1.00 MB); 2.5× the decoding speed;") and "90%" in top
+    assert "speed" in _plots(rows, {})
+    assert _table(rows)[2][6:8] == ["900", "125"]
