@@ -5,13 +5,22 @@ import platform
 
 
 def cpu_name() -> str:
+    """The processor and its widest vector instructions: hosts sold under one name ("AMD EPYC") came
+    with and without AVX-512 here, and llama.cpp and torch ran ~2x slower without it."""
+    name, flags = "", set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = name or platform.processor() or platform.machine()
+    if not flags:
+        return name
+    simd = "AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+    return f"{name} ({simd}{', AMX' if 'amx_tile' in flags else ''})"
 
 
 def usable_cores() -> int:
