@@ -7,7 +7,7 @@ import platform
 def cpu_name() -> str:
     """The processor and its widest vector instructions: hosts sold under one name ("AMD EPYC") came
     with and without AVX-512 here, and llama.cpp and torch ran ~2x slower without it."""
-    name, flags = "", set()
+    name, flags = "", set[str]()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name") and not name:
