@@ -22,7 +22,9 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-compi
 "${pip[@]}" "torch==2.13.0"
 
 # llama.cpp's AMX kernels crash on the CPUs we have met; everywhere else a native build is
-# the fastest. pip caches the built wheel, so this compiles once per machine.
+# the fastest. A native build runs only on CPUs with the same instructions, and pip's own wheel
+# cache keys a build by the source alone (a wheel built with AVX-512 would crash a host without
+# it), so the built wheel is kept under a key of this CPU's flags and compiled once per kind of CPU.
 if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   if grep -qE "\bamx(_tile|_int8|_bf16)?\b" /proc/cpuinfo 2>/dev/null; then
     flags="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
@@ -33,8 +35,16 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   else
     flags="-DGGML_NATIVE=ON"
   fi
-  echo "building llama-cpp-python (once per machine, ~5 min) with: $flags"
-  CMAKE_ARGS="$flags" "${pip[@]}" "llama-cpp-python==0.3.36"
+  cpu=$( { grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m; echo "$flags"; } | sha256sum | cut -c1-16)
+  wheels="${XDG_CACHE_HOME:-$HOME/.cache}/pocketlm/wheels/llama-cpp-python-0.3.36-$cpu"
+  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python for this CPU (once per kind of CPU, ~5 min) with: $flags"
+    rm -rf "$wheels.tmp"
+    CMAKE_ARGS="$flags" "$VENV/bin/python" -m pip wheel --disable-pip-version-check -q --no-deps --no-cache-dir \
+      -w "$wheels.tmp" "llama-cpp-python==0.3.36"
+    rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
+  fi
+  "${pip[@]}" "$wheels"/llama_cpp_python-*.whl
 fi
 
 "${pip[@]}" -e ".[dev]"
