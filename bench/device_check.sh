@@ -28,15 +28,7 @@ if [ "${1:-}" = "--prepare" ]; then
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .whl "$pkg==$(v "$pkg")"
   done
-  .venv/bin/python - <<'EOF'
-import shutil
-from pathlib import Path
-from pocketlm.models.load import hf_folder
-src = hf_folder("smollm2-135m")
-for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-    if (src / name).exists():
-        shutil.copy(src / name, Path(".device-tok") / name)
-EOF
+  .venv/bin/python -c "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import scale; scale._copy_tokenizer(Path('.device-tok'))"
   du -sh .whl .device-tok
   exit 0
 fi

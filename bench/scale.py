@@ -17,6 +17,7 @@ whole table to bench/results/scale.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -155,7 +156,7 @@ def measure(cmd: list[str], disk_dir: Path) -> dict:
 
 def generates(path: Path) -> bool | None:
     """Whether llama.cpp loads the file and generates; None where llama-cpp-python is not installed."""
-    if subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True, timeout=120).returncode:
+    if importlib.util.find_spec("llama_cpp") is None:
         return None
     code = ("import llama_cpp,sys; m=llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=2, verbose=False);"
             "r=m('The river', max_tokens=4); sys.exit(0 if r['usage']['completion_tokens']>0 else 1)")

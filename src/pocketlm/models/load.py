@@ -82,9 +82,9 @@ def _gguf_cache_folder(src: ModelSource) -> Path:
 def _drop_superseded(folder: Path) -> None:
     """A conversion of the same file by other code (another key suffix) can never be read again:
     each is a float32 copy of the whole model, so they are removed rather than left to fill the disk."""
-    content = folder.name.split("-")[0]
+    content = folder.name.split("-")[0]  # a fixed-length hex digest: no other key starts with it
     for old in folder.parent.glob(f"{content}*"):
-        if old != folder and old.is_dir() and old.name.split("-")[0] == content and not old.name.startswith("."):
+        if old != folder and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -14,6 +14,8 @@ def cpu_name() -> str:
                 name = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
                 flags = set(line.split(":", 1)[1].split())
+            if name and flags:  # the first core says it for all; the file repeats per core
+                break
     except OSError:
         pass
     name = name or platform.processor() or platform.machine()
