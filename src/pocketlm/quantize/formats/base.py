@@ -82,7 +82,9 @@ class BlockFormat:
         x = np.asarray(x, dtype=np.float32).reshape(-1, self.block_size)
         w = default_weights(x) if w is None else np.asarray(w, dtype=np.float32).reshape(x.shape)
         params = self.choose(x, w)
-        idx = self.assign(x, self.expand(params.scale), self.expand(params.offset))
+        from .searches import assign_blocks
+
+        idx = assign_blocks(self, x, params.scale, params.offset)
         return self.pack(idx, params)
 
     def dequantize(self, data: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import BlockFormat, BlockParams, f16, from_f16
-from .search import fit_scale, fit_scale_min, fit_unsigned_codes, quantize_codes, refine_scale_min_codes, refine_signed_codes
+from .searches import fit_scale, fit_scale_min, fit_unsigned_codes, quantize_codes, refine_scale_min_codes, refine_signed_codes
 
 QK = 256
 

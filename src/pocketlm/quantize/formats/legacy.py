@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import BlockFormat, BlockParams, f16, from_f16, nibbles, unnibble
-from .search import fit_scale, fit_scale_min
+from .searches import fit_scale, fit_scale_min
 
 
 class _Symmetric(BlockFormat):

@@ -219,3 +219,8 @@ def refine_signed_codes(x: np.ndarray, w: np.ndarray, levels: np.ndarray, d: np.
         better = err < best_err
         best_err, best_sc = np.where(better, err, best_err), np.where(better, sc_try, best_sc)
     return best_sc.astype(np.int64)
+
+
+def assign_blocks(fmt, x: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Nearest level of every value of whole blocks x (n, block_size), from per-sub-block scale and offset."""
+    return fmt.assign(x, fmt.expand(scale), fmt.expand(offset))
