@@ -240,32 +240,34 @@ def main() -> None:
 
 
 NOTES = [
-    "- Run 2026-11-30 on this machine, one job at a time. Rows disturbed by a test run beside them: "
-    "1B `llama-imatrix` (~5 of its 14 minutes overlapped a 5-minute pytest run, and its extra-disk figure, 0.07 GB, is "
-    "wrong: pytest deleted files meanwhile; the real figure is its 0.8 GB output plus the 1.3 MB imatrix) and, "
-    "lightly, the re-measured 1B `gptq` (a 1-minute test run in its 36 minutes) and 3B `rtn` (20 s in 17 minutes).",
-    "- The 1B `gptq` row was re-measured on the current code (pread, codec blocks on 2 threads): 2501 s and "
-    "3.92 GiB before, 2143 s and 3.61 GiB now, same bytes. The peak is no longer the codec's search; the arrays "
-    "of gptq's sweep over the largest tensors remain (weights, their transpose, level indices held as int64 until "
-    "commit after this row, now one byte each). 8B gptq is unmeasured; at 1B's rate it would take ~4 h here.",
-    "- The 1B `rtn` row was re-measured on the current code (pread, codec blocks of 1M values on 2 codec threads): "
-    "845 s and 3.42 GiB before, 415 s and 0.56 GiB now, the same bytes. Time is the codec, not the streaming: "
-    "llama-quantize writes the same 1B Q4_K_M file in 69 s; pocketlm's rtn spends 6x that in its k-quant scale and "
-    "code searches (the searches that make its files beat llama.cpp's at equal size in quant_vs_llamacpp.md), in "
-    "numpy. Meeting 1.5x needs those searches compiled (numba or C), with the same arithmetic to keep the bytes.",
-    "- 3B `rtn` ran on the same code as the 1B `rtn` row: 1012 s, 0.69 GiB peak, 315 s per billion parameters "
-    "against 336 at 1B (flat within 7%). Its extra-disk figure (1.07 GB for a 2.0 GB file) is wrong: a test run's "
-    "temporary folders were deleted during it (the job writes only its output).",
-    "- 1B `imatrix` (8192 calibration tokens, one layer at a time, the codec on 2 threads): 959 s, 2.17 GiB, "
-    "beside llama.cpp's llama-imatrix + llama-quantize at 842 s (1.1x).",
-    "- Not run in this session (time): 1B --target-size, every 3B row but rtn, every 8B row. The 3B "
-    "and 8B checkpoints are made by the script (6.4 and 16 GB). At the measured 1B rates an 8B gptq run would take ~4-5 hours on 2 "
-    "cores, so the 8B goals are unmeasured, not met.",
-    "- llama.cpp's RSS also counts its mmap of the input (the f16 file): 1.69 GiB for llama-quantize on a 2.5 GB input.",
+    "- Run 2026-11-30/12-01 on this machine (AVX2, no AVX-512 that day), one job at a time. The 1B `llama`, "
+    "`llama-imatrix`, `f16` and `gptq` rows are from the 11-30 morning, the rest from the evening on the compiled "
+    "codec. Rows disturbed by a test run beside them: 1B `llama-imatrix` (~5 of its 14 minutes overlapped a "
+    "5-minute pytest run, and its extra-disk figure, 0.07 GB, is wrong: pytest deleted files meanwhile; the real "
+    "figure is its 0.8 GB output plus the 1.3 MB imatrix) and, lightly, the 1B `gptq` (a 1-minute test run in its "
+    "36 minutes).",
+    "- rtn, every shape, on the compiled codec (formats/compiled.py: search.py's scale and code searches in numba, "
+    "the same arithmetic in the same order): 1B 86 s (415 s on the numpy codec, 845 s before streaming), 3B 215 s "
+    "(1012 s), 8B 489 s, beside llama-quantize's 69 / 181 / 468 s for the same Q4_K_M file size. The 1B file is "
+    "byte-identical to the numpy codec's (cmp of both files); tests/test_codec_compiled.py pins every search and "
+    "format byte for byte against the numpy reference. Peak RSS stays under 0.8 GiB at 8B: one tensor's row blocks "
+    "at a time.",
+    "- imatrix on the compiled codec: 1B 751 s (959 s on numpy), 3B 1832 s; 607 and 570 s per billion "
+    "parameters. The time is the calibration forward passes in torch (8192 tokens through each layer), not the "
+    "codec; llama.cpp's llama-imatrix + llama-quantize took 842 s at 1B (pocketlm 0.9x).",
+    "- The 1B `gptq` row is from the numpy codec (2143 s, 3.61 GiB; 2501 s and 3.92 GiB before pread and one-byte "
+    "level indices). The codec's share of it is smaller than in rtn (the column sweep is torch). 8B gptq is "
+    "unmeasured: at 1B's rate it would take ~4 h on 2 cores.",
+    "- Not run (time): 1B and 3B --target-size, 3B and 8B gptq, 8B imatrix, 3B/8B llama-imatrix. The 3B and 8B "
+    "checkpoints are made by the script (6.4 and 16 GB). The 8B f16 export (16 GB) and llama.cpp's file were "
+    "deleted after their rows to free the disk.",
+    "- llama.cpp's RSS also counts its mmap of the input (the f16 file): 1.69 GiB for llama-quantize on a 2.5 GB "
+    "input, 3.36 GiB on the 16 GB 8B input.",
     "- `bench/device_check.sh` runs the 1B and 8B gptq rows on a lent GPU machine (the per-layer work on CUDA, "
     "rows to a separate scale-device.md). It is written and its CPU-side steps were tried (`--prepare`, "
     "`python -m pocketlm quantize` importing nothing the GPU image lacks but gguf), but it has never run: no "
-    "session has been lent a device. Whether 8B gptq fits its 10 minutes is unknown (the codec stays on the host's cores).",
+    "session has been lent a device. The GPU image would also need numba's wheels, or the codec falls back to "
+    "the numpy reference (same bytes, ~5x slower).",
 ]
 
 
