@@ -241,11 +241,10 @@ def main() -> None:
 
 NOTES = [
     "- Run 2026-11-30/12-01 on this machine (AVX2, no AVX-512 that day), one job at a time. The 1B `llama`, "
-    "`llama-imatrix`, `f16` and `gptq` rows are from the 11-30 morning, the rest from the evening on the compiled "
-    "codec. Rows disturbed by a test run beside them: 1B `llama-imatrix` (~5 of its 14 minutes overlapped a "
-    "5-minute pytest run, and its extra-disk figure, 0.07 GB, is wrong: pytest deleted files meanwhile; the real "
-    "figure is its 0.8 GB output plus the 1.3 MB imatrix) and, lightly, the 1B `gptq` (a 1-minute test run in its "
-    "36 minutes).",
+    "`llama-imatrix` and `f16` rows are from the 11-30 morning, the rest from the evening and night on the "
+    "compiled codec. One row was disturbed by a test run beside it: 1B `llama-imatrix` (~5 of its 14 minutes "
+    "overlapped a 5-minute pytest run, and its extra-disk figure, 0.07 GB, is wrong: pytest deleted files "
+    "meanwhile; the real figure is its 0.8 GB output plus the 1.3 MB imatrix).",
     "- rtn, every shape, on the compiled codec (formats/compiled.py: search.py's scale and code searches in numba, "
     "the same arithmetic in the same order): 1B 86 s (415 s on the numpy codec, 845 s before streaming), 3B 215 s "
     "(1012 s), 8B 489 s, beside llama-quantize's 69 / 181 / 468 s for the same Q4_K_M file size. The 1B file is "
@@ -255,9 +254,10 @@ NOTES = [
     "- imatrix on the compiled codec: 1B 751 s (959 s on numpy), 3B 1832 s; 607 and 570 s per billion "
     "parameters. The time is the calibration forward passes in torch (8192 tokens through each layer), not the "
     "codec; llama.cpp's llama-imatrix + llama-quantize took 842 s at 1B (pocketlm 0.9x).",
-    "- The 1B `gptq` row is from the numpy codec (2143 s, 3.61 GiB; 2501 s and 3.92 GiB before pread and one-byte "
-    "level indices). The codec's share of it is smaller than in rtn (the column sweep is torch). 8B gptq is "
-    "unmeasured: at 1B's rate it would take ~4 h on 2 cores.",
+    "- gptq at 1B on the compiled codec: 1794 s, 3.31 GiB (2143 s and 3.61 GiB on the numpy codec; 2501 s and "
+    "3.92 GiB before pread and one-byte level indices). The codec's share is small here: the time is the "
+    "calibration forward passes and GPTQ's column sweeps, both torch. 8B gptq is unmeasured: at 1B's rate "
+    "(1451 s per billion parameters) it would take ~3.2 h on 2 cores.",
     "- Not run (time): 1B and 3B --target-size, 3B and 8B gptq, 8B imatrix, 3B/8B llama-imatrix. The 3B and 8B "
     "checkpoints are made by the script (6.4 and 16 GB). The 8B f16 export (16 GB) and llama.cpp's file were "
     "deleted after their rows to free the disk.",
