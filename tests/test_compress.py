@@ -60,6 +60,8 @@ def test_bad_inputs_are_refused_clearly(job, tmp_path, monkeypatch):
     assert r.exit_code == 1 and "unknown key quantize.calib_tokns" in r.stderr
     with pytest.raises(PocketError, match="distill.when"):
         load_recipe(None, **{"distill.when": "sometimes"})
+    with pytest.raises(PocketError, match="forward KL only"):
+        load_recipe(None, **{"distill.loss": "rkl", "distill.targets": "sampled"})
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "photo.jpg").write_bytes(b"\xff\xd8")

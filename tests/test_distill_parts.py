@@ -5,9 +5,11 @@ import torch
 from conftest import make_tiny_llama
 
 from pocketlm.distill.importance import measure
+from pocketlm.distill.loss_spec import check_targets
 from pocketlm.distill.losses import bucket_logprobs, distill_loss, divergence, parse_loss, tail_sample_term
 from pocketlm.distill.prune import prune
 from pocketlm.distill.shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
+from pocketlm.distill.signals import Full, OnlineTeacher, Sampled, TopK, choose
 from pocketlm.distill.teacher_cache import teacher_targets
 from pocketlm.errors import PocketError
 from pocketlm.eval.metrics import kld as reference_kld
@@ -68,13 +70,13 @@ def test_tail_sample_gives_the_full_vocabulary_kl_gradient_in_expectation():
     tail_entropy = -(tail_p * torch.log(tail_p / tail_p.sum())).sum()
     assert torch.allclose(est, full + tail_entropy, atol=1e-5)
     with pytest.raises(PocketError):
-        distill_loss("rkl", None, s, torch.zeros(1, 1, dtype=torch.long), (idx, values, tail), tail="sample")
+        distill_loss("rkl", None, s, torch.zeros(1, 1, dtype=torch.long), TopK(idx, values, tail), tail="sample")
 
 
 def test_losses_train_towards_the_teacher():
     torch.manual_seed(0)
     t_logits = torch.randn(2, 5, 40) * 3
-    teacher = _teacher_topk(t_logits, 6)
+    teacher = TopK(*_teacher_topk(t_logits, 6))
     targets = t_logits.argmax(-1)
     for spec in ("fkl", "fkl+sample", "rkl", "jsd:0.3", "tvd", "ce"):
         name, beta = parse_loss(spec.split("+")[0])
@@ -164,3 +166,67 @@ def test_teacher_cache_matches_the_model_and_resumes(teacher, tmp_path):
 
     again = teacher_targets(Exploding(), seqs, 8, "tiny", progress=False, bf16=False)
     assert np.array_equal(again.idx, targets.idx)
+
+
+def test_full_and_sampled_signals_give_forward_kl_and_its_gradient():
+    torch.manual_seed(0)
+    t_logits, s_logits = torch.randn(2, 3, 30) * 2, (torch.randn(2, 3, 30) * 2).requires_grad_()
+    t_logp = torch.log_softmax(t_logits, -1)
+    exact = torch.as_tensor(reference_kld(t_logp.numpy(), torch.log_softmax(s_logits, -1).detach().numpy())).mean()
+    full = distill_loss("fkl", None, s_logits, t_logits.argmax(-1), Full(t_logp))
+    assert torch.allclose(full, exact.float(), atol=1e-5)
+    g_full, = torch.autograd.grad(full, s_logits)
+    # many draws per position: the estimate and its gradient converge to the exact ones (unbiased)
+    draws = torch.multinomial(t_logp.exp().reshape(-1, 30), 40000, replacement=True,
+                              generator=torch.Generator().manual_seed(1)).reshape(2, 3, -1)
+    sampled = distill_loss("fkl", None, s_logits, t_logits.argmax(-1), Sampled(draws, torch.gather(t_logp, -1, draws)))
+    g_sampled, = torch.autograd.grad(sampled, s_logits)
+    assert abs(sampled.item() - full.item()) < 0.03 * full.item()
+    assert torch.allclose(g_sampled, g_full, atol=2e-3)
+    # and few draws are not a top-k: each draw counts once, so the estimate is noisy, not biased low
+    few = Sampled(draws[..., :12], torch.gather(t_logp, -1, draws[..., :12]))
+    assert distill_loss("fkl", None, s_logits, t_logits.argmax(-1), few).item() != pytest.approx(full.item(), abs=1e-6)
+    with pytest.raises(PocketError, match="forward KL only"):
+        distill_loss("rkl", None, s_logits, t_logits.argmax(-1), few)
+
+
+def test_target_rules_are_checked_without_torch_work():
+    check_targets("fkl", "bucket", "sampled")
+    check_targets("ce", "bucket", "sampled")
+    for args, words in ((("rkl", "bucket", "sampled"), "forward KL only"), (("fkl", "sample", "full"), "--targets topk"),
+                        (("fkl", "bucket", "all"), "unknown --targets")):
+        with pytest.raises(PocketError, match=words):
+            check_targets(*args)
+    assert choose("auto", 135_000_000) == "full" and choose("auto", 8_000_000_000) == "sampled"
+    assert choose("topk", 135_000_000) == "topk"
+
+
+def test_sampled_cache_draws_from_the_teacher_and_is_seeded(teacher, tmp_path, monkeypatch):
+    seqs = torch.randint(2, 300, (3, 40))
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "a"))
+    a = teacher_targets(teacher.model, seqs, 64, "tiny", batch=2, progress=False, bf16=False, form="sampled", seed=5)
+    with torch.inference_mode():
+        logp = torch.log_softmax(teacher.model(seqs).logits[:, :-1], -1)
+    assert a.idx.shape == (3, 39, 64)
+    assert np.allclose(a.logp.astype(np.float32), torch.gather(logp, -1, torch.from_numpy(a.idx.astype(np.int64))).numpy(),
+                       rtol=1e-3, atol=1e-3)  # float16: 11 significant bits
+    # the draws follow the teacher: their mean log-prob is the teacher's negative entropy, up to sampling noise
+    neg_entropy = (logp.exp() * logp).sum(-1).mean().item()
+    assert abs(a.logp.astype(np.float64).mean() - neg_entropy) < 0.1 * abs(neg_entropy)
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "b"))
+    again = teacher_targets(teacher.model, seqs, 64, "tiny", batch=2, progress=False, bf16=False, form="sampled", seed=5)
+    other = teacher_targets(teacher.model, seqs, 64, "tiny", batch=2, progress=False, bf16=False, form="sampled", seed=6)
+    assert np.array_equal(a.idx, again.idx) and not np.array_equal(a.idx, other.idx)
+    batch = again.batch(torch.tensor([2, 0]))
+    assert isinstance(batch, Sampled) and torch.equal(batch.idx[1], torch.from_numpy(a.idx[0].astype(np.int64)))
+
+
+def test_online_teacher_is_the_models_full_distribution(teacher):
+    ids = torch.randint(2, 300, (2, 17))
+    got = OnlineTeacher(teacher.model).batch(torch.tensor([0, 1]), ids)
+    with torch.inference_mode():
+        want = torch.log_softmax(teacher.model(ids).logits[:, :-1].float(), -1)
+    assert torch.equal(got.logp, want)
+    s = torch.zeros(2, 16, got.logp.shape[-1], requires_grad=True)
+    distill_loss("fkl", None, s, ids[:, 1:], got).backward()  # usable as a constant in autograd
+    assert s.grad is not None and s.grad.abs().sum() > 0

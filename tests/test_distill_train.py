@@ -103,6 +103,8 @@ def test_distill_bad_input(tiny_teacher, corpus, tmp_path):
              (_distill_args(tiny_teacher, tmp_path / "o4", corpus, "--student", str(other_vocab)), "vocabulary"),
              (_distill_args(tiny_teacher, tmp_path / "o5", corpus, "--loss", "kl"), "unknown --loss"),
              (_distill_args(tiny_teacher, tmp_path / "o7", corpus, "--loss", "rkl", "--tail", "sample"), "fkl only"),
+             (_distill_args(tiny_teacher, tmp_path / "o8", corpus, "--loss", "rkl", "--targets", "sampled"), "forward KL only"),
+             (_distill_args(tiny_teacher, tmp_path / "o9", corpus, "--tail", "sample", "--targets", "full"), "--targets topk"),
              (_distill_args(tiny_teacher, tmp_path / "exists", corpus), "exists")]
     for args, words in cases:
         res = runner.invoke(cli, args)
@@ -163,3 +165,33 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_finishes(tiny_teacher, corpus, tm
     steps = [h["step"] for h in json.loads((out / "distill.json").read_text())["history"]]
     assert steps == list(range(0, steps[-1] + 1)) and steps[-1] == total_steps
     assert not (tmp_path / "student.ckpt").exists()
+
+
+def test_a_finished_run_continues_with_more_tokens(tiny_teacher, corpus, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "student"
+    assert runner.invoke(cli, _distill_args(tiny_teacher, out, corpus, "--fp32")).exit_code == 0
+    first = json.loads((out / "distill.json").read_text())
+    assert first["targets"] == "full"  # a tiny teacher runs beside its student by default
+    for extra, words in ((["--lr", "1e-3"], "other settings: lr"), ([], "larger --tokens"), (["--no-resume"], "exists")):
+        args = _distill_args(tiny_teacher, out, corpus, "--fp32", *([] if extra == ["--no-resume"] else ["--resume"]),
+                             *([] if extra == ["--no-resume"] else extra))
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 1 and words in res.output, (extra, res.output)
+    res = runner.invoke(cli, _distill_args(tiny_teacher, out, corpus, "--fp32", "--resume", "--tokens", "6000"))
+    assert res.exit_code == 0, res.output
+    assert "continuing" in res.output and not out.with_name("student.ckpt").exists()
+    second = json.loads((out / "distill.json").read_text())
+    assert second["steps"] > first["steps"] and second["continued_from_tokens"] == [first["tokens"]]
+    assert second["history"][:len(first["history"])] == first["history"]
+    assert [h["step"] for h in second["history"]] == list(range(second["steps"] + 1))
+    assert second["history"][-1]["kld"] < first["history"][-1]["kld"]
+
+
+def test_a_continued_run_warms_up_again_into_the_longer_schedule():
+    cfg = TrainConfig(steps=100, warmup=5, rewarm_from=40)
+    longer = TrainConfig(steps=100, warmup=5)
+    assert trainer_mod.lr_factor(40, cfg) == pytest.approx(trainer_mod.lr_factor(40, longer) / 5)
+    assert trainer_mod.lr_factor(44, cfg) == trainer_mod.lr_factor(44, longer)
+    assert [trainer_mod.lr_factor(s, cfg) for s in range(45, 100)] == [trainer_mod.lr_factor(s, longer) for s in range(45, 100)]
+    assert [trainer_mod.lr_factor(s, cfg) for s in range(40)] == [trainer_mod.lr_factor(s, longer) for s in range(40)]

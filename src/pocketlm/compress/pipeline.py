@@ -98,8 +98,8 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
         def make_student(path: Path) -> dict:
             from ..distill.run import DistillOptions, distill
 
-            result = distill(src.path, path, DistillOptions(data=data, tokens=d["tokens"], loss=d["loss"], fraction=fraction,
-                                                             resume=True, force=True, progress=progress, say=say,
+            result = distill(src.path, path, DistillOptions(data=data, tokens=d["tokens"], loss=d["loss"], targets=d["targets"],
+                                                             fraction=fraction, resume=True, force=True, progress=progress, say=say,
                                                              eval_every=10**9, save_every=25))
             return {"tokens": result["tokens"], "fraction": fraction}
 

@@ -24,6 +24,7 @@ class DistillStep(_Step):
     when: Literal["auto", "always", "never"] = "auto"  # auto: only when quantization alone cannot reach the budget
     tokens: int = Field(200_000, ge=1)
     loss: str = "fkl"
+    targets: Literal["auto", "full", "sampled", "topk"] = "auto"  # the teacher's signal: distill/signals.py
     data: list[str] = []  # text files or folders; default: the calibration text
     fraction: Optional[float] = Field(None, gt=0, lt=1)  # of the teacher's non-embedding parameters; default: sized for the budget
 
@@ -37,6 +38,16 @@ class DistillStep(_Step):
         except PocketError as exc:
             raise ValueError(str(exc).replace("--loss", "loss")) from None
         return value
+
+    @model_validator(mode="after")
+    def _loss_and_targets(self):
+        from ..distill.loss_spec import check_targets, parse_loss
+
+        try:
+            check_targets(parse_loss(self.loss)[0], "bucket", self.targets)
+        except PocketError as exc:
+            raise ValueError(str(exc).replace("--loss", "loss").replace("--targets", "targets")) from None
+        return self
 
 
 class QuantizeStep(_Step):

@@ -9,6 +9,7 @@ import torch
 from ..errors import PocketError
 from ..eval.windows import make_windows
 from ..rag.loaders import find_documents, read_document
+from ..util.hashing import array_sha256
 
 
 @dataclass
@@ -16,6 +17,7 @@ class Sequences:
     train: torch.Tensor  # (n, seq) int64; position t predicts token t+1
     held_out: torch.Tensor
     documents: int
+    fingerprint: str = ""  # of every token of the data, before --tokens cuts the training part short
 
     @property
     def train_tokens(self) -> int:
@@ -48,4 +50,6 @@ def load_sequences(tokenizer, paths, seq: int, add_bos: bool, max_train_tokens: 
         train = train[: max(1, -(-max_train_tokens // (seq - 1)))]
     if not len(held):
         held = train  # a single sequence: evaluation can only look at what it trains on
-    return Sequences(torch.from_numpy(np.ascontiguousarray(train)), torch.from_numpy(np.ascontiguousarray(held)), len(files))
+    fingerprint = array_sha256(np.asarray(ids, dtype=np.int64), np.asarray([seq, int(add_bos)]))[:32]
+    return Sequences(torch.from_numpy(np.ascontiguousarray(train)), torch.from_numpy(np.ascontiguousarray(held)), len(files),
+                     fingerprint)

@@ -7,6 +7,7 @@ from ..errors import PocketError
 
 LOSSES = ("fkl", "rkl", "jsd", "tvd", "ce")
 TAILS = ("bucket", "sample")
+TARGETS = ("auto", "full", "sampled", "topk")  # the forms of the teacher's signal: signals.py
 
 
 def parse_loss(spec: str) -> tuple[str, float | None]:
@@ -35,3 +36,15 @@ def check_tail(loss: str, tail: str) -> None:
         raise PocketError(f"unknown --tail {tail!r} (choose one of {', '.join(TAILS)})")
     if tail == "sample" and loss != "fkl":
         raise PocketError(f"--tail sample works with --loss fkl only (it estimates forward KL's tail), not with {loss}")
+
+
+def check_targets(loss: str, tail: str, targets: str) -> None:
+    """The rules for --targets, with --loss and --tail: draws estimate forward KL only, and the
+    tail term exists only where the top-k leaves a tail."""
+    check_tail(loss, tail)
+    if targets not in TARGETS:
+        raise PocketError(f"unknown --targets {targets!r} (choose one of {', '.join(TARGETS)})")
+    if targets == "sampled" and loss not in ("fkl", "ce"):
+        raise PocketError(f"--targets sampled estimates forward KL only: use --loss fkl, not {loss}")
+    if tail == "sample" and targets != "topk":
+        raise PocketError("--tail sample completes the top-k's tail; it needs --targets topk")

@@ -1,8 +1,9 @@
-"""Distillation losses on the teacher's cached top-k, with the tail as one explicit bucket.
+"""Distillation losses against each form of the teacher's signal (signals.py).
 
-Both distributions are folded onto the same k+1 outcomes (the teacher's top-k tokens, and
-"anything else"). Every divergence here is an f-divergence, so folding can only lower it
-(data processing inequality): it equals the full-vocabulary value when the two agree on how
+With the full distribution every divergence is computed exactly; with draws from it, forward
+KL is estimated without bias. With the cached top-k, both distributions are folded onto the
+same k+1 outcomes (the teacher's top-k tokens, and "anything else"). Every divergence here is
+an f-divergence, so folding can only lower it (data processing inequality): it equals the full-vocabulary value when the two agree on how
 the tail's mass is spread, and never overestimates. Dropping the tail instead would teach the
 student that the teacher's top-k sum to one.
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import PocketError
 from .loss_spec import LOSSES, TAILS, check_tail, parse_loss  # noqa: F401  (the losses' names live there)
+from .signals import Full, Sampled, Signal
 
 
 def bucket_logprobs(student_logits: torch.Tensor, t_idx: torch.Tensor, t_logp: torch.Tensor,
@@ -68,18 +70,30 @@ def tail_sample_term(s_full: torch.Tensor, student_bucket: torch.Tensor, targets
     return torch.where(in_top, torch.zeros_like(nll_in_tail), nll_in_tail)
 
 
+def sampled_fkl(s_full: torch.Tensor, teacher: Sampled) -> torch.Tensor:
+    """Forward KL estimated from draws of the teacher: mean over the draws of log p - log q.
+    Unbiased for KL(p || q), and its gradient for KL's (log p is a constant to the student)."""
+    return (teacher.logp - torch.gather(s_full, -1, teacher.idx)).mean(-1)
+
+
 def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, targets: torch.Tensor,
-                 teacher: tuple[torch.Tensor, ...] | None, tail: str = "bucket") -> torch.Tensor:
+                 teacher: Signal | None, tail: str = "bucket") -> torch.Tensor:
     """Mean loss over positions. student_logits (B, T, V); targets (B, T) next tokens; teacher:
-    the teacher's (top-k ids, their log-probs, the tail's log-mass), as TeacherTargets.batch gives."""
+    one of signals.py's forms (full log-probs, draws, or the bucketed top-k)."""
     check_tail(name, tail)
     if name == "ce":
         return F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), targets.reshape(-1))
     if teacher is None:
-        raise PocketError(f"the {name} loss needs the teacher's top-k (ids, log-probs, tail)")
+        raise PocketError(f"the {name} loss needs the teacher's distribution")
     s_full = torch.log_softmax(student_logits.float(), dim=-1)
-    t, s = _bucket(s_full, *teacher)
+    if isinstance(teacher, Full):
+        return divergence(name, teacher.logp, s_full, beta).mean()
+    if isinstance(teacher, Sampled):
+        if name != "fkl":
+            raise PocketError(f"sampled teacher targets estimate forward KL only, not {name}")
+        return sampled_fkl(s_full, teacher).mean()
+    t, s = _bucket(s_full, teacher.idx, teacher.logp, teacher.tail)
     loss = divergence(name, t, s, beta)
     if tail == "sample":
-        loss = loss + tail_sample_term(s_full, s, targets, teacher[0])
+        loss = loss + tail_sample_term(s_full, s, targets, teacher.idx)
     return loss.mean()

@@ -18,9 +18,10 @@ from ..util.hashing import array_sha256
 from ..util.machine import compute_device
 from .data import load_sequences
 from .importance import measure
-from .loss_spec import check_tail, parse_loss
+from .loss_spec import check_targets, parse_loss
 from .prune import check_prunable, prune
 from .shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
+from .signals import OnlineTeacher, choose
 from .teacher_cache import teacher_targets
 from .trainer import Checkpoint, Dist, TrainConfig, train
 
@@ -43,7 +44,9 @@ class DistillOptions:
     student: str | None = None  # start from this model instead of pruning the teacher
     loss: str = "fkl"
     tail: str = "bucket"  # "sample": see distill/losses.py
+    targets: str = "auto"  # the teacher's signal: full | sampled | topk (signals.py); auto picks by teacher size
     topk: int = 64
+    samples: int = 12  # draws per position for targets "sampled" (arXiv 2503.16870: ~12 match full KD)
     lr: float = 3e-4
     batch: int = 8
     micro_batch: int = 2
@@ -91,12 +94,44 @@ def describe(t: TeacherDims, shape: StudentShape) -> list[str]:
     return lines
 
 
-def _run_key(teacher_hash: str, shape: StudentShape | None, seqs: torch.Tensor, cfg: TrainConfig, topk: int, student: str | None) -> str:
-    settings = json.dumps({"teacher": teacher_hash, "shape": shape.to_dict() if shape else None, "student": student,
-                           "loss": cfg.loss, "beta": cfg.beta, "topk": topk,
-                           **({"tail": cfg.tail} if cfg.tail != "bucket" else {}), "lr": cfg.lr, "batch": cfg.batch,
-                           "steps": cfg.steps, "warmup": cfg.warmup, "seed": cfg.seed, "bf16": cfg.bf16}, sort_keys=True)
-    return array_sha256(np.frombuffer(settings.encode(), dtype=np.uint8), seqs.numpy())[:32]
+def _settings(opts: DistillOptions, teacher_hash: str, seqs, loss_targets: str) -> dict:
+    """Everything besides --tokens that makes a run what it is: a finished run is continued
+    (--resume with more --tokens) only under the same settings."""
+    shape_options = {k: getattr(opts, k) for k in ("layers", "drop_layers", "hidden", "ffn", "heads", "kv_heads",
+                                                   "fraction")}
+    return {"teacher": teacher_hash, "data": seqs.fingerprint, "seq": opts.seq, "student": opts.student,
+            "shape_options": shape_options, "loss": opts.loss, "tail": opts.tail, "targets": loss_targets,
+            "k": opts.topk if loss_targets == "topk" else opts.samples if loss_targets == "sampled" else None,
+            "lr": opts.lr, "batch": opts.batch, "seed": opts.seed, "bf16": opts.bf16}
+
+
+def _run_key(settings: dict, shape: StudentShape | None, seqs: torch.Tensor, cfg: TrainConfig,
+             continued: str | None) -> str:
+    text = json.dumps({**settings, "shape": shape.to_dict() if shape else None, "steps": cfg.steps,
+                       "warmup": cfg.warmup, "continued": continued}, sort_keys=True)
+    return array_sha256(np.frombuffer(text.encode(), dtype=np.uint8), seqs.numpy())[:32]
+
+
+def _finished_run(out: Path, settings: dict, steps: int) -> dict:
+    """The manifest of the finished run in `out` that --resume continues, after checking it can be."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise PocketError(f"{out} exists but holds no finished distillation run ({MANIFEST}); pass --force to "
+                          "replace it") from None
+    old = manifest.get("settings")
+    if old is None:
+        raise PocketError(f"{out} was distilled by an older pocketlm that did not record its settings: train it further "
+                          f"with --student {out} -o NEW, or start over with --force")
+    differ = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+    if differ:
+        said = ", ".join(f"{k} {old.get(k)!r} (now {settings.get(k)!r})" for k in differ)
+        raise PocketError(f"the finished run in {out} had other settings: {said}; continue it with the same ones, or "
+                          "start over with --force")
+    if steps <= manifest["steps"]:
+        raise PocketError(f"{out} is already trained for {manifest['tokens']} tokens ({manifest['steps']} steps); "
+                          "give a larger --tokens to continue it")
+    return manifest
 
 
 def _check_same_vocab(teacher, student) -> None:
@@ -112,10 +147,10 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     from ..models.source import resolve
 
     out = Path(out)
-    if out.exists() and not opts.force:
-        raise PocketError(f"{out} exists; pass --force to replace it")
+    if out.exists() and not opts.force and not opts.resume:
+        raise PocketError(f"{out} exists; pass --force to replace it, or --resume with a larger --tokens to train it further")
     loss, beta = parse_loss(opts.loss)
-    check_tail(loss, opts.tail)  # before loading anything, so a bad pair fails in a second
+    check_targets(loss, opts.tail, opts.targets)  # before loading anything, so a bad pair fails in a second
     dist = Dist.from_env()
 
     def say(line: str) -> None:
@@ -127,12 +162,22 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     t = TeacherDims.of(teacher.model.config)
     seqs = load_sequences(teacher.tokenizer, opts.data, opts.seq, teacher.add_bos, max_train_tokens=opts.tokens or None)
     steps = max(0, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))  # 0: prune only
+    kind = choose(opts.targets, sum(p.numel() for p in teacher.model.parameters()))
+    teacher_hash = model_content_hash(src)
+    settings = _settings(opts, teacher_hash, seqs, kind)
+    finished = _finished_run(out, settings, steps) if out.exists() and opts.resume and not opts.force else None
     cfg = TrainConfig(loss=loss, beta=beta, tail=opts.tail, steps=steps, batch=opts.batch, micro_batch=opts.micro_batch, lr=opts.lr,
                       warmup=opts.warmup if opts.warmup is not None else max(1, steps // 20),
-                      eval_every=opts.eval_every, save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed)
+                      eval_every=opts.eval_every, save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed,
+                      rewarm_from=finished["steps"] if finished else 0)
 
     shape = None
-    if opts.student:
+    if finished:
+        student = load(out)
+        shape = StudentShape(**{**finished["shape"], "keep_layers": tuple(finished["shape"]["keep_layers"])}) \
+            if finished["shape"] else None
+        say(f"continuing {out}: {finished['tokens']} tokens done, training to {steps * cfg.batch * (opts.seq - 1)}")
+    elif opts.student:
         student = load(opts.student)
         _check_same_vocab(teacher, student)
         say(f"student: {opts.student} as given (no pruning)")
@@ -144,32 +189,44 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
         for line in describe(t, shape):
             say(line)
         student = prune(teacher, shape, importance)
+    if loss != "ce":
+        say(f"teacher signal: {kind}" + (" (the whole vocabulary, computed beside the student)" if kind == "full" else
+                                         f" ({opts.samples} draws per position, cached)" if kind == "sampled" else
+                                         f" (top {opts.topk} per position, cached)"))
 
-    teacher_hash = model_content_hash(src)
-    ckpt = Checkpoint(out.with_name(out.name + ".ckpt"), _run_key(teacher_hash, shape, seqs.train, cfg, opts.topk, opts.student))
+    continued = finished.get("run_key") if finished else None
+    run_key = _run_key(settings, shape, seqs.train, cfg, continued)
+    ckpt = Checkpoint(out.with_name(out.name + ".ckpt"), run_key)
     # the teacher pass is the other big compute of a run: it goes where training goes
     teacher.model.to(compute_device(dist.local_rank), torch.bfloat16 if opts.bf16 else torch.float32)
 
     def targets(rows):
+        if kind == "full":
+            return OnlineTeacher(teacher.model)
         if dist.local_rank != 0:
             dist.barrier()  # local rank 0 fills the shared cache; the others then read it
-        result = teacher_targets(teacher.model, rows, opts.topk, teacher_hash, progress=opts.progress and dist.main,
-                                 bf16=False)
+        k, form = (opts.samples, "sampled") if kind == "sampled" else (opts.topk, "topk")
+        result = teacher_targets(teacher.model, rows, k, teacher_hash, progress=opts.progress and dist.main,
+                                 bf16=False, form=form, seed=opts.seed)
         if dist.local_rank == 0:
             dist.barrier()
         return result
 
     train_targets = None if loss == "ce" or steps == 0 else targets(seqs.train)
-    held_targets = targets(seqs.held_out)
-    del teacher.model
+    held_targets = targets(seqs.held_out)  # the held-out KLD is reported under every loss, ce included
+    if kind != "full":
+        del teacher.model
     history = train(student.model, seqs.train, train_targets, seqs.held_out, held_targets, cfg, ckpt, opts.resume,
-                    opts.progress)
+                    opts.progress, continue_from=(finished["steps"], finished["history"]) if finished else None)
     manifest = {"teacher": str(src.path), "teacher_sha256": teacher_hash, "shape": shape.to_dict() if shape else None,
-                "student_init": opts.student, "loss": opts.loss, "tail": opts.tail, "topk": opts.topk,
+                "student_init": opts.student, "loss": opts.loss, "tail": opts.tail, "targets": kind,
+                "topk": opts.topk if kind == "topk" else None, "samples": opts.samples if kind == "sampled" else None,
                 "tokens": steps * cfg.batch * (opts.seq - 1),
                 "train_tokens_available": seqs.train_tokens, "documents": seqs.documents, "seq": opts.seq,
                 "steps": steps, "lr": opts.lr, "batch": opts.batch, "history": history,
-                "seconds": time.perf_counter() - t_start}
+                "seconds": time.perf_counter() - t_start + (finished["seconds"] if finished else 0.0),
+                "continued_from_tokens": (finished.get("continued_from_tokens", []) + [finished["tokens"]]) if finished else [],
+                "settings": settings, "run_key": run_key}
     if dist.main:
         student.model.to("cpu").float()
         save_hf(student, out, "f32", extra_files={MANIFEST: json.dumps(manifest, indent=1)})

@@ -24,7 +24,8 @@ from ..errors import PocketError
 from ..util.atomic import atomic_path
 from ..util.machine import compute_device
 from .losses import distill_loss
-from .teacher_cache import TeacherTargets
+from .signals import OnlineTeacher
+from .teacher_cache import SampledTargets, TeacherTargets
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainConfig:
     save_every: int = 50
     bf16: bool = True
     seed: int = 0
+    rewarm_from: int = 0  # a finished run continued: warm up again from this step (fresh optimizer)
 
 
 @dataclass
@@ -88,14 +90,22 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.rewarm_from and cfg.rewarm_from <= step < cfg.rewarm_from + cfg.warmup:
+        # the continued run's schedule is the one a run of the new length would have, entered
+        # at the old end; Adam's moments start from zero there, hence the ramp
+        factor *= (step - cfg.rewarm_from + 1) / cfg.warmup
+    return factor
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
 
-def evaluate_student(model, seqs: torch.Tensor, targets: TeacherTargets | None, cfg: TrainConfig) -> dict:
+Targets = TeacherTargets | SampledTargets | OnlineTeacher
+
+
+def evaluate_student(model, seqs: torch.Tensor, targets: Targets | None, cfg: TrainConfig) -> dict:
     """Held-out perplexity, and the (top-k folded) KL divergence from the teacher."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -110,7 +120,8 @@ def evaluate_student(model, seqs: torch.Tensor, targets: TeacherTargets | None, 
             nll += distill_loss("ce", None, logits, ids[:, 1:], None).item() * n
             if targets is not None:
                 rows = torch.arange(b0, b0 + len(ids))
-                kld += distill_loss("fkl", None, logits, ids[:, 1:], tuple(t.to(device) for t in targets.batch(rows))).item() * n
+                teacher = targets.batch(rows, ids).to(device)
+                kld += distill_loss("fkl", None, logits, ids[:, 1:], teacher).item() * n
             count += n
     model.train(was_training)
     return {"ppl": math.exp(nll / count), "kld": kld / count if targets is not None else None}
@@ -150,9 +161,11 @@ class Checkpoint:
             self.folder.rmdir()
 
 
-def train(model, train_seqs: torch.Tensor, targets: TeacherTargets | None, held_seqs: torch.Tensor,
-          held_targets: TeacherTargets | None, cfg: TrainConfig, ckpt: Checkpoint, resume: bool,
-          progress: bool = True) -> list[dict]:
+def train(model, train_seqs: torch.Tensor, targets: Targets | None, held_seqs: torch.Tensor,
+          held_targets: Targets | None, cfg: TrainConfig, ckpt: Checkpoint, resume: bool,
+          progress: bool = True, continue_from: tuple[int, list] | None = None) -> list[dict]:
+    """continue_from: (steps done, history) of a finished run whose model is `model`; the
+    steps from there to cfg.steps are trained (cfg.rewarm_from says where the ramp starts)."""
     dist_ctx = Dist.from_env()
     device = compute_device(dist_ctx.local_rank)
     model.to(device).train()
@@ -167,7 +180,7 @@ def train(model, train_seqs: torch.Tensor, targets: TeacherTargets | None, held_
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    start, history = 0, []
+    start, history = (continue_from[0], list(continue_from[1])) if continue_from else (0, [])
     if ckpt.exists():
         if not resume:
             raise PocketError(f"an unfinished run left a checkpoint in {ckpt.folder}: pass --resume to continue it, "
@@ -195,7 +208,7 @@ def train(model, train_seqs: torch.Tensor, targets: TeacherTargets | None, held_
             micro = list(torch.split(rows, cfg.micro_batch))
             for j, mrows in enumerate(micro):
                 ids = train_seqs[mrows].to(device)
-                teacher = None if targets is None else tuple(t.to(device) for t in targets.batch(mrows))
+                teacher = None if targets is None else targets.batch(mrows, ids).to(device)
                 sync = j == len(micro) - 1 or dist_ctx.world == 1
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()):
                     with _autocast(cfg, device):

@@ -1,0 +1,74 @@
+"""What the student learns from: the teacher's next-token distribution, in one of three forms.
+
+- Full: the whole vocabulary, computed on the fly by the teacher beside the student. Exact, and
+  cheap when the teacher is small (SmolLM2-135M on a CPU costs one forward pass per step).
+- Sampled: a few tokens per position drawn from the teacher's distribution, cached once. Their
+  mean of -log q is an unbiased estimate of the cross-entropy to the teacher, so its gradient is
+  forward KL's; ~12 draws per position match full-vocabulary KD (Sparse Logit Sampling, arXiv
+  2503.16870). For teachers too big to run beside the student.
+- TopK: the cached top-k with the rest as one bucket (losses.py). Kept as an option, but biased:
+  the same paper shows cached top-k targets mis-train the tail, and Minitron (arXiv 2407.14679)
+  measured top-k <= 100 hurting accuracy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Teachers up to this many parameters run beside the student by default (bf16 weights: 2 GB).
+# Above it a forward pass per training step costs more than the student's own step, and the
+# sampled cache is computed once instead.
+FULL_MAX_PARAMS = 1_000_000_000
+
+
+@dataclass
+class TopK:
+    idx: torch.Tensor  # (B, T, k) token ids
+    logp: torch.Tensor  # (B, T, k) their log-probs
+    tail: torch.Tensor  # (B, T) log of the mass outside the top k
+
+    def to(self, device) -> "TopK":
+        return TopK(self.idx.to(device), self.logp.to(device), self.tail.to(device))
+
+
+@dataclass
+class Full:
+    logp: torch.Tensor  # (B, T, V) log-probs
+
+    def to(self, device) -> "Full":
+        return Full(self.logp.to(device))
+
+
+@dataclass
+class Sampled:
+    idx: torch.Tensor  # (B, T, K) draws from the teacher's distribution, with replacement
+    logp: torch.Tensor  # (B, T, K) the teacher's log-prob of each draw: a constant for the gradient,
+    # kept so the loss reads as a KL estimate (mean of log p - log q) rather than a cross-entropy
+
+    def to(self, device) -> "Sampled":
+        return Sampled(self.idx.to(device), self.logp.to(device))
+
+
+Signal = TopK | Full | Sampled
+
+
+class OnlineTeacher:
+    """The teacher's full distribution for the batch being trained on, computed when asked."""
+
+    kind = "full"
+
+    def __init__(self, model):
+        self.model = model
+
+    def batch(self, rows: torch.Tensor, ids: torch.Tensor) -> Full:
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids.to(self.model.device), use_cache=False).logits[:, :-1].float()
+            # inference tensors cannot enter autograd's graph, even as constants: clone out
+            return Full(torch.log_softmax(logits, dim=-1).clone())
+
+
+def choose(kind: str, teacher_params: int) -> str:
+    if kind != "auto":
+        return kind
+    return "full" if teacher_params <= FULL_MAX_PARAMS else "sampled"
