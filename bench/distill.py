@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--domain-tokens", type=int, default=None, help="default: --tokens")
     ap.add_argument("--domain-loss", default="fkl", help="the loss of the domain run (e.g. fkl+tail)")
     ap.add_argument("--skip-domain", action="store_true")
+    ap.add_argument("--title", default=None, help="added to the section's heading: sections are replaced by heading")
     ap.add_argument("--eval-backend", default="auto", choices=["auto", "torch"],
                     help="torch: evaluate the GGUF teacher through transformers too (a GPU machine without llama.cpp)")
     args = ap.parse_args()
@@ -144,8 +145,10 @@ def main() -> None:
 def write_results(args, teacher, rows, domain) -> None:
     t_ppl = teacher["wiki"]["ppl"]
     a_ppl = rows[0]["wiki"]["ppl"]
-    lines = [f"## Healing at {rows[-1]['tokens']:,} training tokens" + (f", lr {args.lr:g}" if args.lr != DEFAULT_LR else ""), "",
+    title = f"## Healing at {rows[-1]['tokens']:,} training tokens" + (f", lr {args.lr:g}" if args.lr != DEFAULT_LR else "")
+    lines = [title + (f": {args.title}" if args.title else ""), "",
              f"Command: `.venv/bin/python bench/distill.py --tokens {args.tokens} --losses {args.losses}"
+             + (f" --mmlu {args.mmlu}" if args.mmlu != 500 else "") + (f" --title '{args.title}'" if args.title else "")
              + (f" --lr {args.lr:g}" if args.lr != DEFAULT_LR else "")
              + (f" --eval-backend {args.eval_backend}" if args.eval_backend != "auto" else "")
              + (" --skip-domain" if args.skip_domain else
@@ -153,7 +156,8 @@ def write_results(args, teacher, rows, domain) -> None:
              + f"` on {machine_name()} ({os.cpu_count()} CPU cores), {time.strftime('%Y-%m-%d')}. "
              + f"Teacher: {Path(TEACHER).name} (PPL {t_ppl:.3f}"
              + (f", MMLU {100 * teacher['wiki']['mmlu']:.1f}%" if teacher["wiki"].get("mmlu") else "") + "). "
-             f"Held-out: last 20% of wiki.txt, {args.eval_tokens} tokens; MMLU: stratified {args.mmlu}.", "",
+             f"Held-out: last 20% of wiki.txt, {args.eval_tokens} tokens"
+             + (f"; MMLU: stratified {args.mmlu}." if args.mmlu else "; MMLU not run."), "",
              "| student | loss | tokens | held-out PPL | KLD vs teacher | top-1 | MMLU | gap closed | tok/s | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -181,10 +185,9 @@ def write_results(args, teacher, rows, domain) -> None:
                   f"default student has ~49%): ratio {ratio:.3f} -> " + ("**met**" if ratio <= 1.10 else "**not met**") + "."]
     text = "\n".join(lines) + "\n"
     print(text)
-    header = "# Distillation benchmark\n\nSections are replaced per token budget; see bench/distill.py.\n\n"
+    header = "# Distillation benchmark\n\nSections are replaced per heading; see bench/distill.py.\n\n"
     old = RESULTS.read_text() if RESULTS.exists() else header
-    title = lines[0]
-    kept = [s for s in old.split("\n## ")[1:] if not ("## " + s).startswith(title)]
+    kept = [s for s in old.split("\n## ")[1:] if ("## " + s).split("\n", 1)[0] != lines[0]]
     save_results(RESULTS, header + "".join("## " + s.rstrip() + "\n\n" for s in kept) + text)
 
 

@@ -230,3 +230,16 @@ def test_online_teacher_is_the_models_full_distribution(teacher):
     s = torch.zeros(2, 16, got.logp.shape[-1], requires_grad=True)
     distill_loss("fkl", None, s, ids[:, 1:], got).backward()  # usable as a constant in autograd
     assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_the_bundled_general_text_never_holds_the_held_out_text():
+    from conftest import WIKI_HELDOUT
+
+    from pocketlm.data import general_text
+
+    files = general_text()
+    assert [p.rsplit("/", 1)[-1] for p in files] == ["c4.txt", "wiki-first80.txt"]
+    text = "".join(open(p, encoding="utf-8").read() for p in files)
+    assert len(text) > 1_500_000 and text.rstrip().endswith("</doc>")
+    held = [line for line in WIKI_HELDOUT.read_text().splitlines() if len(line) > 80]
+    assert len(held) > 20 and not any(line in text for line in held)

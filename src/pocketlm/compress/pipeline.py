@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..data import SAMPLE_DOCS
+from ..data import SAMPLE_DOCS, general_text
 from ..errors import PocketError
 from ..models.source import resolve
 from ..quantize.budget import mb, parse_size, types_for_budget
@@ -92,7 +92,9 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
     quant_source, quant_hash = src.path, src_hash
     if plan["distill"]:
         d = recipe["distill"]
-        data = [str(p) for p in d["data"]] or calib
+        # general text keeps the student general; the domain documents, when given, make it at
+        # home in them too (the same documents the index will hold)
+        data = [str(p) for p in d["data"]] or general_text() + ([str(domain)] if domain is not None else [])
         fraction = d["fraction"] or _fraction_for_budget(src, budget)
 
         def make_student(path: Path) -> dict:

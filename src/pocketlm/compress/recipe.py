@@ -25,7 +25,7 @@ class DistillStep(_Step):
     tokens: int = Field(200_000, ge=1)
     loss: str = "fkl"
     targets: Literal["auto", "full", "sampled", "topk"] = "auto"  # the teacher's signal: distill/signals.py
-    data: list[str] = []  # text files or folders; default: the calibration text
+    data: list[str] = []  # text files or folders; default: the bundled general text (+ --domain)
     fraction: Optional[float] = Field(None, gt=0, lt=1)  # of the teacher's non-embedding parameters; default: sized for the budget
 
     @field_validator("loss")
