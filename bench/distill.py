@@ -71,9 +71,11 @@ def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: d
     out = work / name
     t0 = time.perf_counter()
     spec, _, targets = loss.partition("@")  # "fkl@sampled": the teacher's signal (distill/signals.py)
-    base_loss, _, tail = spec.partition("+")  # "fkl+tail": forward KL with the tail sample (distill/losses.py)
+    base_loss, *extras = spec.split("+")  # "+tail": the tail sample (distill/losses.py); "+ce0.2": --ce-weight 0.2
+    ce_weight = next((float(e[2:]) for e in extras if e.startswith("ce")), 0.0)
     manifest = distill(TEACHER, out, DistillOptions(data=data, tokens=tokens, loss=base_loss, lr=args.lr, force=True,
-                                                    tail="sample" if tail else "bucket", targets=targets or "topk",
+                                                    tail="sample" if "tail" in extras else "bucket",
+                                                    targets=targets or "topk", ce_weight=ce_weight,
                                                     eval_every=10**9, save_every=25, resume=True, say=print))
     row = {"name": name, "loss": loss if tokens else "-", "tokens": manifest["tokens"], "targets": manifest["targets"],
            "wall_s": time.perf_counter() - t0,
@@ -109,7 +111,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=1_000_000)
     ap.add_argument("--losses", default="ce,fkl@full,fkl@sampled,fkl@topk",
-                    help="LOSS[+tail][@TARGETS]: fkl+tail is fkl with --tail sample; TARGETS full, sampled or topk "
+                    help="LOSS[+tail][+ceW][@TARGETS]: fkl+tail is fkl with --tail sample, fkl+ce0.2 adds 0.2 x ce; "
+                         "TARGETS full, sampled or topk "
                          "(default topk, what every run before 2026-12-01 used)")
     ap.add_argument("--eval-tokens", type=int, default=20480)
     ap.add_argument("--mmlu", type=int, default=500)

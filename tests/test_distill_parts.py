@@ -243,3 +243,15 @@ def test_the_bundled_general_text_never_holds_the_held_out_text():
     assert len(text) > 1_500_000 and text.rstrip().endswith("</doc>")
     held = [line for line in WIKI_HELDOUT.read_text().splitlines() if len(line) > 80]
     assert len(held) > 20 and not any(line in text for line in held)
+
+
+def test_ce_weight_adds_the_datas_cross_entropy_to_a_divergence():
+    torch.manual_seed(0)
+    t_logp, s = torch.log_softmax(torch.randn(2, 4, 30), -1), torch.randn(2, 4, 30)
+    y = torch.randint(0, 30, (2, 4))
+    mixed = distill_loss("fkl", None, s, y, Full(t_logp), ce_weight=0.3)
+    want = distill_loss("fkl", None, s, y, Full(t_logp)) + 0.3 * distill_loss("ce", None, s, y, None)
+    assert torch.allclose(mixed, want) and not torch.allclose(mixed, distill_loss("fkl", None, s, y, Full(t_logp)))
+    for loss, weight in (("ce", 0.2), ("fkl", -1.0)):
+        with pytest.raises(PocketError, match="--ce-weight"):
+            check_targets(loss, "bucket", "full", weight)

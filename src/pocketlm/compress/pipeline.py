@@ -100,9 +100,10 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
         def make_student(path: Path) -> dict:
             from ..distill.run import DistillOptions, distill
 
-            result = distill(src.path, path, DistillOptions(data=data, tokens=d["tokens"], loss=d["loss"], targets=d["targets"],
-                                                             fraction=fraction, resume=True, force=True, progress=progress, say=say,
-                                                             eval_every=10**9, save_every=25))
+            opts = DistillOptions(data=data, tokens=d["tokens"], loss=d["loss"], targets=d["targets"],
+                                  ce_weight=d["ce_weight"], fraction=fraction, resume=True, force=True, progress=progress,
+                                  say=say, eval_every=10**9, save_every=25)
+            result = distill(src.path, path, opts)
             return {"tokens": result["tokens"], "fraction": fraction}
 
         manifest.run("distill", key_of("distill", src_hash, d, fraction, _hash_files(data)), "student", make_student,

@@ -25,6 +25,7 @@ class DistillStep(_Step):
     tokens: int = Field(200_000, ge=1)
     loss: str = "fkl"
     targets: Literal["auto", "full", "sampled", "topk"] = "auto"  # the teacher's signal: distill/signals.py
+    ce_weight: float = Field(0.0, ge=0)  # of the data's cross-entropy, added to the divergence
     data: list[str] = []  # text files or folders; default: the bundled general text (+ --domain)
     fraction: Optional[float] = Field(None, gt=0, lt=1)  # of the teacher's non-embedding parameters; default: sized for the budget
 
@@ -44,9 +45,10 @@ class DistillStep(_Step):
         from ..distill.loss_spec import check_targets, parse_loss
 
         try:
-            check_targets(parse_loss(self.loss)[0], "bucket", self.targets)
+            check_targets(parse_loss(self.loss)[0], "bucket", self.targets, self.ce_weight)
         except PocketError as exc:
-            raise ValueError(str(exc).replace("--loss", "loss").replace("--targets", "targets")) from None
+            raise ValueError(str(exc).replace("--loss", "loss").replace("--targets", "targets")
+                             .replace("--ce-weight", "ce_weight")) from None
         return self
 
 

@@ -38,10 +38,14 @@ def check_tail(loss: str, tail: str) -> None:
         raise PocketError(f"--tail sample works with --loss fkl only (it estimates forward KL's tail), not with {loss}")
 
 
-def check_targets(loss: str, tail: str, targets: str) -> None:
-    """The rules for --targets, with --loss and --tail: draws estimate forward KL only, and the
-    tail term exists only where the top-k leaves a tail."""
+def check_targets(loss: str, tail: str, targets: str, ce_weight: float = 0.0) -> None:
+    """The rules for --targets, with --loss, --tail and --ce-weight: draws estimate forward KL
+    only, the tail term exists only where the top-k leaves a tail, and the cross-entropy
+    weight is added to a divergence."""
     check_tail(loss, tail)
+    if ce_weight < 0 or (ce_weight and loss == "ce"):
+        raise PocketError(f"--ce-weight {ce_weight}: a non-negative weight of cross-entropy added to a divergence "
+                          "(not to --loss ce)")
     if targets not in TARGETS:
         raise PocketError(f"unknown --targets {targets!r} (choose one of {', '.join(TARGETS)})")
     if targets == "sampled" and loss not in ("fkl", "ce"):

@@ -77,12 +77,16 @@ def sampled_fkl(s_full: torch.Tensor, teacher: Sampled) -> torch.Tensor:
 
 
 def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, targets: torch.Tensor,
-                 teacher: Signal | None, tail: str = "bucket") -> torch.Tensor:
+                 teacher: Signal | None, tail: str = "bucket", ce_weight: float = 0.0) -> torch.Tensor:
     """Mean loss over positions. student_logits (B, T, V); targets (B, T) next tokens; teacher:
-    one of signals.py's forms (full log-probs, draws, or the bucketed top-k)."""
+    one of signals.py's forms (full log-probs, draws, or the bucketed top-k); ce_weight: how
+    much of the data's cross-entropy is added to a divergence (a mixture the issue asks to try)."""
     check_tail(name, tail)
     if name == "ce":
         return F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), targets.reshape(-1))
+    if ce_weight:
+        return (distill_loss(name, beta, student_logits, targets, teacher, tail)
+                + ce_weight * distill_loss("ce", None, student_logits, targets, None))
     if teacher is None:
         raise PocketError(f"the {name} loss needs the teacher's distribution")
     s_full = torch.log_softmax(student_logits.float(), dim=-1)

@@ -44,6 +44,7 @@ class DistillOptions:
     student: str | None = None  # start from this model instead of pruning the teacher
     loss: str = "fkl"
     tail: str = "bucket"  # "sample": see distill/losses.py
+    ce_weight: float = 0.0  # loss = divergence + ce_weight * cross-entropy on the data
     targets: str = "auto"  # the teacher's signal: full | sampled | topk (signals.py); auto picks by teacher size
     topk: int = 64
     samples: int = 12  # draws per position for targets "sampled" (arXiv 2503.16870: ~12 match full KD)
@@ -101,6 +102,7 @@ def _settings(opts: DistillOptions, teacher_hash: str, seqs, loss_targets: str) 
                                                    "fraction")}
     return {"teacher": teacher_hash, "data": seqs.fingerprint, "seq": opts.seq, "student": opts.student,
             "shape_options": shape_options, "loss": opts.loss, "tail": opts.tail, "targets": loss_targets,
+            **({"ce_weight": opts.ce_weight} if opts.ce_weight else {}),
             "k": opts.topk if loss_targets == "topk" else opts.samples if loss_targets == "sampled" else None,
             "lr": opts.lr, "batch": opts.batch, "seed": opts.seed, "bf16": opts.bf16}
 
@@ -150,7 +152,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     if out.exists() and not opts.force and not opts.resume:
         raise PocketError(f"{out} exists; pass --force to replace it, or --resume with a larger --tokens to train it further")
     loss, beta = parse_loss(opts.loss)
-    check_targets(loss, opts.tail, opts.targets)  # before loading anything, so a bad pair fails in a second
+    check_targets(loss, opts.tail, opts.targets, opts.ce_weight)  # before loading anything, so a bad pair fails in a second
     dist = Dist.from_env()
 
     def say(line: str) -> None:
@@ -166,7 +168,8 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     teacher_hash = model_content_hash(src)
     settings = _settings(opts, teacher_hash, seqs, kind)
     finished = _finished_run(out, settings, steps) if out.exists() and opts.resume and not opts.force else None
-    cfg = TrainConfig(loss=loss, beta=beta, tail=opts.tail, steps=steps, batch=opts.batch, micro_batch=opts.micro_batch, lr=opts.lr,
+    cfg = TrainConfig(loss=loss, beta=beta, tail=opts.tail, ce_weight=opts.ce_weight, steps=steps, batch=opts.batch,
+                      micro_batch=opts.micro_batch, lr=opts.lr,
                       warmup=opts.warmup if opts.warmup is not None else max(1, steps // 20),
                       eval_every=opts.eval_every, save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed,
                       rewarm_from=finished["steps"] if finished else 0)
@@ -220,6 +223,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
                     opts.progress, continue_from=(finished["steps"], finished["history"]) if finished else None)
     manifest = {"teacher": str(src.path), "teacher_sha256": teacher_hash, "shape": shape.to_dict() if shape else None,
                 "student_init": opts.student, "loss": opts.loss, "tail": opts.tail, "targets": kind,
+                "ce_weight": opts.ce_weight,
                 "topk": opts.topk if kind == "topk" else None, "samples": opts.samples if kind == "sampled" else None,
                 "tokens": steps * cfg.batch * (opts.seq - 1),
                 "train_tokens_available": seqs.train_tokens, "documents": seqs.documents, "seq": opts.seq,

@@ -33,6 +33,7 @@ class TrainConfig:
     loss: str = "fkl"
     beta: float | None = None
     tail: str = "bucket"  # see losses.py: "sample" adds the data token's share of forward KL's tail
+    ce_weight: float = 0.0  # adds this much of the data's cross-entropy to a divergence
     steps: int = 100
     batch: int = 8  # sequences per optimizer step, over all processes
     micro_batch: int = 2  # sequences per forward/backward on one process
@@ -213,7 +214,7 @@ def train(model, train_seqs: torch.Tensor, targets: Targets | None, held_seqs: t
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()):
                     with _autocast(cfg, device):
                         logits = wrapped(input_ids=ids, use_cache=False).logits[:, :-1]
-                    loss = distill_loss(cfg.loss, cfg.beta, logits, ids[:, 1:], teacher, cfg.tail) / len(micro)
+                    loss = distill_loss(cfg.loss, cfg.beta, logits, ids[:, 1:], teacher, cfg.tail, cfg.ce_weight) / len(micro)
                     loss.backward()
                 step_loss += loss.item()
             if cfg.grad_clip:
