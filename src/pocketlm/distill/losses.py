@@ -84,20 +84,20 @@ def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, ta
     check_tail(name, tail)
     if name == "ce":
         return F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), targets.reshape(-1))
-    if ce_weight:
-        return (distill_loss(name, beta, student_logits, targets, teacher, tail)
-                + ce_weight * distill_loss("ce", None, student_logits, targets, None))
     if teacher is None:
         raise PocketError(f"the {name} loss needs the teacher's distribution")
     s_full = torch.log_softmax(student_logits.float(), dim=-1)
     if isinstance(teacher, Full):
-        return divergence(name, teacher.logp, s_full, beta).mean()
-    if isinstance(teacher, Sampled):
+        loss = divergence(name, teacher.logp, s_full, beta)
+    elif isinstance(teacher, Sampled):
         if name != "fkl":
             raise PocketError(f"sampled teacher targets estimate forward KL only, not {name}")
-        return sampled_fkl(s_full, teacher).mean()
-    t, s = _bucket(s_full, teacher.idx, teacher.logp, teacher.tail)
-    loss = divergence(name, t, s, beta)
-    if tail == "sample":
-        loss = loss + tail_sample_term(s_full, s, targets, teacher.idx)
+        loss = sampled_fkl(s_full, teacher)
+    else:
+        t, s = _bucket(s_full, teacher.idx, teacher.logp, teacher.tail)
+        loss = divergence(name, t, s, beta)
+        if tail == "sample":
+            loss = loss + tail_sample_term(s_full, s, targets, teacher.idx)
+    if ce_weight:  # from the log-probs already at hand: a second log-softmax over the vocabulary costs as much
+        loss = loss - ce_weight * torch.gather(s_full, -1, targets.unsqueeze(-1)).squeeze(-1)
     return loss.mean()

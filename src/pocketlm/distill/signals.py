@@ -56,8 +56,6 @@ Signal = TopK | Full | Sampled
 class OnlineTeacher:
     """The teacher's full distribution for the batch being trained on, computed when asked."""
 
-    kind = "full"
-
     def __init__(self, model):
         self.model = model
 

@@ -36,8 +36,6 @@ class TeacherTargets:
     logp: np.ndarray  # (n, seq-1, k) float16
     tail: np.ndarray  # (n, seq-1) float32: log(1 - sum of the top-k probabilities)
 
-    kind = "topk"
-
     def batch(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> TopK:
         r = rows.numpy()
         return TopK(torch.from_numpy(self.idx[r].astype(np.int64)), torch.from_numpy(self.logp[r].astype(np.float32)),
@@ -48,8 +46,6 @@ class TeacherTargets:
 class SampledTargets:
     idx: np.ndarray  # (n, seq-1, K) token ids drawn from the teacher
     logp: np.ndarray  # (n, seq-1, K) float16: the teacher's log-prob of each draw
-
-    kind = "sampled"
 
     def batch(self, rows: torch.Tensor, ids: torch.Tensor | None = None) -> Sampled:
         r = rows.numpy()

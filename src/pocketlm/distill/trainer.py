@@ -107,7 +107,8 @@ Targets = TeacherTargets | SampledTargets | OnlineTeacher
 
 
 def evaluate_student(model, seqs: torch.Tensor, targets: Targets | None, cfg: TrainConfig) -> dict:
-    """Held-out perplexity, and the (top-k folded) KL divergence from the teacher."""
+    """Held-out perplexity, and the KL divergence from the teacher as its signal gives it (exact
+    over the vocabulary, estimated from draws, or folded onto the top-k)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
