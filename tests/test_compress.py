@@ -54,7 +54,8 @@ def test_compress_meets_the_budget_reports_and_resumes(job):
 
 def test_bad_inputs_are_refused_clearly(job, tmp_path, monkeypatch):
     r = _compress(job, size="1KB")
-    assert r.exit_code == 1 and "cannot hold even the embedding" in r.stderr, r.stderr
+    assert r.exit_code == 1 and "cannot hold even the smallest student" in r.stderr, r.stderr
+    assert "[plan]" not in r.output  # refused from the shapes alone, before any measuring
     job["recipe"].write_text("quantize:\n  calib_tokns: 10\n")
     r = _compress(job)
     assert r.exit_code == 1 and "unknown key quantize.calib_tokns" in r.stderr
@@ -85,7 +86,7 @@ def test_a_full_disk_fails_cleanly_and_keeps_what_was_done(job, monkeypatch):
 
 
 def test_compress_can_distill_first(job, sample_text):
-    job["recipe"].write_text(f"distill:\n  when: always\n  tokens: 3000\n  data: [{sample_text}]\n"
+    job["recipe"].write_text(f"distill:\n  when: always\n  tokens: 3000\n  pilot_tokens: 1000\n  data: [{sample_text}]\n"
                              f"quantize:\n  calib: [{sample_text}]\n  calib_tokens: 1024\n  method: imatrix\n"
                              f"evaluate:\n  texts: [{sample_text}]\n  max_tokens: 256\n  ctx: 64\n  speed: false\n"
                              "  compare_preset: false\n")
@@ -95,7 +96,16 @@ def test_compress_can_distill_first(job, sample_text):
     steps = json.loads((out / "manifest.json").read_text())["steps"]
     assert steps["distill"]["result"]["tokens"] >= 3000 and (out / "student" / "config.json").exists()
     assert (out / "model.gguf").stat().st_size <= 500_000
-    assert "the recipe asks for distillation" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "the recipe asks for distillation" in md
+    choice = steps["choose"]["result"]
+    assert len(choice["pilots"]) >= 2 and all(p["pilot_kld"] > 0 and p["quant_kld"] > 0 for p in choice["pilots"])
+    best = min(choice["pilots"], key=lambda p: p["pilot_kld"] + p["quant_kld"])
+    assert choice["chosen"] == best["label"] and steps["distill"]["result"]["shape"]["ffn"] == best["ffn"]
+    assert "## Student shapes weighed" in md and f"| {best['label']} |" in md and "| chosen |" in md
+    assert not any((out / "choose").glob("L*/config.json"))  # the pilots' float students are not kept
+    again = _compress(job, size="0.5MB")
+    assert again.exit_code == 0 and "[choose] done earlier" in again.output, again.output
 
 
 def test_report_shows_measured_speed():

@@ -198,6 +198,28 @@ def _budget_types(model, target_size, target_bpw, calib, calib_tokens, *, table:
     return types
 
 
+def _below_floor(model, target_size) -> dict | None:
+    """For a --target-size below the smallest file of MODEL: the student shapes that fit it
+    (from shapes alone), or None when quantization alone reaches it."""
+    from .quantize.budget import smallest_file_bytes
+
+    if target_size is None or target_size >= smallest_file_bytes(model)[0]:
+        return None
+    from .compress.student import teacher_facts
+    from .distill.choose import student_candidates
+    from .distill.prune import check_prunable
+    from .models.facts import hf_config
+    from .models.load import hf_folder
+    from .models.source import resolve
+
+    src = resolve(model)
+    check_prunable(hf_config(hf_folder(src)))
+    t, overhead = teacher_facts(src)
+    cands, finals = student_candidates(t, overhead, target_size)
+    return {"budget": target_size, "smallest_quantized": smallest_file_bytes(model)[0],
+            "candidates": [c.to_dict() for c in cands], "finalists": [c.label for c in finals]}
+
+
 @cli.command(name="plan")
 @click.argument("model")
 @click.option("--target-size", type=SIZE, default=None, help="File size to fit, e.g. 60MB or 57MiB.")
@@ -214,6 +236,17 @@ def plan_cmd(model, target_size, target_bpw, calib, calib_tokens, as_json, outpu
     if output is not None:
         refuse_existing(output, force)
     check_files(calib, "--calib")
+    students = _below_floor(model, target_size)
+    if students is not None:  # quantization alone cannot reach it: show the students compress would weigh
+        if not to_stdout:
+            from .report_table import print_students
+
+            print_students(students, target_size)
+        if to_stdout:
+            click.echo(json.dumps(students, indent=2))
+        if output is not None:
+            write_result(output, students, force)
+        return
     types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, table=not to_stdout, progress=True)
     if to_stdout:
         click.echo(json.dumps(types, indent=2))

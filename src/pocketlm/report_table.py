@@ -92,3 +92,21 @@ def print_allocation(sens, types: dict[str, str], target: int) -> None:
     total = sens.file_bytes(types)
     console.print(f"file {total / 1e6:.2f} MB of a {target / 1e6:.2f} MB budget, "
                   f"{8 * total / sens.n_params:.2f} bits per weight, predicted KLD {sens.predicted_kld(types):.4f}")
+
+
+def print_students(d: dict, target: int) -> None:
+    from .distill.choose import Candidate, table
+
+    fields = set(Candidate.__dataclass_fields__)
+    cands = [Candidate(**{k: v for k, v in c.items() if k in fields}) for c in d["candidates"]]
+    finals = [c for c in cands if c.label in d["finalists"]]
+    rows = table(cands, finals)
+    t = Table(title=f"{len(cands)} student shapes fit {target / 1e6:.1f} MB (quantization alone: "
+                    f"{d['smallest_quantized'] / 1e6:.1f} MB at least)")
+    for col in rows[0]:
+        t.add_column(col, justify="right")
+    for r in rows[1:]:
+        t.add_row(*r)
+    console.print(t)
+    console.print("`pocketlm compress` pilot-heals the finalists and keeps the one whose KLD after healing plus "
+                  "predicted quantization KLD is least; bits/weight: what the budget leaves each shape's matrices.")

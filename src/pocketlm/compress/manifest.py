@@ -20,12 +20,13 @@ from ..util.cache import code_version, library_versions
 # What code each step runs: its key changes when that code does, and only then.
 STEP_CODE = {
     "plan": ("quantize", "models", "compress"),
+    "choose": ("distill", "quantize", "models", "compress"),
     "distill": ("distill", "models", "compress"),
     "quantize": ("quantize", "models", "compress"),
     "preset": ("quantize/llamacpp_reference", "models", "compress"),
     "evaluate": ("eval", "runtime", "models", "compress"),
 }
-CODEC_STEPS = ("plan", "quantize")  # steps whose results come from the codecs' output
+CODEC_STEPS = ("plan", "choose", "quantize")  # steps whose results come from the codecs' output
 
 
 def key_of(step: str, *parts) -> str:

@@ -20,9 +20,9 @@ from ..util.cache import model_content_hash
 from ..util.hashing import file_sha256, tree_sha256
 from .manifest import Manifest, key_of
 from .recipe import load_recipe
+from .student import choose_student
 
 EVAL_PAGE = "programming.rst"  # the bundled page we report on; calibration never sees it
-BPW_GUESS = 4.8  # what a budget-quantized student averages, to size the student for a budget
 
 
 def default_texts() -> tuple[list[str], list[str]]:
@@ -51,6 +51,16 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
 
         if not find_documents([domain]):
             raise PocketError(f"{domain} has no documents pocketlm can read (.txt .md .rst .html .pdf .docx)")
+    d = recipe["distill"]
+    if d["when"] != "never" and not d["fraction"]:
+        from ..quantize.budget import smallest_file_bytes
+
+        if d["when"] == "always" or budget < smallest_file_bytes(src)[0]:
+            from ..distill.choose import student_candidates
+            from .student import teacher_facts
+
+            teacher, overhead = teacher_facts(src)
+            student_candidates(teacher, overhead, budget)  # no student fits: said now, not after the plan
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out)
@@ -90,24 +100,30 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
     say(f"decision: {plan['why']}")
 
     quant_source, quant_hash = src.path, src_hash
+    choice = None
     if plan["distill"]:
-        d = recipe["distill"]
         # general text keeps the student general; the domain documents, when given, make it at
         # home in them too (the same documents the index will hold)
         data = [str(p) for p in d["data"]] or general_text() + ([str(domain)] if domain is not None else [])
-        fraction = d["fraction"] or _fraction_for_budget(src, budget)
+        shape_opts: dict = {"fraction": d["fraction"]} if d["fraction"] else {}
+        if not shape_opts:
+            choice = manifest.run("choose", key_of("choose", src_hash, budget, d, q, calib_hashes, _hash_files(data)),
+                                  "choose", lambda path: choose_student(src, path, budget, data, d, q, calib, progress, say),
+                                  params={"budget": budget, "pilot_tokens": d["pilot_tokens"]}, say=say)["result"]
+            say(f"student: {choice['why']}")
+            shape_opts = choice["shape"]
 
         def make_student(path: Path) -> dict:
             from ..distill.run import DistillOptions, distill
 
             opts = DistillOptions(data=data, tokens=d["tokens"], loss=d["loss"], targets=d["targets"],
-                                  ce_weight=d["ce_weight"], fraction=fraction, resume=True, force=True, progress=progress,
+                                  ce_weight=d["ce_weight"], **shape_opts, resume=True, force=True, progress=progress,
                                   say=say, eval_every=10**9, save_every=25)
             result = distill(src.path, path, opts)
-            return {"tokens": result["tokens"], "fraction": fraction}
+            return {"tokens": result["tokens"], "shape": result["shape"], **shape_opts}
 
-        manifest.run("distill", key_of("distill", src_hash, d, fraction, _hash_files(data)), "student", make_student,
-                     params={**d, "fraction": fraction}, say=say)
+        manifest.run("distill", key_of("distill", src_hash, d, shape_opts, _hash_files(data)), "student", make_student,
+                     params={**d, **shape_opts}, say=say)
         quant_source, quant_hash = out / "student", tree_sha256(out / "student")
 
     def make_model(path: Path) -> dict:
@@ -158,7 +174,7 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
 
     from ..eval.report import write_report
 
-    report = write_report(out, src, plan, quantized, preset)
+    report = write_report(out, src, plan, quantized, preset, choice)
     say(f"report: {report['html']} and {report['md']}")
     say(report["headline"])
 
@@ -188,20 +204,3 @@ def nearest_preset(src, budget: int) -> str:
         sizes[preset] = head + preset_bytes(shapes, preset, ts.facts.n_layers, ts.facts.gqa)
     fitting = [p for p, s in sizes.items() if s <= budget]
     return max(fitting, key=lambda p: sizes[p]) if fitting else min(sizes, key=lambda p: sizes[p])
-
-
-def _fraction_for_budget(src, budget: int) -> float:
-    """The share of the teacher's non-embedding parameters a student can keep so that, at
-    ~4.8 bits per weight, it lands inside the budget."""
-    from ..distill.shapes import TeacherDims, _align_down, non_embedding_params
-    from ..models.facts import hf_config
-    from ..models.load import hf_folder
-
-    t = TeacherDims.of(hf_config(hf_folder(src)))  # the shape alone: no weights loaded
-    embedding = t.vocab * _align_down(t.hidden) * (1 if t.tied else 2)
-    room = budget * 8 / BPW_GUESS - embedding
-    teacher = non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)
-    if room <= 0.05 * teacher:
-        raise PocketError(f"{mb(budget)} cannot hold even the embedding of a student of this model at ~{BPW_GUESS} bits "
-                          "per weight; choose a larger budget")
-    return min(0.9, room / teacher)

@@ -27,7 +27,8 @@ class DistillStep(_Step):
     targets: Literal["auto", "full", "sampled", "topk"] = "auto"  # the teacher's signal: distill/signals.py
     ce_weight: float = Field(0.0, ge=0)  # of the data's cross-entropy, added to the divergence
     data: list[str] = []  # text files or folders; default: the bundled general text (+ --domain)
-    fraction: Optional[float] = Field(None, gt=0, lt=1)  # of the teacher's non-embedding parameters; default: sized for the budget
+    fraction: Optional[float] = Field(None, gt=0, lt=1)  # of the teacher's non-embedding parameters; default: chosen by pilots
+    pilot_tokens: int = Field(40_000, ge=0)  # per finalist shape (distill/choose.py); 0: no pilots
 
     @field_validator("loss")
     @classmethod

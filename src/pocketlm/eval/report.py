@@ -103,7 +103,22 @@ def _table(rows: dict) -> list[list[str]]:
     return out
 
 
-def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None) -> dict:
+def _choice_table(choice: dict) -> list[list[str]]:
+    """The student shapes compress weighed: the finalists' pilot scores, then the shapes alone."""
+    head = ["student shape", "non-emb params", "bits/weight", "KLD after pilot heal", "+ quantization KLD", "score", ""]
+    rows = [head]
+    for p in choice["pilots"]:
+        rows.append([p["label"], f"{p['non_embedding'] / 1e6:.1f}M", f"{p['bpw']:.2f}", f"{p['pilot_kld']:.3f}",
+                     f"{p['quant_kld']:.3f}", f"{p['score']:.3f}", "chosen" if p["label"] == choice["chosen"] else ""])
+    piloted = {p["label"] for p in choice["pilots"]}
+    rest = sorted((c for c in choice["candidates"] if c["label"] not in piloted), key=lambda c: -c["non_embedding"])
+    for c in rest[:8]:
+        rows.append([c["label"], f"{c['non_embedding'] / 1e6:.1f}M", f"{c['bpw']:.2f}", "-", "-", "-",
+                     "chosen" if c["label"] == choice["chosen"] else "not a finalist"])
+    return rows
+
+
+def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None, choice: dict | None = None) -> dict:
     rows = json.loads((out / "eval.json").read_text())
     top = headline(rows)
     plots = _plots(rows, quantized["types"])
@@ -131,6 +146,12 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
           "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     md += ["| " + " | ".join(r) + " |" for r in table[1:]]
     md += ["", *[f"- {n}" for n in notes], ""]
+    extra: list[list[str]] = []
+    if choice:
+        extra = _choice_table(choice)
+        md += ["## Student shapes weighed", "", f"{choice['why']}.", "", "| " + " | ".join(extra[0]) + " |",
+               "|" + "---|" * len(extra[0]), *["| " + " | ".join(r) + " |" for r in extra[1:]],
+               f"\n({len(choice['candidates'])} shapes fit the budget; shown: the finalists, then the largest others.)", ""]
     md += [f"## {title}\n\n![{title}](data:image/png;base64,{data})\n" for title, data in plots.items()]
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>pocketlm report</title><style>"
             "body{font:15px/1.45 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
@@ -141,6 +162,10 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
     page += ["<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table[0]) + "</tr>"]
     page += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table[1:]]
     page += ["</table><ul>", *[f"<li>{html.escape(n)}</li>" for n in notes], "</ul>"]
+    if extra:
+        page += ["<h2>Student shapes weighed</h2>", f"<p>{html.escape(choice['why'])}.</p><table>",  # type: ignore[index]
+                 "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in extra[0]) + "</tr>",
+                 *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in extra[1:]], "</table>"]
     page += [f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{d}'>"
              for t, d in plots.items()]
     page.append("</body></html>")
