@@ -59,7 +59,7 @@ def test_smollm2_at_60mb_keeps_every_layer_at_512_wide_rows():
 
 
 def test_a_budget_no_student_fits_is_refused_with_the_smallest():
-    with pytest.raises(PocketError, match=r"cannot hold even the smallest student .* MB at its smallest types"):
+    with pytest.raises(PocketError, match=r"cannot hold even the smallest student .* MB file at its smallest types"):
         student_candidates(SMOLLM2, HEADER, 12_000_000)
 
 

@@ -23,7 +23,8 @@ def job(tiny_hf, sample_text, tmp_path):
 
 
 def _compress(job, *extra, size="0.6MB"):
-    return CliRunner().invoke(cli, ["compress", job["model"], "--target-size", size, "-o", str(job["out"]),
+    budget = ["--target-size", size] if size else []
+    return CliRunner().invoke(cli, ["compress", job["model"], *budget, "-o", str(job["out"]),
                                     "--recipe", str(job["recipe"]), *map(str, extra)])
 
 
@@ -119,3 +120,16 @@ def test_report_shows_measured_speed():
     assert top.startswith("4.0× smaller (4.00 MB → 1.00 MB); 2.5× the decoding speed;") and "90%" in top
     assert "speed" in _plots(rows, {})
     assert _table(rows)[2][6:8] == ["900", "125"]
+
+
+def test_compress_to_a_memory_budget_measures_the_claim(job):
+    r = _compress(job, "--target-memory", "70MB", "--ctx", "256", size=None)
+    assert r.exit_code == 0, r.output
+    out = job["out"]
+    mem = json.loads((out / "manifest.json").read_text())["steps"]["quantize"]["result"]["memory"]
+    assert mem["fits"] and mem["measured"] <= 70_000_000 <= mem["predicted"] + (out / "model.gguf").stat().st_size
+    assert mem["measured"] <= mem["predicted"]  # the prediction is conservative
+    md = (out / "report.md").read_text()
+    assert f"Memory budget 70 MB at a context of 256 tokens: measured {mem['measured'] / 1e6:.0f} MB" in md and "fits." in md
+    r = _compress(job, "--target-memory", "70MB", size="1MB")
+    assert r.exit_code == 1 and "one of --target-size or --target-memory" in r.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .cli_common import (
+    MEMORY,
     POSITIVE,
     SIZE,
     THREADS,
@@ -23,6 +24,7 @@ from .cli_common import (
 )
 from .errors import PocketError
 from .models.registry import DEFAULT_MODEL
+from .runtime.memory import PROFILES
 from .util.machine import usable_cores
 
 
@@ -134,6 +136,11 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
                                                               "per tensor chosen from measured sensitivity).")
 @click.option("--target-bpw", type=click.FloatRange(1, 32), default=None,
               help="Instead of --type: bits per weight of the whole file.")
+@click.option("--target-memory", type=MEMORY, default=None,
+              help="Instead of --type: run-time memory at --ctx (weights + KV cache + llama.cpp's buffers), e.g. 1GB, "
+                   f"or a device profile ({', '.join(PROFILES)}); checked by running the file.")
+@click.option("--ctx", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
+              help="Context length the memory budget is for.")
 @click.option("--method", type=click.Choice(["rtn", "imatrix", "gptq"]), default=None,
               help="Default: gptq with --calib, else imatrix on bundled text.")
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
@@ -144,13 +151,16 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bars, no per-tensor table.")
 @user_errors
-def quantize(model, output, preset, target_size, target_bpw, method, calib, calib_tokens, keep, allow_requant, force,
-             quiet):
+def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx, method, calib, calib_tokens, keep,
+             allow_requant, force, quiet):
     """Quantize MODEL to a GGUF file that llama.cpp, Ollama and LM Studio run."""
     from .quantize.plan import PRESETS, parse_keep
 
-    if (preset is None) == (target_size is None and target_bpw is None):
-        raise PocketError("give either --type PRESET or a budget (--target-size or --target-bpw), not both")
+    budgets = [b for b in (target_size, target_bpw, target_memory) if b is not None]
+    if (preset is None) == (not budgets) or len(budgets) > 1:
+        raise PocketError("give either --type PRESET or one budget (--target-size, --target-bpw or --target-memory)")
+    if target_memory is not None:
+        target_size = _memory_to_size(model, target_memory, ctx)
     if preset is not None and preset.upper() not in PRESETS:
         raise PocketError(f"unknown --type {preset!r} (choose one of {', '.join(PRESETS)})")
     if output.suffix.lower() != ".gguf":
@@ -170,6 +180,22 @@ def quantize(model, output, preset, target_size, target_bpw, method, calib, cali
     if not quiet:
         print_quantize(reports)
     click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    if target_memory is not None:
+        from .runtime.memory import measure
+
+        measured = measure(output, ctx)["peak_bytes"]
+        click.echo(f"memory: {measured / 1e6:.0f} MB measured running it at --ctx {ctx} with the context full; budget "
+                   f"{target_memory[1]}: " + ("fits" if measured <= target_memory[0] else
+                                               f"does NOT fit, {(measured - target_memory[0]) / 1e6:.0f} MB over"))
+
+
+def _memory_to_size(model, target_memory: tuple[int, str], ctx: int) -> int:
+    """The file budget a memory budget leaves this model at `ctx` (runtime/memory.py)."""
+    from .models.source import resolve
+    from .models.tensors import open_tensors
+    from .runtime.memory import Geometry, file_budget
+
+    return file_budget(target_memory[0], Geometry.of(open_tensors(resolve(model)).facts), ctx, target_memory[1])
 
 
 def _budget_types(model, target_size, target_bpw, calib, calib_tokens, *, table: bool, progress: bool) -> dict[str, str]:
@@ -198,9 +224,10 @@ def _budget_types(model, target_size, target_bpw, calib, calib_tokens, *, table:
     return types
 
 
-def _below_floor(model, target_size) -> dict | None:
+def _below_floor(model, target_size, target_memory=None, ctx=None) -> dict | None:
     """For a --target-size below the smallest file of MODEL: the student shapes that fit it
-    (from shapes alone), or None when quantization alone reaches it."""
+    (from shapes alone), or None when quantization alone reaches it. With a memory budget,
+    target_size is what it leaves MODEL and each student gets what it leaves that student."""
     from .quantize.budget import smallest_file_bytes
 
     if target_size is None or target_size >= smallest_file_bytes(model)[0]:
@@ -215,8 +242,10 @@ def _below_floor(model, target_size) -> dict | None:
     src = resolve(model)
     check_prunable(hf_config(hf_folder(src)))
     t, overhead = teacher_facts(src)
-    cands, finals = student_candidates(t, overhead, target_size)
-    return {"budget": target_size, "smallest_quantized": smallest_file_bytes(model)[0],
+    memory = target_memory[0] if target_memory else None
+    cands, finals = student_candidates(t, overhead, memory or target_size, ctx if memory else None)
+    return {"budget": target_size, "memory": memory, "ctx": ctx if memory else None,
+            "smallest_quantized": smallest_file_bytes(model)[0],
             "candidates": [c.to_dict() for c in cands], "finalists": [c.label for c in finals]}
 
 
@@ -224,19 +253,27 @@ def _below_floor(model, target_size) -> dict | None:
 @click.argument("model")
 @click.option("--target-size", type=SIZE, default=None, help="File size to fit, e.g. 60MB or 57MiB.")
 @click.option("--target-bpw", type=click.FloatRange(1, 32), default=None, help="Bits per weight of the whole file.")
+@click.option("--target-memory", type=MEMORY, default=None,
+              help=f"Run-time memory at --ctx, e.g. 1GB, or a device profile ({', '.join(PROFILES)}).")
+@click.option("--ctx", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
+              help="Context length the memory budget is for.")
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
 @click.option("--calib-tokens", default=8192, show_default=True, type=POSITIVE)
 @json_option
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write the allocation (JSON) here.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @user_errors
-def plan_cmd(model, target_size, target_bpw, calib, calib_tokens, as_json, output, force):
+def plan_cmd(model, target_size, target_bpw, target_memory, ctx, calib, calib_tokens, as_json, output, force):
     """Dry run of a budget: each tensor's type, the file size and the predicted KLD."""
     to_stdout, output = json_target(as_json, output)
+    if sum(b is not None for b in (target_size, target_bpw, target_memory)) != 1:
+        raise PocketError("give one of --target-size, --target-bpw or --target-memory")
     if output is not None:
         refuse_existing(output, force)
     check_files(calib, "--calib")
-    students = _below_floor(model, target_size)
+    if target_memory is not None:
+        target_size = _memory_to_size(model, target_memory, ctx)
+    students = _below_floor(model, target_size, target_memory, ctx)
     if students is not None:  # quantization alone cannot reach it: show the students compress would weigh
         if not to_stdout:
             from .report_table import print_students
@@ -395,21 +432,28 @@ def ask(question, db, model, k, max_tokens, ctx, threads, as_json):
 
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
-@click.option("--target-size", required=True, type=SIZE, help="File size to fit, e.g. 80MB.")
+@click.option("--target-size", type=SIZE, default=None, help="File size to fit, e.g. 80MB.")
+@click.option("--target-memory", type=MEMORY, default=None,
+              help="Instead: run-time memory to fit at --ctx (weights + KV cache + llama.cpp's buffers), e.g. 1GB, "
+                   f"or a device profile ({', '.join(PROFILES)}).")
+@click.option("--ctx", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
+              help="Context length the memory budget is for.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--domain", type=click.Path(path_type=Path), default=None, help="Documents to index for RAG.")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (see README).")
 @click.option("--tokens", type=POSITIVE, default=None, help="Distillation tokens (overrides the recipe).")
 @click.option("--mmlu", type=click.Path(path_type=Path), default=None, help="MMLU jsonl for a task-accuracy sample.")
 @user_errors
-def compress(model, target_size, output, domain, recipe, tokens, mmlu):
-    """The best model that fits TARGET_SIZE, evaluated against the original, with a report."""
+def compress(model, target_size, target_memory, ctx, output, domain, recipe, tokens, mmlu):
+    """The best model that fits a file size or a memory budget, evaluated against the original, with a report."""
     from .compress.pipeline import compress as run_compress
 
+    if (target_size is None) == (target_memory is None):
+        raise PocketError("give one of --target-size or --target-memory")
     if output.exists() and not output.is_dir():
         raise PocketError(f"{output} exists and is not a folder")
-    run_compress(model, output, target_size=target_size, domain=domain, recipe_path=recipe, tokens=tokens,
-                 mmlu=str(mmlu) if mmlu else None, say=click.echo)
+    run_compress(model, output, target_size=target_size, target_memory=target_memory, ctx=ctx, domain=domain,
+                 recipe_path=recipe, tokens=tokens, mmlu=str(mmlu) if mmlu else None, say=click.echo)
 
 
 @cli.command()

@@ -69,6 +69,24 @@ class Size(click.ParamType):
 
 
 SIZE = Size()
+
+
+class Memory(click.ParamType):
+    """Run-time memory such as 1GB, or a device profile such as phone-4gb: (bytes, how to say it)."""
+    name = "memory"
+
+    def convert(self, value, param, ctx):
+        from .runtime.memory import parse_memory
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_memory(value)
+        except PocketError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+MEMORY = Memory()
 POSITIVE = click.IntRange(min=1)
 
 

@@ -101,7 +101,8 @@ def print_students(d: dict, target: int) -> None:
     cands = [Candidate(**{k: v for k, v in c.items() if k in fields}) for c in d["candidates"]]
     finals = [c for c in cands if c.label in d["finalists"]]
     rows = table(cands, finals)
-    t = Table(title=f"{len(cands)} student shapes fit {target / 1e6:.1f} MB (quantization alone: "
+    what = (f"{d['memory'] / 1e6:.0f} MB of memory at --ctx {d['ctx']}" if d.get("memory") else f"{target / 1e6:.1f} MB")
+    t = Table(title=f"{len(cands)} student shapes fit {what} (quantization alone: "
                     f"{d['smallest_quantized'] / 1e6:.1f} MB at least)")
     for col in rows[0]:
         t.add_column(col, justify="right")
@@ -109,4 +110,4 @@ def print_students(d: dict, target: int) -> None:
         t.add_row(*r)
     console.print(t)
     console.print("`pocketlm compress` pilot-heals the finalists and keeps the one whose KLD after healing plus "
-                  "predicted quantization KLD is least; bits/weight: what the budget leaves each shape's matrices.")
+                  "predicted quantization KLD is least; bpw: the bits per weight the budget leaves each shape's matrices.")

@@ -34,12 +34,31 @@ def _hash_files(paths) -> list[str]:
     return [tree_sha256(p) if Path(p).is_dir() else file_sha256(p) for p in paths]
 
 
-def compress(model: str, out: str | Path, *, target_size: str, domain: str | Path | None = None,
+def compress(model: str, out: str | Path, *, target_size: str | int | None = None,
+             target_memory: str | tuple[int, str] | None = None, ctx: int = 4096, domain: str | Path | None = None,
              recipe_path: str | Path | None = None, tokens: int | None = None, mmlu: str | None = None,
              progress: bool = True, say: Callable[[str], None] = print) -> dict:
+    """The best model that fits `target_size` (file bytes) or `target_memory` (what llama.cpp
+    takes running it at a context of `ctx`: weights + KV cache + buffers, runtime/memory.py)."""
+    from ..runtime.memory import Geometry, file_budget, parse_memory
+
+    if (target_size is None) == (target_memory is None):
+        raise PocketError("give one of --target-size or --target-memory")
     recipe = load_recipe(recipe_path, **{"distill.tokens": tokens, "evaluate.mmlu": mmlu})
-    budget = parse_size(target_size)
     src = resolve(model)
+    memory = None
+    if target_memory is not None:
+        memory, memory_label = target_memory if isinstance(target_memory, tuple) else parse_memory(target_memory)
+
+    def budget_of(path) -> int:
+        """The file budget of a model to quantize: the size given, or what the memory leaves it."""
+        if memory is None:
+            return target_size if isinstance(target_size, int) else parse_size(str(target_size))
+        from ..models.tensors import open_tensors
+
+        return file_budget(memory, Geometry.of(open_tensors(resolve(path)).facts), ctx, memory_label)
+
+    budget = budget_of(src.path)  # the original's; a student's own KV cache gives it its own
     calib_default, eval_default = default_texts()
     calib = [str(p) for p in recipe["quantize"]["calib"]] or calib_default
     texts = [str(p) for p in recipe["evaluate"]["texts"]] or eval_default
@@ -60,7 +79,7 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
             from .student import teacher_facts
 
             teacher, overhead = teacher_facts(src)
-            student_candidates(teacher, overhead, budget)  # no student fits: said now, not after the plan
+            student_candidates(teacher, overhead, memory or budget, ctx if memory else None)  # said now, not after the plan
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out)
@@ -107,8 +126,12 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
         data = [str(p) for p in d["data"]] or general_text() + ([str(domain)] if domain is not None else [])
         shape_opts: dict = {"fraction": d["fraction"]} if d["fraction"] else {}
         if not shape_opts:
-            choice = manifest.run("choose", key_of("choose", src_hash, budget, d, q, calib_hashes, _hash_files(data)),
-                                  "choose", lambda path: choose_student(src, path, budget, data, d, q, calib, progress, say),
+            # the pilots' length is their own: a longer final run (--tokens) keeps the same choice
+            pilot_d = {k: v for k, v in d.items() if k != "tokens"}
+            choose_key = key_of("choose", src_hash, budget, memory, ctx, pilot_d, q, calib_hashes, _hash_files(data))
+            choice = manifest.run("choose", choose_key,
+                                  "choose", lambda path: choose_student(src, path, memory or budget, data, d, q, calib,
+                                                                        progress, say, ctx if memory else None, choose_key),
                                   params={"budget": budget, "pilot_tokens": d["pilot_tokens"]}, say=say)["result"]
             say(f"student: {choice['why']}")
             shape_opts = choice["shape"]
@@ -126,19 +149,24 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
                      params={**d, **shape_opts}, say=say)
         quant_source, quant_hash = out / "student", tree_sha256(out / "student")
 
+    quant_budget = budget_of(quant_source)
+
     def make_model(path: Path) -> dict:
         from ..quantize.pipeline import QuantizeOptions, quantize_model
         from ..quantize.sensitivity import measure
 
         sens = measure(quant_source, calib, q["calib_tokens"], progress)
-        types = types_for_budget(sens, budget)
+        types = types_for_budget(sens, quant_budget)
         quantize_model(str(quant_source), path, QuantizeOptions(types=types, method=q["method"], calib=calib,
                                                                 calib_tokens=q["calib_tokens"], progress=progress))
         kinds = {n: sens.loss(n, t) for n, t in types.items()}
-        return {"types": types, "predicted_kld": sens.predicted_kld(types), "loss": kinds, "size": path.stat().st_size}
+        result = {"types": types, "predicted_kld": sens.predicted_kld(types), "loss": kinds, "size": path.stat().st_size}
+        if memory is not None:
+            result["memory"] = _checked_memory(path, memory, memory_label, ctx, say)
+        return result
 
-    quantized = manifest.run("quantize", key_of("quantize", quant_hash, budget, q, calib_hashes), "model.gguf", make_model,
-                             params={"budget": budget, **q}, say=say)["result"]
+    quantized = manifest.run("quantize", key_of("quantize", quant_hash, quant_budget, memory, ctx, q, calib_hashes),
+                             "model.gguf", make_model, params={"budget": quant_budget, **q}, say=say)["result"]
 
     ev = recipe["evaluate"]
     preset = None
@@ -187,6 +215,19 @@ def compress(model: str, out: str | Path, *, target_size: str, domain: str | Pat
             say(f"skipped {path}: {why}")
         say(f"index: {out / 'docs.db'} ({r.added} added, {r.updated} updated, {r.unchanged} unchanged)")
     return {"out": str(out), **report}
+
+
+def _checked_memory(path: Path, memory: int, label: str, ctx: int, say: Callable[[str], None]) -> dict:
+    """The memory claim checked: the file run on llama.cpp with its whole context filled."""
+    from ..models.tensors import open_tensors
+    from ..runtime.memory import Geometry, measure, runtime_bytes
+
+    predicted = runtime_bytes(path.stat().st_size, Geometry.of(open_tensors(resolve(path)).facts), ctx)
+    measured = measure(path, ctx)["peak_bytes"]
+    fits = measured <= memory
+    say(f"memory: {measured / 1e6:.0f} MB measured at --ctx {ctx} (predicted {predicted / 1e6:.0f} MB) for a budget of "
+        f"{label}: " + ("fits" if fits else f"does NOT fit, {(measured - memory) / 1e6:.0f} MB over"))
+    return {"budget": memory, "label": label, "ctx": ctx, "measured": measured, "predicted": predicted, "fits": fits}
 
 
 def nearest_preset(src, budget: int) -> str:

@@ -25,20 +25,21 @@ def teacher_facts(src):
 
 
 def choose_student(src, folder: Path, budget: int, data: list[str], d: dict, q: dict, calib: list[str],
-                   progress: bool, say: Callable[[str], None]) -> dict:
+                   progress: bool, say: Callable[[str], None], ctx: int | None, key: str) -> dict:
+    """`budget`: file bytes, or with `ctx` run-time memory at that context (distill/choose.py).
+    `key`: the step's key (inputs and code); a pilot result left under another is redone."""
     from ..distill.choose import choose, student_candidates
     from ..distill.run import DistillOptions, distill
     from ..quantize.budget import types_for_budget
     from ..quantize.sensitivity import measure
 
     t, overhead = teacher_facts(src)
-    cands, finals = student_candidates(t, overhead, budget)
-    say(f"{len(cands)} student shapes fit {budget / 1e6:.1f} MB; pilot-healing the finalists: "
+    cands, finals = student_candidates(t, overhead, budget, ctx)
+    say(f"{len(cands)} student shapes fit {budget / 1e6:.1f} MB" + (f" of memory at --ctx {ctx}" if ctx else "")
+        + "; pilot-healing the finalists: "
         + ", ".join(f"{c.label} at {c.bpw:.2f} bits/weight" for c in finals))
     folder.mkdir(parents=True, exist_ok=True)
-    # the step's key is in the manifest, not here: a pilot result names its own inputs so that
-    # one left by a run with other settings is never read back
-    pilot_key = json.dumps({"d": d, "q": q, "budget": budget, "data": data}, sort_keys=True)
+    pilot_key = key
 
     def pilot(c) -> dict:
         done = folder / f"{c.label}.json"
@@ -53,7 +54,7 @@ def choose_student(src, folder: Path, budget: int, data: list[str], d: dict, q: 
             **c.shape_options(), resume=True, force=True, progress=progress, say=lambda _line: None,
             eval_every=10**9, save_every=10**9))
         sens = measure(model, calib, q["calib_tokens"], progress)
-        types = types_for_budget(sens, budget)
+        types = types_for_budget(sens, c.file_budget)
         last = m["history"][-1]
         result = {"pilot_kld": last["kld"], "pilot_ppl": last["ppl"], "quant_kld": sens.predicted_kld(types),
                   "file_bytes": sens.file_bytes(types), "tokens": m["tokens"],

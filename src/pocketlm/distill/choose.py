@@ -38,6 +38,7 @@ class Candidate:
     matrix_params: int  # every quantized tensor's parameters, embedding included
     smallest: int  # bytes of its smallest file
     bpw: float  # mean bits per weight the budget leaves its quantized tensors
+    file_budget: int = 0  # the file bytes the budget allows it (less than a memory budget: KV cache etc.)
 
     @property
     def label(self) -> str:
@@ -73,11 +74,21 @@ def _head_options(t: TeacherDims, hidden: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(fits[:1] + whole[:1]))
 
 
-def candidates(t: TeacherDims, budget: int, overhead: int, *, min_share: float = 0.5) -> list[Candidate]:
+def candidates(t: TeacherDims, budget: int, overhead: int, *, min_share: float = 0.5,
+               ctx: int | None = None) -> list[Candidate]:
     """Every shape down to `min_share` of the teacher's widths and layers, with its size facts.
-    `overhead`: the file's bytes besides tensor data (header, tokenizer, alignment)."""
+    `overhead`: the file's bytes besides tensor data (header, tokenizer, alignment). With `ctx`,
+    `budget` is run-time memory at that context: each shape's file gets what its own KV cache
+    and llama.cpp's buffers leave (runtime/memory.py)."""
     from ..quantize.budget import candidates as types_for_row
     from ..quantize.plan import tensor_bytes
+    from ..runtime.memory import PROCESS_BYTES, Geometry, compute_bytes, kv_bytes
+
+    def file_room(n: int, heads: int, kv: int) -> int:
+        if ctx is None:
+            return budget
+        g = Geometry(n, heads, kv, t.head_dim, t.vocab)
+        return budget - kv_bytes(g, ctx) - compute_bytes(g, ctx) - PROCESS_BYTES
 
     def widths(full: int) -> list[int]:  # aligned, about eight steps down to min_share
         step = max(ALIGN, round(full / 8 / ALIGN) * ALIGN)
@@ -107,9 +118,10 @@ def candidates(t: TeacherDims, budget: int, overhead: int, *, min_share: float =
                 for n in layers:
                     fixed = overhead + 32 * (rn + n * ln) + rf + n * lf
                     matrix = rm + n * lm
+                    room = file_room(n, heads, kv)
                     out.append(Candidate(n, hidden, heads, kv, ffn, non_embedding_params(t, n, hidden, heads, kv, ffn),
-                                         matrix, fixed + rl + n * ll, 8 * (budget - fixed) / matrix))
-    return [c for c in out if c.smallest <= budget]
+                                         matrix, fixed + rl + n * ll, 8 * (room - fixed) / matrix, room))
+    return [c for c in out if c.smallest <= c.file_budget]
 
 
 def finalists(cands: list[Candidate], levels=LEVELS) -> list[Candidate]:
@@ -126,13 +138,17 @@ def finalists(cands: list[Candidate], levels=LEVELS) -> list[Candidate]:
     return picked or [max(cands, key=lambda c: c.bpw)]
 
 
-def student_candidates(t: TeacherDims, overhead: int, budget: int) -> tuple[list[Candidate], list[Candidate]]:
-    """(all candidate shapes that fit the budget, the finalists among them); an error when none fits."""
-    cands = candidates(t, budget, overhead)
+def student_candidates(t: TeacherDims, overhead: int, budget: int,
+                       ctx: int | None = None) -> tuple[list[Candidate], list[Candidate]]:
+    """(all candidate shapes that fit the budget, the finalists among them); an error when none
+    fits. With `ctx`, `budget` is run-time memory (see candidates)."""
+    cands = candidates(t, budget, overhead, ctx=ctx)
     if not cands:
         smallest = min(candidates(t, 10**15, overhead), key=lambda c: c.smallest)
-        raise PocketError(f"{budget / 1e6:.1f} MB cannot hold even the smallest student pocketlm cuts from this model "
-                          f"({smallest.label}: {smallest.smallest / 1e6:.1f} MB at its smallest types); choose a larger budget")
+        what = f"{budget / 1e6:.1f} MB" + (f" of memory at --ctx {ctx}" if ctx else "")
+        raise PocketError(f"{what} cannot hold even the smallest student pocketlm cuts from this model "
+                          f"({smallest.label}: a {smallest.smallest / 1e6:.1f} MB file at its smallest types"
+                          + (", plus its KV cache and llama.cpp's buffers" if ctx else "") + "); choose a larger budget")
     return cands, finalists(cands)
 
 

@@ -122,7 +122,13 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
     rows = json.loads((out / "eval.json").read_text())
     top = headline(rows)
     plots = _plots(rows, quantized["types"])
-    notes = [f"Budget {plan['budget'] / 1e6:.1f} MB; the file is {quantized['size'] / 1e6:.2f} MB.",
+    mem = quantized.get("memory")
+    notes = [f"Budget {plan['budget'] / 1e6:.1f} MB; the file is {quantized['size'] / 1e6:.2f} MB." if not mem else
+             f"Memory budget {mem['label']} at a context of {mem['ctx']} tokens: measured {mem['measured'] / 1e6:.0f} MB "
+             f"(peak resident memory of a process running the file on llama.cpp with its whole context filled; "
+             f"predicted {mem['predicted'] / 1e6:.0f} MB: file + KV cache + compute buffer + process): "
+             + ("fits." if mem["fits"] else f"does NOT fit, {(mem['measured'] - mem['budget']) / 1e6:.0f} MB over.")
+             + f" The file is {quantized['size'] / 1e6:.2f} MB.",
              f"Why: {plan['why']}.",
              (f"Predicted KLD of quantizing the distilled student, relative to the student (from measured sensitivity): "
               f"{quantized['predicted_kld']:.4f}; the measured KLD above is relative to the original, so it includes "
