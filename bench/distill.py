@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from results_file import save_results  # noqa: E402
 
 from pocketlm.distill.run import DistillOptions, distill  # noqa: E402
+from pocketlm.distill.stages import distill_iteratively  # noqa: E402
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
 from pocketlm.util.machine import machine_name  # noqa: E402
@@ -71,12 +72,16 @@ def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: d
     out = work / name
     t0 = time.perf_counter()
     spec, _, targets = loss.partition("@")  # "fkl@sampled": the teacher's signal (distill/signals.py)
-    base_loss, *extras = spec.split("+")  # "+tail": the tail sample (distill/losses.py); "+ce0.2": --ce-weight 0.2
+    # "+tail": the tail sample (distill/losses.py); "+ce0.2": --ce-weight 0.2; "+iter": two prune -> heal stages
+    base_loss, *extras = spec.split("+")
     ce_weight = next((float(e[2:]) for e in extras if e.startswith("ce")), 0.0)
-    manifest = distill(TEACHER, out, DistillOptions(data=data, tokens=tokens, loss=base_loss, lr=args.lr, force=True,
-                                                    tail="sample" if "tail" in extras else "bucket",
-                                                    targets=targets or "topk", ce_weight=ce_weight,
-                                                    eval_every=10**9, save_every=25, resume=True, say=print))
+    opts = DistillOptions(data=data, tokens=tokens, loss=base_loss, lr=args.lr, force=True,
+                          tail="sample" if "tail" in extras else "bucket", targets=targets or "topk", ce_weight=ce_weight,
+                          eval_every=10**9, save_every=25, resume=True, say=print)
+    if "iter" in extras:  # "+iter": the same student in two prune -> heal stages (distill/stages.py)
+        manifest = distill_iteratively(TEACHER, out, opts, default_student())
+    else:
+        manifest = distill(TEACHER, out, opts)
     row = {"name": name, "loss": loss if tokens else "-", "tokens": manifest["tokens"], "targets": manifest["targets"],
            "wall_s": time.perf_counter() - t0,
            "tok_s": (manifest["history"][-1].get("tok_s") if tokens else None)}
@@ -91,6 +96,17 @@ def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: d
                       "mmlu": r.get("mmlu_acc")}
     write_json(res_path, row)
     return row
+
+
+def default_student() -> dict:
+    """The shape options of the one-shot rows' student (the default: half the teacher's non-embedding parameters)."""
+    from pocketlm.distill.shapes import TeacherDims, default_shape
+    from pocketlm.models.facts import hf_config
+    from pocketlm.models.load import hf_folder
+
+    t = TeacherDims.of(hf_config(hf_folder(TEACHER)))
+    s = default_shape(t, list(range(t.layers)))
+    return {"layers": len(s.keep_layers), "hidden": s.hidden, "heads": s.heads, "kv_heads": s.kv_heads, "ffn": s.ffn}
 
 
 def teacher_row(work: Path, evals: dict, args) -> dict:

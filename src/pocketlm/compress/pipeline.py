@@ -138,12 +138,18 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
 
         def make_student(path: Path) -> dict:
             from ..distill.run import DistillOptions, distill
+            from ..distill.stages import distill_iteratively
 
             opts = DistillOptions(data=data, tokens=d["tokens"], loss=d["loss"], targets=d["targets"],
                                   ce_weight=d["ce_weight"], **shape_opts, resume=True, force=True, progress=progress,
                                   say=say, eval_every=10**9, save_every=25)
-            result = distill(src.path, path, opts)
-            return {"tokens": result["tokens"], "shape": result["shape"], **shape_opts}
+            if _iterative(src, d["iterative"], shape_opts):
+                say("deep cut: pruned and healed in two stages (distill/stages.py)")
+                result = distill_iteratively(src.path, path, opts, shape_opts)
+            else:
+                result = distill(src.path, path, opts)
+            return {"tokens": result["tokens"], "shape": result["shape"], "stages": result.get("stages", []),
+                    **shape_opts}
 
         manifest.run("distill", key_of("distill", src_hash, d, shape_opts, _hash_files(data)), "student", make_student,
                      params={**d, **shape_opts}, say=say)
@@ -215,6 +221,18 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
             say(f"skipped {path}: {why}")
         say(f"index: {out / 'docs.db'} ({r.added} added, {r.updated} updated, {r.unchanged} unchanged)")
     return {"out": str(out), **report}
+
+
+def _iterative(src, when: str, shape_opts: dict) -> bool:
+    if when != "auto" or "fraction" in shape_opts:
+        return when == "always" and "fraction" not in shape_opts
+    from ..distill.shapes import non_embedding_params
+    from .student import teacher_facts
+
+    t = teacher_facts(src)[0]
+    s = shape_opts
+    kept = non_embedding_params(t, s["layers"], s["hidden"], s["heads"], s["kv_heads"], s["ffn"])
+    return kept < 0.5 * non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)
 
 
 def _checked_memory(path: Path, memory: int, label: str, ctx: int, say: Callable[[str], None]) -> dict:

@@ -29,6 +29,8 @@ class DistillStep(_Step):
     data: list[str] = []  # text files or folders; default: the bundled general text (+ --domain)
     fraction: Optional[float] = Field(None, gt=0, lt=1)  # of the teacher's non-embedding parameters; default: chosen by pilots
     pilot_tokens: int = Field(40_000, ge=0)  # per finalist shape (distill/choose.py); 0: no pilots
+    iterative: Literal["auto", "always", "never"] = "auto"  # prune -> heal in two stages (distill/stages.py); auto:
+    # when the student keeps under half the teacher's non-embedding parameters
 
     @field_validator("loss")
     @classmethod

@@ -42,6 +42,7 @@ class DistillOptions:
     kv_heads: int | None = None
     fraction: float = 0.5  # of the teacher's non-embedding parameters, when no shape is given
     student: str | None = None  # start from this model instead of pruning the teacher
+    prune_from: str | None = None  # prune this student of the teacher instead of the teacher (distill/stages.py)
     loss: str = "fkl"
     tail: str = "bucket"  # "sample": see distill/losses.py
     ce_weight: float = 0.0  # loss = divergence + ce_weight * cross-entropy on the data
@@ -101,6 +102,7 @@ def _settings(opts: DistillOptions, teacher_hash: str, seqs, loss_targets: str) 
     shape_options = {k: getattr(opts, k) for k in ("layers", "drop_layers", "hidden", "ffn", "heads", "kv_heads",
                                                    "fraction")}
     return {"teacher": teacher_hash, "data": seqs.fingerprint, "seq": opts.seq, "student": opts.student,
+            **({"prune_from": opts.prune_from} if opts.prune_from else {}),
             "shape_options": shape_options, "loss": opts.loss, "tail": opts.tail, "targets": loss_targets,
             **({"ce_weight": opts.ce_weight} if opts.ce_weight else {}),
             "k": opts.topk if loss_targets == "topk" else opts.samples if loss_targets == "sampled" else None,
@@ -161,7 +163,6 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     t_start = time.perf_counter()
     src = resolve(teacher_source)
     teacher = load(src)
-    t = TeacherDims.of(teacher.model.config)
     seqs = load_sequences(teacher.tokenizer, opts.data, opts.seq, teacher.add_bos, max_train_tokens=opts.tokens or None)
     steps = max(0, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))  # 0: prune only
     kind = choose(opts.targets, sum(p.numel() for p in teacher.model.parameters()))
@@ -185,13 +186,20 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
         _check_same_vocab(teacher, student)
         say(f"student: {opts.student} as given (no pruning)")
     else:
-        check_prunable(teacher.model.config)  # before the importance pass, not after it
+        # the model cut: the teacher, or (iterative pruning) a student of it healed earlier
+        base = teacher
+        if opts.prune_from:
+            base = load(opts.prune_from)
+            _check_same_vocab(teacher, base)
+        check_prunable(base.model.config)  # before the importance pass, not after it
         n_imp = max(1, min(len(seqs.train), opts.importance_tokens // opts.seq))
-        importance = measure(teacher.model, seqs.train[:n_imp], progress=opts.progress and dist.main)
-        shape = choose_shape(t, importance.layer_order(), opts)
-        for line in describe(t, shape):
-            say(line)
-        student = prune(teacher, shape, importance)
+        importance = measure(base.model, seqs.train[:n_imp], progress=opts.progress and dist.main)
+        tb = TeacherDims.of(base.model.config)
+        shape = choose_shape(tb, importance.layer_order(), opts)
+        for line in describe(tb, shape):
+            say(line if base is teacher else line.replace("teacher", f"pruned model {opts.prune_from}"))
+        student = prune(base, shape, importance)
+        del base
     if loss != "ce":
         say(f"teacher signal: {kind}" + (" (the whole vocabulary, computed beside the student)" if kind == "full" else
                                          f" ({opts.samples} draws per position, cached)" if kind == "sampled" else
