@@ -53,40 +53,27 @@ class OneLineErrors(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-class Size(click.ParamType):
-    """A file size such as 60MB, 57.5MiB or 1GB, as bytes; checked when the command line is read."""
-    name = "size"
+class Parsed(click.ParamType):
+    """A value read by one of pocketlm's parsers when the command line is read (so a typo costs no
+    model load); the parser is imported late, keeping `--help` fast."""
+
+    def __init__(self, name: str, parser: str, done: type):
+        self.name, self.parser, self.done = name, parser, done
 
     def convert(self, value, param, ctx):
-        from .quantize.budget import parse_size
+        import importlib
 
-        if isinstance(value, int):
+        if isinstance(value, self.done):  # a default or a value already converted
             return value
+        module, _, fn = self.parser.rpartition(".")
         try:
-            return parse_size(value)
+            return getattr(importlib.import_module(module, __package__), fn)(value)
         except PocketError as exc:
             self.fail(str(exc), param, ctx)
 
 
-SIZE = Size()
-
-
-class Memory(click.ParamType):
-    """Run-time memory such as 1GB, or a device profile such as phone-4gb: (bytes, how to say it)."""
-    name = "memory"
-
-    def convert(self, value, param, ctx):
-        from .runtime.memory import parse_memory
-
-        if isinstance(value, tuple):
-            return value
-        try:
-            return parse_memory(value)
-        except PocketError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-MEMORY = Memory()
+SIZE = Parsed("size", ".quantize.budget.parse_size", int)  # 60MB, 57.5MiB, 1GB -> bytes
+MEMORY = Parsed("memory", ".runtime.memory.parse_memory", tuple)  # 1GB or phone-4gb -> (bytes, how to say it)
 POSITIVE = click.IntRange(min=1)
 
 
