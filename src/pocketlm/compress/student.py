@@ -39,13 +39,12 @@ def choose_student(src, folder: Path, budget: int, data: list[str], d: dict, q: 
         + "; pilot-healing the finalists: "
         + ", ".join(f"{c.label} at {c.bpw:.2f} bits/weight" for c in finals))
     folder.mkdir(parents=True, exist_ok=True)
-    pilot_key = key
 
     def pilot(c) -> dict:
         done = folder / f"{c.label}.json"
         if done.exists():
             r = json.loads(done.read_text())
-            if r.get("key") == pilot_key:
+            if r.get("key") == key:
                 return r["result"]
         t0 = time.perf_counter()
         model = folder / c.label
@@ -59,7 +58,7 @@ def choose_student(src, folder: Path, budget: int, data: list[str], d: dict, q: 
         result = {"pilot_kld": last["kld"], "pilot_ppl": last["ppl"], "quant_kld": sens.predicted_kld(types),
                   "file_bytes": sens.file_bytes(types), "tokens": m["tokens"],
                   "seconds": round(time.perf_counter() - t0, 1)}
-        write_json(done, {"key": pilot_key, "result": result})
+        write_json(done, {"key": key, "result": result})
         shutil.rmtree(model)  # a float32 student is hundreds of MB; its numbers are all the choice needs
         return result
 
