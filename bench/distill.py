@@ -75,9 +75,10 @@ def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: d
     # "+tail": the tail sample (distill/losses.py); "+ce0.2": --ce-weight 0.2; "+iter": two prune -> heal stages
     base_loss, *extras = spec.split("+")
     ce_weight = next((float(e[2:]) for e in extras if e.startswith("ce")), 0.0)
+    hidden_weight = next((float(e[3:]) for e in extras if e.startswith("hid")), 0.0)  # "+hid1": --hidden-weight 1
     opts = DistillOptions(data=data, tokens=tokens, loss=base_loss, lr=args.lr, force=True,
                           tail="sample" if "tail" in extras else "bucket", targets=targets or "topk", ce_weight=ce_weight,
-                          eval_every=10**9, save_every=25, resume=True, say=print)
+                          hidden_weight=hidden_weight, eval_every=10**9, save_every=25, resume=True, say=print)
     if "iter" in extras:  # "+iter": the same student in two prune -> heal stages (distill/stages.py)
         manifest = distill_iteratively(TEACHER, out, opts, default_student())
     else:

@@ -255,3 +255,24 @@ def test_ce_weight_adds_the_datas_cross_entropy_to_a_divergence():
     for loss, weight in (("ce", 0.2), ("fkl", -1.0)):
         with pytest.raises(PocketError, match="--ce-weight"):
             check_targets(loss, "bucket", "full", weight)
+
+
+def test_hidden_loss_is_the_cosine_distance_on_the_kept_channels(teacher):
+    from pocketlm.distill.losses import hidden_loss
+
+    h = torch.randn(2, 5, 8)
+    assert hidden_loss(h, Full(torch.zeros(2, 5, 3), 3.0 * h)).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    flipped = torch.cat([h[..., :4], -h[..., 4:]], dim=-1)
+    expected = 1 - torch.nn.functional.cosine_similarity(h, flipped, dim=-1).mean()
+    assert hidden_loss(h, Full(torch.zeros(2, 5, 3), flipped)).item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(PocketError, match="targets full"):
+        hidden_loss(h, Full(torch.zeros(2, 5, 3)))
+    channels = torch.tensor([3, 17, 200])
+    ids = torch.arange(3, 40)[None]
+    full = OnlineTeacher(teacher.model, channels).batch(torch.tensor([0]), ids)
+    with torch.inference_mode():
+        ref = teacher.model(ids, output_hidden_states=True).hidden_states[-1][:, :-1, channels]
+    assert torch.equal(full.hidden, ref.float())
+    with pytest.raises(PocketError, match="--hidden-weight 1.0: .* needs --targets full"):
+        check_targets("fkl", "bucket", "sampled", 0.0, 1.0)
+    check_targets("fkl", "bucket", "auto", 0.0, 1.0)  # auto becomes full for a small teacher

@@ -202,15 +202,19 @@ def test_iterative_pruning_cuts_a_healed_intermediate(corpus, tmp_path):
     from pocketlm.distill.stages import distill_iteratively
 
     teacher = make_tiny_llama(tmp_path / "t", hidden=256, heads=4, kv_heads=2, ffn=1024, layers=4)
-    final = {"layers": 2, "hidden": 256, "heads": 4, "kv_heads": 2, "ffn": 256}
-    opts = DistillOptions(data=[corpus], tokens=1500, seq=64, batch=4, progress=False, eval_every=10**9)
+    final = {"layers": 2, "hidden": 128, "heads": 2, "kv_heads": 1, "ffn": 256}
+    opts = DistillOptions(data=[corpus], tokens=1500, seq=64, batch=4, progress=False, eval_every=10**9,
+                          targets="full", hidden_weight=0.5)
     m = distill_iteratively(teacher, tmp_path / "s", opts, final)
     (stage,) = m["stages"]
     assert stage["shape"]["ffn"] == 512 and len(stage["shape"]["keep_layers"]) == 3  # halfway in layers and MLP
     assert len(m["shape"]["keep_layers"]) == 2 and max(m["shape"]["keep_layers"]) <= 2  # indices of the 3-layer model
     assert m["settings"]["prune_from"].endswith("s.stage1") and not (tmp_path / "s.stage1").exists()
     assert m["tokens"] >= 1500 and stage["tokens"] >= 500 and stage["held_out"]["kld"] > 0
+    # the hidden-state loss compares the final student with the teacher's channels it kept through both cuts
+    ch = m["channels"]
+    assert len(ch) == 128 and len(set(ch)) == 128 and max(ch) < 256 and m["settings"]["hidden_weight"] == 0.5
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
-    assert (cfg["num_hidden_layers"], cfg["intermediate_size"]) == (2, 256)
+    assert (cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["hidden_size"]) == (2, 256, 128)
     with pytest.raises(PocketError, match="--heads 5 must be between 1 and the teacher's 4"):  # checks still hold
         distill_iteratively(teacher, tmp_path / "x", opts, {**final, "heads": 5, "kv_heads": 5})

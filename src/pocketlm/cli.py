@@ -313,6 +313,8 @@ def plan_cmd(model, target_size, target_bpw, target_memory, ctx, calib, calib_to
                    "cached once (sampled), or its cached top-k (topk). auto: full for teachers up to 1B parameters.")
 @click.option("--ce-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Add this much of the data's cross-entropy to the divergence (e.g. 0.2).")
+@click.option("--hidden-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Add this much of the final hidden state's cosine distance to the teacher's (needs --targets full).")
 @click.option("--samples", default=12, show_default=True, type=POSITIVE, help="Draws per position (--targets sampled).")
 @click.option("--topk", default=64, show_default=True, type=POSITIVE, help="Teacher log-probs kept per position (--targets topk).")
 @click.option("--lr", default=3e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
@@ -327,11 +329,13 @@ def plan_cmd(model, target_size, target_bpw, target_memory, ctx, calib, calib_to
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @user_errors
 def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_heads, student, tokens, seq, loss, tail,
-            targets, ce_weight, samples, topk, lr, batch, micro_batch, eval_every, save_every, fp32, seed, resume, force):
+            targets, ce_weight, hidden_weight, samples, topk, lr, batch, micro_batch, eval_every, save_every, fp32, seed,
+            resume, force):
     """Prune TEACHER into a smaller student and heal it with knowledge distillation."""
     from .distill.loss_spec import check_targets, parse_loss
 
-    check_targets(parse_loss(loss)[0], tail, targets, ce_weight)  # before torch is imported: a typo costs a fraction of a second
+    # before torch is imported: a typo costs a fraction of a second
+    check_targets(parse_loss(loss)[0], tail, targets, ce_weight, hidden_weight)
     check_files(data, "--data")
     from .distill.run import DistillOptions
     from .distill.run import distill as run_distill
@@ -339,7 +343,7 @@ def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_h
     opts = DistillOptions(data=[str(d) for d in data], tokens=tokens, seq=seq, layers=layers,
                           drop_layers=drop_layers, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
                           student=student, loss=loss, tail=tail, targets=targets, samples=samples, topk=topk, lr=lr, ce_weight=ce_weight,
-                          batch=batch, micro_batch=micro_batch,
+                          hidden_weight=hidden_weight, batch=batch, micro_batch=micro_batch,
                           eval_every=eval_every, save_every=save_every, bf16=not fp32, seed=seed, resume=resume,
                           force=force, say=click.echo)
     manifest = run_distill(teacher, output, opts)

@@ -141,8 +141,8 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
             from ..distill.stages import distill_iteratively
 
             opts = DistillOptions(data=data, tokens=d["tokens"], loss=d["loss"], targets=d["targets"],
-                                  ce_weight=d["ce_weight"], **shape_opts, resume=True, force=True, progress=progress,
-                                  say=say, eval_every=10**9, save_every=25)
+                                  ce_weight=d["ce_weight"], hidden_weight=d["hidden_weight"], **shape_opts, resume=True,
+                                  force=True, progress=progress, say=say, eval_every=10**9, save_every=25)
             if _iterative(src, d["iterative"], shape_opts):
                 say("deep cut: pruned and healed in two stages (distill/stages.py)")
                 result = distill_iteratively(src.path, path, opts, shape_opts)

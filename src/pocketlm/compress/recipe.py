@@ -26,6 +26,7 @@ class DistillStep(_Step):
     loss: str = "fkl"
     targets: Literal["auto", "full", "sampled", "topk"] = "auto"  # the teacher's signal: distill/signals.py
     ce_weight: float = Field(0.0, ge=0)  # of the data's cross-entropy, added to the divergence
+    hidden_weight: float = Field(0.0, ge=0)  # of the final hidden state's cosine distance (targets full)
     data: list[str] = []  # text files or folders; default: the bundled general text (+ --domain)
     fraction: Optional[float] = Field(None, gt=0, lt=1)  # of the teacher's non-embedding parameters; default: chosen by pilots
     pilot_tokens: int = Field(40_000, ge=0)  # per finalist shape (distill/choose.py); 0: no pilots
@@ -48,10 +49,10 @@ class DistillStep(_Step):
         from ..distill.loss_spec import check_targets, parse_loss
 
         try:
-            check_targets(parse_loss(self.loss)[0], "bucket", self.targets, self.ce_weight)
+            check_targets(parse_loss(self.loss)[0], "bucket", self.targets, self.ce_weight, self.hidden_weight)
         except PocketError as exc:
             raise ValueError(str(exc).replace("--loss", "loss").replace("--targets", "targets")
-                             .replace("--ce-weight", "ce_weight")) from None
+                             .replace("--ce-weight", "ce_weight").replace("--hidden-weight", "hidden_weight")) from None
         return self
 
 

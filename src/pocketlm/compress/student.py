@@ -50,6 +50,7 @@ def choose_student(src, folder: Path, budget: int, data: list[str], d: dict, q: 
         model = folder / c.label
         m = distill(src.path, model, DistillOptions(
             data=data, tokens=d["pilot_tokens"], loss=d["loss"], targets=d["targets"], ce_weight=d["ce_weight"],
+            hidden_weight=d["hidden_weight"],
             **c.shape_options(), resume=True, force=True, progress=progress, say=lambda _line: None,
             eval_every=10**9, save_every=10**9))
         sens = measure(model, calib, q["calib_tokens"], progress)

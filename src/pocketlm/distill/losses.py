@@ -101,3 +101,13 @@ def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, ta
     if ce_weight:  # from the log-probs already at hand: a second log-softmax over the vocabulary costs as much
         loss = loss - ce_weight * torch.gather(s_full, -1, targets.unsqueeze(-1)).squeeze(-1)
     return loss.mean()
+
+
+def hidden_loss(student_hidden: torch.Tensor, teacher: Signal | None) -> torch.Tensor:
+    """1 - cosine between the student's final hidden state and the teacher's on the channels the
+    student kept, per position, averaged. Cosine, not MSE: the two RMS norms divide by different
+    widths, so only directions are comparable (Minitron, arXiv 2407.14679, adds such a term
+    when depth is cut)."""
+    if not isinstance(teacher, Full) or teacher.hidden is None:
+        raise PocketError("the hidden-state loss needs the teacher run beside the student (targets full)")
+    return (1 - F.cosine_similarity(student_hidden.float(), teacher.hidden, dim=-1)).mean()

@@ -45,6 +45,11 @@ def _heads_and_groups(score: torch.Tensor, t: TeacherDims, s: StudentShape) -> t
     return heads, groups
 
 
+def kept_channels(importance: Importance, hidden: int) -> list[int]:
+    """The hidden channels a cut to `hidden` keeps, in the student's order."""
+    return _top(importance.channel, hidden)
+
+
 def prune(loaded: LoadedModel, shape: StudentShape, importance: Importance | None = None) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -55,7 +60,7 @@ def prune(loaded: LoadedModel, shape: StudentShape, importance: Importance | Non
     validate(t, shape)
     imp = importance or magnitude(teacher)
     sd = teacher.state_dict()
-    keep_c = torch.tensor(_top(imp.channel, shape.hidden))
+    keep_c = torch.tensor(kept_channels(imp, shape.hidden))
     new_cfg = LlamaConfig(**{**cfg.to_dict(), "hidden_size": shape.hidden, "num_attention_heads": shape.heads,
                              "num_key_value_heads": shape.kv_heads, "head_dim": t.head_dim,
                              "intermediate_size": shape.ffn, "num_hidden_layers": len(shape.keep_layers)})

@@ -19,7 +19,7 @@ from ..util.machine import compute_device
 from .data import load_sequences
 from .importance import measure
 from .loss_spec import check_targets, parse_loss
-from .prune import check_prunable, prune
+from .prune import check_prunable, kept_channels, prune
 from .shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
 from .signals import OnlineTeacher, choose
 from .teacher_cache import teacher_targets
@@ -46,6 +46,7 @@ class DistillOptions:
     loss: str = "fkl"
     tail: str = "bucket"  # "sample": see distill/losses.py
     ce_weight: float = 0.0  # loss = divergence + ce_weight * cross-entropy on the data
+    hidden_weight: float = 0.0  # + hidden_weight * the final hidden state's cosine distance (losses.hidden_loss)
     targets: str = "auto"  # the teacher's signal: full | sampled | topk (signals.py); auto picks by teacher size
     topk: int = 64
     samples: int = 12  # draws per position for targets "sampled" (arXiv 2503.16870: ~12 match full KD)
@@ -105,6 +106,7 @@ def _settings(opts: DistillOptions, teacher_hash: str, seqs, loss_targets: str) 
             **({"prune_from": opts.prune_from} if opts.prune_from else {}),
             "shape_options": shape_options, "loss": opts.loss, "tail": opts.tail, "targets": loss_targets,
             **({"ce_weight": opts.ce_weight} if opts.ce_weight else {}),
+            **({"hidden_weight": opts.hidden_weight} if opts.hidden_weight else {}),
             "k": opts.topk if loss_targets == "topk" else opts.samples if loss_targets == "sampled" else None,
             "lr": opts.lr, "batch": opts.batch, "seed": opts.seed, "bf16": opts.bf16}
 
@@ -154,7 +156,11 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     if out.exists() and not opts.force and not opts.resume:
         raise PocketError(f"{out} exists; pass --force to replace it, or --resume with a larger --tokens to train it further")
     loss, beta = parse_loss(opts.loss)
-    check_targets(loss, opts.tail, opts.targets, opts.ce_weight)  # before loading anything, so a bad pair fails in a second
+    # before loading anything, so a bad pair fails in a second
+    check_targets(loss, opts.tail, opts.targets, opts.ce_weight, opts.hidden_weight)
+    if opts.hidden_weight and opts.student:
+        raise PocketError("--hidden-weight compares the student's hidden channels with the teacher's it was cut from: "
+                          "it needs a student pruned by distill, not --student")
     dist = Dist.from_env()
 
     def say(line: str) -> None:
@@ -166,17 +172,21 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     seqs = load_sequences(teacher.tokenizer, opts.data, opts.seq, teacher.add_bos, max_train_tokens=opts.tokens or None)
     steps = max(0, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))  # 0: prune only
     kind = choose(opts.targets, sum(p.numel() for p in teacher.model.parameters()))
+    check_targets(loss, opts.tail, kind, opts.ce_weight, opts.hidden_weight)  # auto has become full or sampled
     teacher_hash = model_content_hash(src)
     settings = _settings(opts, teacher_hash, seqs, kind)
     finished = _finished_run(out, settings, steps) if out.exists() and opts.resume and not opts.force else None
-    cfg = TrainConfig(loss=loss, beta=beta, tail=opts.tail, ce_weight=opts.ce_weight, steps=steps, batch=opts.batch,
+    cfg = TrainConfig(loss=loss, beta=beta, tail=opts.tail, ce_weight=opts.ce_weight, hidden_weight=opts.hidden_weight,
+                      steps=steps, batch=opts.batch,
                       micro_batch=opts.micro_batch, lr=opts.lr,
                       warmup=opts.warmup if opts.warmup is not None else max(1, steps // 20),
                       eval_every=opts.eval_every, save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed,
                       rewarm_from=finished["steps"] if finished else 0)
 
     shape = None
+    channels = None  # the teacher's hidden channels the student kept, in its order
     if finished:
+        channels = finished.get("channels")
         student = load(out)
         shape = StudentShape(**{**finished["shape"], "keep_layers": tuple(finished["shape"]["keep_layers"])}) \
             if finished["shape"] else None
@@ -187,10 +197,14 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
         say(f"student: {opts.student} as given (no pruning)")
     else:
         # the model cut: the teacher, or (iterative pruning) a student of it healed earlier
-        base = teacher
+        base, base_channels = teacher, None
         if opts.prune_from:
             base = load(opts.prune_from)
             _check_same_vocab(teacher, base)
+            try:
+                base_channels = json.loads((Path(opts.prune_from) / MANIFEST).read_text()).get("channels")
+            except (OSError, ValueError):
+                base_channels = None
         check_prunable(base.model.config)  # before the importance pass, not after it
         n_imp = max(1, min(len(seqs.train), opts.importance_tokens // opts.seq))
         importance = measure(base.model, seqs.train[:n_imp], progress=opts.progress and dist.main)
@@ -199,7 +213,13 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
         for line in describe(tb, shape):
             say(line if base is teacher else line.replace("teacher", f"pruned model {opts.prune_from}"))
         student = prune(base, shape, importance)
+        channels = kept_channels(importance, shape.hidden)
+        if base is not teacher:  # channels of a pruned model: map them back to the teacher's
+            channels = [base_channels[c] for c in channels] if base_channels else None
         del base
+    if opts.hidden_weight and channels is None:
+        raise PocketError("--hidden-weight needs to know which teacher channels the student kept; this student's "
+                          "manifest does not say (made by an older pocketlm, or by --student)")
     if loss != "ce":
         say(f"teacher signal: {kind}" + (" (the whole vocabulary, computed beside the student)" if kind == "full" else
                                          f" ({opts.samples} draws per position, cached)" if kind == "sampled" else
@@ -213,7 +233,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
 
     def targets(rows):
         if kind == "full":
-            return OnlineTeacher(teacher.model)
+            return OnlineTeacher(teacher.model, torch.tensor(channels) if opts.hidden_weight else None)
         if dist.local_rank != 0:
             dist.barrier()  # local rank 0 fills the shared cache; the others then read it
         k, form = (opts.samples, "sampled") if kind == "sampled" else (opts.topk, "topk")
@@ -231,7 +251,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
                     opts.progress, continue_from=(finished["steps"], finished["history"]) if finished else None)
     manifest = {"teacher": str(src.path), "teacher_sha256": teacher_hash, "shape": shape.to_dict() if shape else None,
                 "student_init": opts.student, "loss": opts.loss, "tail": opts.tail, "targets": kind,
-                "ce_weight": opts.ce_weight,
+                "ce_weight": opts.ce_weight, "hidden_weight": opts.hidden_weight, "channels": channels,
                 "topk": opts.topk if kind == "topk" else None, "samples": opts.samples if kind == "sampled" else None,
                 "tokens": steps * cfg.batch * (opts.seq - 1),
                 "train_tokens_available": seqs.train_tokens, "documents": seqs.documents, "seq": opts.seq,

@@ -35,9 +35,10 @@ class TopK:
 @dataclass
 class Full:
     logp: torch.Tensor  # (B, T, V) log-probs
+    hidden: torch.Tensor | None = None  # (B, T, H) the final hidden state, on the student's channels
 
     def to(self, device) -> "Full":
-        return Full(self.logp.to(device))
+        return Full(self.logp.to(device), None if self.hidden is None else self.hidden.to(device))
 
 
 @dataclass
@@ -54,16 +55,23 @@ Signal = TopK | Full | Sampled
 
 
 class OnlineTeacher:
-    """The teacher's full distribution for the batch being trained on, computed when asked."""
+    """The teacher's full distribution for the batch being trained on, computed when asked; with
+    `channels` (the teacher's hidden channels the pruned student kept, in its order) also its
+    final hidden state on those channels, for the hidden-state loss (losses.hidden_loss)."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, channels: torch.Tensor | None = None):
+        self.model, self.channels = model, channels
 
     def batch(self, rows: torch.Tensor, ids: torch.Tensor) -> Full:
         with torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.model.device), use_cache=False).logits[:, :-1].float()
+            out = self.model(input_ids=ids.to(self.model.device), use_cache=False,
+                             output_hidden_states=self.channels is not None)
+            logits = out.logits[:, :-1].float()
+            hidden = None
+            if self.channels is not None:
+                hidden = out.hidden_states[-1][:, :-1, self.channels.to(logits.device)].float().clone()
             # inference tensors cannot enter autograd's graph, even as constants: clone out
-            return Full(torch.log_softmax(logits, dim=-1).clone())
+            return Full(torch.log_softmax(logits, dim=-1).clone(), hidden)
 
 
 def choose(kind: str, teacher_params: int) -> str:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..errors import PocketError
 from ..util.atomic import atomic_path
 from ..util.machine import compute_device
-from .losses import distill_loss
+from .losses import distill_loss, hidden_loss
 from .signals import OnlineTeacher
 from .teacher_cache import SampledTargets, TeacherTargets
 
@@ -34,6 +34,7 @@ class TrainConfig:
     beta: float | None = None
     tail: str = "bucket"  # see losses.py: "sample" adds the data token's share of forward KL's tail
     ce_weight: float = 0.0  # adds this much of the data's cross-entropy to a divergence
+    hidden_weight: float = 0.0  # adds this much of the final hidden state's cosine distance (losses.hidden_loss)
     steps: int = 100
     batch: int = 8  # sequences per optimizer step, over all processes
     micro_batch: int = 2  # sequences per forward/backward on one process
@@ -214,8 +215,12 @@ def train(model, train_seqs: torch.Tensor, targets: Targets | None, held_seqs: t
                 sync = j == len(micro) - 1 or dist_ctx.world == 1
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()):
                     with _autocast(cfg, device):
-                        logits = wrapped(input_ids=ids, use_cache=False).logits[:, :-1]
-                    loss = distill_loss(cfg.loss, cfg.beta, logits, ids[:, 1:], teacher, cfg.tail, cfg.ce_weight) / len(micro)
+                        out = wrapped(input_ids=ids, use_cache=False, output_hidden_states=bool(cfg.hidden_weight))
+                    loss = distill_loss(cfg.loss, cfg.beta, out.logits[:, :-1], ids[:, 1:], teacher, cfg.tail,
+                                        cfg.ce_weight)
+                    if cfg.hidden_weight:
+                        loss = loss + cfg.hidden_weight * hidden_loss(out.hidden_states[-1][:, :-1], teacher)
+                    loss = loss / len(micro)
                     loss.backward()
                 step_loss += loss.item()
             if cfg.grad_clip:
