@@ -157,7 +157,7 @@ def test_bad_options_are_refused_before_any_work(tiny_hf, tmp_path, monkeypatch)
         (["quantize", tiny_hf, "-o", out, "--type", "Q4_K_M", "--calib", tmp_path / "nope.txt"], "no such file"),
         (["quantize", tiny_hf, "-o", out, "--target-size", "10MB", "--calib", tmp_path / "nope.txt"], "no such file"),
         (["quantize", tiny_hf, "-o", out, "--tpye", "Q4_K_M"], "No such option '--tpye'. Did you mean '--type'?"),
-        (["plan", tiny_hf], "give one of --target-size or --target-bpw"),
+        (["plan", tiny_hf], "give one of --target-size, --target-bpw or --target-memory"),
         (["plan", tiny_hf, "--target-size", "-5MB"], "cannot read the size"),
         (["index", text, "--db", tmp_path / "i.db", "--chunk-tokens", "-1"], "'--chunk-tokens'"),
         (["search", "river", "--db", tmp_path / "i.db", "--k", "0"], "'--k'"),

@@ -158,7 +158,7 @@ def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx,
 
     budgets = [b for b in (target_size, target_bpw, target_memory) if b is not None]
     if (preset is None) == (not budgets) or len(budgets) > 1:
-        raise PocketError("give either --type PRESET or one budget (--target-size, --target-bpw or --target-memory)")
+        raise PocketError("give either --type PRESET or one budget (--target-size, --target-bpw or --target-memory), not both")
     if target_memory is not None:
         target_size = _memory_to_size(model, target_memory, ctx)
     if preset is not None and preset.upper() not in PRESETS:
