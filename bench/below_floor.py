@@ -72,7 +72,7 @@ def section(r: dict, eval_tokens: int) -> str:
     step_s = {k: v["seconds"] for k, v in steps.items()}
     lines = [f"## {r['size']}, {r['tokens']:,} distillation tokens", "",
              f"`.venv/bin/python bench/below_floor.py --sizes {r['size']} --tokens {r['tokens']} --eval-tokens "
-             f"{eval_tokens}` on {machine_name()}, {time.strftime('%Y-%m-%d')}, alone on the machine. Held out: "
+             f"{eval_tokens}` on {machine_name()}, {time.strftime('%Y-%m-%d')}. Held out: "
              f"the last 20% of wiki.txt, {eval_tokens} tokens, windows of 512; KLD and top-1 against the teacher.", "",
              "| model | file MB | held-out PPL | × teacher | KLD | top-1 | decode tok/s |", "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
