@@ -181,21 +181,15 @@ def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx,
         print_quantize(reports)
     click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     if target_memory is not None:
-        from .runtime.memory import measure
+        from .runtime.memory import check, verdict
 
-        measured = measure(output, ctx)["peak_bytes"]
-        click.echo(f"memory: {measured / 1e6:.0f} MB measured running it at --ctx {ctx} with the context full; budget "
-                   f"{target_memory[1]}: " + ("fits" if measured <= target_memory[0] else
-                                               f"does NOT fit, {(measured - target_memory[0]) / 1e6:.0f} MB over"))
+        click.echo(verdict(check(output, *target_memory, ctx)))
 
 
 def _memory_to_size(model, target_memory: tuple[int, str], ctx: int) -> int:
-    """The file budget a memory budget leaves this model at `ctx` (runtime/memory.py)."""
-    from .models.source import resolve
-    from .models.tensors import open_tensors
-    from .runtime.memory import Geometry, file_budget
+    from .runtime.memory import model_file_budget
 
-    return file_budget(target_memory[0], Geometry.of(open_tensors(resolve(model)).facts), ctx, target_memory[1])
+    return model_file_budget(model, target_memory[0], ctx, target_memory[1])
 
 
 def _budget_types(model, target_size, target_bpw, calib, calib_tokens, *, table: bool, progress: bool) -> dict[str, str]:

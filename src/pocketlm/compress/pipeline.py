@@ -40,7 +40,7 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
              progress: bool = True, say: Callable[[str], None] = print) -> dict:
     """The best model that fits `target_size` (file bytes) or `target_memory` (what llama.cpp
     takes running it at a context of `ctx`: weights + KV cache + buffers, runtime/memory.py)."""
-    from ..runtime.memory import Geometry, file_budget, parse_memory
+    from ..runtime.memory import model_file_budget, parse_memory
 
     if (target_size is None) == (target_memory is None):
         raise PocketError("give one of --target-size or --target-memory")
@@ -54,9 +54,7 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
         """The file budget of a model to quantize: the size given, or what the memory leaves it."""
         if memory is None:
             return target_size if isinstance(target_size, int) else parse_size(str(target_size))
-        from ..models.tensors import open_tensors
-
-        return file_budget(memory, Geometry.of(open_tensors(resolve(path)).facts), ctx, memory_label)
+        return model_file_budget(path, memory, ctx, memory_label)
 
     budget = budget_of(src.path)  # the original's; a student's own KV cache gives it its own
     calib_default, eval_default = default_texts()
@@ -168,7 +166,11 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
         kinds = {n: sens.loss(n, t) for n, t in types.items()}
         result = {"types": types, "predicted_kld": sens.predicted_kld(types), "loss": kinds, "size": path.stat().st_size}
         if memory is not None:
-            result["memory"] = _checked_memory(path, memory, memory_label, ctx, say)
+            from ..runtime.memory import check, verdict
+
+            checked = check(path, memory, memory_label, ctx)
+            say(verdict(checked))
+            result["memory"] = checked
         return result
 
     quantized = manifest.run("quantize", key_of("quantize", quant_hash, quant_budget, memory, ctx, q, calib_hashes),
@@ -233,19 +235,6 @@ def _iterative(src, when: str, shape_opts: dict) -> bool:
     s = shape_opts
     kept = non_embedding_params(t, s["layers"], s["hidden"], s["heads"], s["kv_heads"], s["ffn"])
     return kept < 0.5 * non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)
-
-
-def _checked_memory(path: Path, memory: int, label: str, ctx: int, say: Callable[[str], None]) -> dict:
-    """The memory claim checked: the file run on llama.cpp with its whole context filled."""
-    from ..models.tensors import open_tensors
-    from ..runtime.memory import Geometry, measure, runtime_bytes
-
-    predicted = runtime_bytes(path.stat().st_size, Geometry.of(open_tensors(resolve(path)).facts), ctx)
-    measured = measure(path, ctx)["peak_bytes"]
-    fits = measured <= memory
-    say(f"memory: {measured / 1e6:.0f} MB measured at --ctx {ctx} (predicted {predicted / 1e6:.0f} MB) for a budget of "
-        f"{label}: " + ("fits" if fits else f"does NOT fit, {(measured - memory) / 1e6:.0f} MB over"))
-    return {"budget": memory, "label": label, "ctx": ctx, "measured": measured, "predicted": predicted, "fits": fits}
 
 
 def nearest_preset(src, budget: int) -> str:

@@ -92,6 +92,33 @@ def file_budget(memory: int, g: Geometry, ctx: int, what: str = "") -> int:
     return memory - rest
 
 
+def geometry_of(model) -> Geometry:
+    from ..models.source import resolve
+    from ..models.tensors import open_tensors
+
+    return Geometry.of(open_tensors(resolve(model)).facts)
+
+
+def model_file_budget(model, memory: int, ctx: int, what: str = "") -> int:
+    """The file budget `memory` leaves a quantized copy of `model` (same shapes) at `ctx`."""
+    return file_budget(memory, geometry_of(model), ctx, what)
+
+
+def check(path, memory: int, label: str, ctx: int) -> dict:
+    """The memory claim checked: the file run on llama.cpp with its whole context filled, beside
+    the prediction; `verdict` says it in one line."""
+    predicted = runtime_bytes(os.path.getsize(path), geometry_of(path), ctx)
+    measured = measure(path, ctx)["peak_bytes"]
+    return {"budget": memory, "label": label, "ctx": ctx, "measured": measured, "predicted": predicted,
+            "fits": measured <= memory}
+
+
+def verdict(m: dict) -> str:
+    return (f"memory: {m['measured'] / 1e6:.0f} MB measured at --ctx {m['ctx']} with the context full (predicted "
+            f"{m['predicted'] / 1e6:.0f} MB) for a budget of {m['label']}: "
+            + ("fits" if m["fits"] else f"does NOT fit, {(m['measured'] - m['budget']) / 1e6:.0f} MB over"))
+
+
 def measure(path, ctx: int, threads: int = 2, timeout: float = 1800) -> dict:
     """Peak resident memory of a fresh process that loads `path` with a context of `ctx`, fills
     all of it (prefill in micro-batches, the worst case for the compute buffer) and decodes."""
