@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from .cli_common import (
-    MEMORY,
     POSITIVE,
     SIZE,
     THREADS,
@@ -17,6 +16,7 @@ from .cli_common import (
     deprecated,
     json_option,
     json_target,
+    memory_options,
     refuse_existing,
     terminate,
     user_errors,
@@ -24,7 +24,6 @@ from .cli_common import (
 )
 from .errors import PocketError
 from .models.registry import DEFAULT_MODEL
-from .runtime.memory import PROFILES
 from .util.machine import usable_cores
 
 
@@ -136,11 +135,7 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
                                                               "per tensor chosen from measured sensitivity).")
 @click.option("--target-bpw", type=click.FloatRange(1, 32), default=None,
               help="Instead of --type: bits per weight of the whole file.")
-@click.option("--target-memory", type=MEMORY, default=None,
-              help="Instead of --type: run-time memory at --ctx (weights + KV cache + llama.cpp's buffers), e.g. 1GB, "
-                   f"or a device profile ({', '.join(PROFILES)}); checked by running the file.")
-@click.option("--ctx", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
-              help="Context length the memory budget is for.")
+@memory_options
 @click.option("--method", type=click.Choice(["rtn", "imatrix", "gptq"]), default=None,
               help="Default: gptq with --calib, else imatrix on bundled text.")
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
@@ -218,39 +213,11 @@ def _budget_types(model, target_size, target_bpw, calib, calib_tokens, *, table:
     return types
 
 
-def _below_floor(model, target_size, target_memory=None, ctx=None) -> dict | None:
-    """For a --target-size below the smallest file of MODEL: the student shapes that fit it
-    (from shapes alone), or None when quantization alone reaches it. With a memory budget,
-    target_size is what it leaves MODEL and each student gets what it leaves that student."""
-    from .quantize.budget import smallest_file_bytes
-
-    if target_size is None or target_size >= smallest_file_bytes(model)[0]:
-        return None
-    from .compress.student import teacher_facts
-    from .distill.choose import student_candidates
-    from .distill.prune import check_prunable
-    from .models.facts import hf_config
-    from .models.load import hf_folder
-    from .models.source import resolve
-
-    src = resolve(model)
-    check_prunable(hf_config(hf_folder(src)))
-    t, overhead = teacher_facts(src)
-    memory = target_memory[0] if target_memory else None
-    cands, finals = student_candidates(t, overhead, memory or target_size, ctx if memory else None)
-    return {"budget": target_size, "memory": memory, "ctx": ctx if memory else None,
-            "smallest_quantized": smallest_file_bytes(model)[0],
-            "candidates": [c.to_dict() for c in cands], "finalists": [c.label for c in finals]}
-
-
 @cli.command(name="plan")
 @click.argument("model")
 @click.option("--target-size", type=SIZE, default=None, help="File size to fit, e.g. 60MB or 57MiB.")
 @click.option("--target-bpw", type=click.FloatRange(1, 32), default=None, help="Bits per weight of the whole file.")
-@click.option("--target-memory", type=MEMORY, default=None,
-              help=f"Run-time memory at --ctx, e.g. 1GB, or a device profile ({', '.join(PROFILES)}).")
-@click.option("--ctx", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
-              help="Context length the memory budget is for.")
+@memory_options
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
 @click.option("--calib-tokens", default=8192, show_default=True, type=POSITIVE)
 @json_option
@@ -267,7 +234,10 @@ def plan_cmd(model, target_size, target_bpw, target_memory, ctx, calib, calib_to
     check_files(calib, "--calib")
     if target_memory is not None:
         target_size = _memory_to_size(model, target_memory, ctx)
-    students = _below_floor(model, target_size, target_memory, ctx)
+    from .compress.student import students_below_floor
+
+    students = None if target_size is None else \
+        students_below_floor(model, target_size, target_memory[0] if target_memory else None, ctx)
     if students is not None:  # quantization alone cannot reach it: show the students compress would weigh
         if not to_stdout:
             from .report_table import print_students
@@ -431,11 +401,7 @@ def ask(question, db, model, k, max_tokens, ctx, threads, as_json):
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--target-size", type=SIZE, default=None, help="File size to fit, e.g. 80MB.")
-@click.option("--target-memory", type=MEMORY, default=None,
-              help="Instead: run-time memory to fit at --ctx (weights + KV cache + llama.cpp's buffers), e.g. 1GB, "
-                   f"or a device profile ({', '.join(PROFILES)}).")
-@click.option("--ctx", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
-              help="Context length the memory budget is for.")
+@memory_options
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--domain", type=click.Path(path_type=Path), default=None, help="Documents to index for RAG.")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (see README).")

@@ -74,6 +74,17 @@ class Parsed(click.ParamType):
 
 SIZE = Parsed("size", ".quantize.budget.parse_size", int)  # 60MB, 57.5MiB, 1GB -> bytes
 MEMORY = Parsed("memory", ".runtime.memory.parse_memory", tuple)  # 1GB or phone-4gb -> (bytes, how to say it)
+
+
+def memory_options(fn):
+    """--target-memory and the --ctx it is for, one meaning in quantize, plan and compress."""
+    from .runtime.memory import PROFILES
+
+    fn = click.option("--ctx", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
+                      help="Context length the memory budget is for.")(fn)
+    return click.option("--target-memory", type=MEMORY, default=None,
+                        help="Run-time memory to fit at --ctx (weights + KV cache + llama.cpp's buffers, checked by "
+                             f"running the file), e.g. 1GB, or a device profile ({', '.join(PROFILES)}).")(fn)
 POSITIVE = click.IntRange(min=1)
 
 

@@ -24,6 +24,28 @@ def teacher_facts(src):
     return TeacherDims.of(hf_config(hf_folder(src))), header_bytes(open_tensors(src))
 
 
+def students_below_floor(model, target_size: int, memory: int | None = None, ctx: int = 4096) -> dict | None:
+    """For a file budget below the smallest file quantization alone makes of `model`: the student
+    shapes that fit it, from shapes alone (`plan` shows them), or None when quantization reaches
+    it. With `memory`, each student gets what that memory leaves it at `ctx`."""
+    from ..distill.choose import student_candidates
+    from ..distill.prune import check_prunable
+    from ..models.facts import hf_config
+    from ..models.load import hf_folder
+    from ..models.source import resolve
+    from ..quantize.budget import smallest_file_bytes
+
+    smallest = smallest_file_bytes(model)[0]
+    if target_size >= smallest:
+        return None
+    src = resolve(model)
+    check_prunable(hf_config(hf_folder(src)))
+    t, overhead = teacher_facts(src)
+    cands, finals = student_candidates(t, overhead, memory or target_size, ctx if memory else None)
+    return {"budget": target_size, "memory": memory, "ctx": ctx if memory else None, "smallest_quantized": smallest,
+            "candidates": [c.to_dict() for c in cands], "finalists": [c.label for c in finals]}
+
+
 def choose_student(src, folder: Path, budget: int, data: list[str], d: dict, q: dict, calib: list[str],
                    progress: bool, say: Callable[[str], None], ctx: int | None, key: str) -> dict:
     """`budget`: file bytes, or with `ctx` run-time memory at that context (distill/choose.py).
