@@ -81,13 +81,14 @@ def choose_shape(t: TeacherDims, layer_order: list[int], opts: DistillOptions) -
     return shape
 
 
-def describe(t: TeacherDims, shape: StudentShape) -> list[str]:
+def describe(t: TeacherDims, shape: StudentShape, cut: str = "the teacher") -> list[str]:
+    """What the student keeps of `t`, the model it is `cut` from."""
     teacher_p = non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)
     student_p = non_embedding_params(t, len(shape.keep_layers), shape.hidden, shape.heads, shape.kv_heads, shape.ffn)
     sizes = predicted_sizes(t, shape)
-    lines = [f"student: {len(shape.keep_layers)} layers (teacher's {list(shape.keep_layers)}), hidden {shape.hidden}, "
+    lines = [f"student: {len(shape.keep_layers)} layers ({cut}'s {list(shape.keep_layers)}), hidden {shape.hidden}, "
              f"{shape.heads} heads / {shape.kv_heads} kv, ffn {shape.ffn}",
-             f"non-embedding parameters: {student_p / 1e6:.1f}M ({100 * student_p / teacher_p:.0f}% of the teacher's "
+             f"non-embedding parameters: {student_p / 1e6:.1f}M ({100 * student_p / teacher_p:.0f}% of {cut}'s "
              f"{teacher_p / 1e6:.1f}M); embeddings {t.vocab * shape.hidden / 1e6:.1f}M",
              "predicted GGUF sizes: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items())]
     unaligned = [n for n, v in (("hidden", shape.hidden), ("attention width", shape.heads * t.head_dim),
@@ -210,8 +211,8 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
         importance = measure(base.model, seqs.train[:n_imp], progress=opts.progress and dist.main)
         tb = TeacherDims.of(base.model.config)
         shape = choose_shape(tb, importance.layer_order(), opts)
-        for line in describe(tb, shape):
-            say(line if base is teacher else line.replace("teacher", f"pruned model {opts.prune_from}"))
+        for line in describe(tb, shape, "the teacher" if base is teacher else f"the pruned model {opts.prune_from}"):
+            say(line)
         student = prune(base, shape, importance)
         channels = kept_channels(importance, shape.hidden)
         if base is not teacher:  # channels of a pruned model: map them back to the teacher's
@@ -231,9 +232,9 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     # the teacher pass is the other big compute of a run: it goes where training goes
     teacher.model.to(compute_device(dist.local_rank), torch.bfloat16 if opts.bf16 else torch.float32)
 
-    def targets(rows):
-        if kind == "full":
-            return OnlineTeacher(teacher.model, torch.tensor(channels) if opts.hidden_weight else None)
+    def targets(rows, hidden: bool = False):
+        if kind == "full":  # hidden states only where the hidden-state loss trains on them
+            return OnlineTeacher(teacher.model, torch.tensor(channels) if hidden and opts.hidden_weight else None)
         if dist.local_rank != 0:
             dist.barrier()  # local rank 0 fills the shared cache; the others then read it
         k, form = (opts.samples, "sampled") if kind == "sampled" else (opts.topk, "topk")
@@ -243,7 +244,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
             dist.barrier()
         return result
 
-    train_targets = None if loss == "ce" or steps == 0 else targets(seqs.train)
+    train_targets = None if loss == "ce" or steps == 0 else targets(seqs.train, hidden=True)
     held_targets = targets(seqs.held_out)  # the held-out KLD is reported under every loss, ce included
     if kind != "full":
         del teacher.model

@@ -118,6 +118,15 @@ def _choice_table(choice: dict) -> list[list[str]]:
     return rows
 
 
+def _md_table(rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]), *["| " + " | ".join(r) + " |" for r in rows[1:]]]
+
+
+def _html_table(rows: list[list[str]]) -> list[str]:
+    return ["<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>",
+            *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]], "</table>"]
+
+
 def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None, choice: dict | None = None) -> dict:
     rows = json.loads((out / "eval.json").read_text())
     top = headline(rows)
@@ -148,15 +157,10 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
                  f"{rows['pocketlm'].get('ctx', '?')} tokens, KLD over the full vocabulary; speeds with 2 threads on this "
                  "machine (GGUF files on llama.cpp, HF folders on torch).")
     table = _table(rows)
-    md = [f"# pocketlm compress report: {src.name}", "", f"**{top}**", "",
-          "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    md += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    md = [f"# pocketlm compress report: {src.name}", "", f"**{top}**", "", *_md_table(table)]
     md += ["", *[f"- {n}" for n in notes], ""]
-    extra: list[list[str]] = []
     if choice:
-        extra = _choice_table(choice)
-        md += ["## Student shapes weighed", "", f"{choice['why']}.", "", "| " + " | ".join(extra[0]) + " |",
-               "|" + "---|" * len(extra[0]), *["| " + " | ".join(r) + " |" for r in extra[1:]],
+        md += ["## Student shapes weighed", "", f"{choice['why']}.", "", *_md_table(_choice_table(choice)),
                f"\n({len(choice['candidates'])} shapes fit the budget; shown: the finalists, then the largest others.)", ""]
     md += [f"## {title}\n\n![{title}](data:image/png;base64,{data})\n" for title, data in plots.items()]
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>pocketlm report</title><style>"
@@ -164,14 +168,11 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
             "td:first-child,th:first-child{text-align:left}.top{font-size:1.15em;background:#eef5ee;padding:.7em}"
             "</style></head><body>", f"<h1>pocketlm compress report: {html.escape(src.name)}</h1>",
-            f"<p class='top'>{html.escape(top)}</p><table>"]
-    page += ["<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table[0]) + "</tr>"]
-    page += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table[1:]]
-    page += ["</table><ul>", *[f"<li>{html.escape(n)}</li>" for n in notes], "</ul>"]
-    if extra:
-        page += ["<h2>Student shapes weighed</h2>", f"<p>{html.escape(choice['why'])}.</p><table>",  # type: ignore[index]
-                 "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in extra[0]) + "</tr>",
-                 *["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in extra[1:]], "</table>"]
+            f"<p class='top'>{html.escape(top)}</p>", *_html_table(table)]
+    page += ["<ul>", *[f"<li>{html.escape(n)}</li>" for n in notes], "</ul>"]
+    if choice:
+        page += ["<h2>Student shapes weighed</h2>", f"<p>{html.escape(choice['why'])}.</p>",
+                 *_html_table(_choice_table(choice))]
     page += [f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{d}'>"
              for t, d in plots.items()]
     page.append("</body></html>")
