@@ -14,9 +14,11 @@ from .cli_common import (
     OneLineErrors,
     check_files,
     deprecated,
+    given,
     json_option,
     json_target,
     memory_options,
+    qad_options,
     refuse_existing,
     terminate,
     user_errors,
@@ -136,8 +138,10 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
 @click.option("--target-bpw", type=click.FloatRange(1, 32), default=None,
               help="Instead of --type: bits per weight of the whole file.")
 @memory_options
-@click.option("--method", type=click.Choice(["rtn", "imatrix", "gptq"]), default=None,
-              help="Default: gptq with --calib, else imatrix on bundled text.")
+@click.option("--method", type=click.Choice(["rtn", "imatrix", "gptq", "qad"]), default=None,
+              help="Default: gptq with --calib, else imatrix on bundled text. qad: gptq, then the file trained "
+                   "against the original's logits in its own format.")
+@qad_options
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
 @click.option("--calib-tokens", default=8192, show_default=True, type=POSITIVE,
               help="Calibration tokens (8192 and 16384 gave the same KLD on SmolLM2 Q4_K_M).")
@@ -146,8 +150,8 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bars, no per-tensor table.")
 @user_errors
-def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx, method, calib, calib_tokens, keep,
-             allow_requant, force, quiet):
+def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx, method, tokens, lr, qad_codes, resume,
+             calib, calib_tokens, keep, allow_requant, force, quiet):
     """Quantize MODEL to a GGUF file that llama.cpp, Ollama and LM Studio run."""
     from .quantize.plan import PRESETS, parse_keep
 
@@ -160,6 +164,8 @@ def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx,
         raise PocketError(f"unknown --type {preset!r} (choose one of {', '.join(PRESETS)})")
     if output.suffix.lower() != ".gguf":
         raise PocketError("the output of quantize is a .gguf file")
+    if method != "qad" and (resume or given("tokens", "lr", "qad_codes")):
+        raise PocketError("--tokens, --lr, --qad-codes and --resume are for --method qad")
     refuse_existing(output, force)
     keep = parse_keep(keep)
     check_files(calib, "--calib")
@@ -171,6 +177,10 @@ def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx,
 
     opts = QuantizeOptions(preset=preset.upper() if preset else None, method=method, calib=[str(c) for c in calib],
                            calib_tokens=calib_tokens, keep=keep, allow_requant=allow_requant, types=types, progress=not quiet)
+    if method == "qad":
+        from .quantize.qad_options import QadOptions
+
+        opts.qad = QadOptions(tokens=tokens, lr=lr, codes=qad_codes, resume=resume, progress=not quiet, say=click.echo)
     reports = quantize_model(model, output, opts)
     if not quiet:
         print_quantize(reports)

@@ -88,6 +88,29 @@ def memory_options(fn):
 POSITIVE = click.IntRange(min=1)
 
 
+def given(*names: str) -> bool:
+    """Whether any of these parameters came from the command line (not a default)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    return any(ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE for n in names)
+
+
+def qad_options(fn):
+    """What --method qad trains for (quantize/qad.py); the defaults are QadOptions'."""
+    from .quantize.qad_options import QadOptions  # not qad.py: the CLI must not import torch to parse flags
+
+    d = QadOptions()
+    fn = click.option("--resume", is_flag=True, help="With --method qad: continue an interrupted training run.")(fn)
+    fn = click.option("--qad-codes", type=click.Choice(["free", "frozen"]), default=d.codes, show_default=True,
+                      help="With --method qad: free moves the weights too (levels re-chosen); frozen trains only "
+                           "scales and offsets.")(fn)
+    fn = click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=d.lr, show_default=True,
+                      help="With --method qad: grid steps per optimizer step.")(fn)
+    return click.option("--tokens", type=POSITIVE, default=d.tokens, show_default=True,
+                        help="With --method qad: training tokens (of --calib, else bundled general text).")(fn)
+
+
 def deprecated(old: str, new: str) -> None:
     click.echo(f"warning: {old} is deprecated and will go; use {new}", err=True)
 

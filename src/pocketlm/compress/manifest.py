@@ -23,10 +23,11 @@ STEP_CODE = {
     "choose": ("distill", "quantize", "models", "compress"),
     "distill": ("distill", "models", "compress"),
     "quantize": ("quantize", "models", "compress"),
+    "qad": ("quantize", "distill", "models", "compress"),
     "preset": ("quantize/llamacpp_reference", "models", "compress"),
     "evaluate": ("eval", "runtime", "models", "compress"),
 }
-CODEC_STEPS = ("plan", "choose", "quantize")  # steps whose results come from the codecs' output
+CODEC_STEPS = ("plan", "choose", "quantize", "qad")  # steps whose results come from the codecs' output
 
 
 def key_of(step: str, *parts) -> str:

@@ -173,8 +173,28 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
             result["memory"] = checked
         return result
 
-    quantized = manifest.run("quantize", key_of("quantize", quant_hash, quant_budget, memory, ctx, q, calib_hashes),
-                             "model.gguf", make_model, params={"budget": quant_budget, **q}, say=say)["result"]
+    use_qad, qad_why = qad_applies(q["qad"], quant_source, quant_budget)
+    first = "model-gptq.gguf" if use_qad else "model.gguf"  # with qad, the file it starts from is kept beside
+    quantized = manifest.run("quantize", key_of("quantize", quant_hash, quant_budget, memory, ctx, q, calib_hashes, use_qad),
+                             first, make_model, params={"budget": quant_budget, **q}, say=say)["result"]
+    if use_qad:
+        say(f"qad: {qad_why}")
+        qad_data = [str(p) for p in d["data"]] or general_text() + ([str(domain)] if domain is not None else [])
+
+        def make_qad(path: Path) -> dict:
+            from ..quantize.qad import train_file
+            from ..quantize.qad_options import QadOptions
+
+            r = train_file(src.path, out / first, path, qad_data, QadOptions(tokens=q["qad_tokens"], progress=progress,
+                                                                             resume=True, say=say),
+                           ckpt_folder=out / "qad.ckpt", student_source=None if quant_source == src.path else quant_source)
+            evals = [h for h in r["history"] if h.get("kld") is not None]
+            return {"tokens": r["tokens"], "seconds": r["seconds"], "kld_before": r["start"]["kld"],
+                    "kld_after": evals[-1]["kld"], "max_difference": r["max_difference"], "why": qad_why}
+
+        qad = manifest.run("qad", key_of("qad", src_hash, file_sha256(out / first), q["qad_tokens"], _hash_files(qad_data)),
+                           "model.gguf", make_qad, params={"tokens": q["qad_tokens"]}, say=say)["result"]
+        quantized = {**quantized, "qad": qad}
 
     ev = recipe["evaluate"]
     preset = None
@@ -198,6 +218,8 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
                     mmlu_limit=ev["mmlu_limit"], progress=progress)
         rows = {"original": evaluate(str(src.path), EvalOptions(**base))}
         rows["pocketlm"] = evaluate(str(out / "model.gguf"), EvalOptions(**base, reference=str(src.path)))
+        if use_qad:
+            rows["pocketlm before qad"] = evaluate(str(out / first), EvalOptions(**base, reference=str(src.path)))
         if preset:
             rows[f"llama.cpp {preset}"] = evaluate(str(out / f"llamacpp-{preset}.gguf"),
                                                    EvalOptions(**base, reference=str(src.path)))
@@ -205,7 +227,8 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
         return {"rows": list(rows)}
 
     model_hash = file_sha256(out / "model.gguf")
-    manifest.run("evaluate", key_of("evaluate", src_hash, model_hash, preset, ev, _hash_files(texts)), "eval.json", make_eval,
+    manifest.run("evaluate", key_of("evaluate", src_hash, model_hash, preset, ev, _hash_files(texts), use_qad), "eval.json",
+                 make_eval,
                  params=ev, say=say)
 
     from ..eval.report import write_report
@@ -223,6 +246,29 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
             say(f"skipped {path}: {why}")
         say(f"index: {out / 'docs.db'} ({r.added} added, {r.updated} updated, {r.unchanged} unchanged)")
     return {"out": str(out), **report}
+
+
+# Under this many bits per weight the error of quantization alone climbs fast (the default
+# model's gptq files, bench/results/quant_vs_llamacpp.md: mean KLD 0.026 at Q4_K_M's 5.2 bpw,
+# 0.124 at Q4_0's), and training the file against the original (qad) is worth its time.
+QAD_TIGHT_BPW = 4.5
+
+
+def qad_applies(when: str, source, budget: int) -> tuple[bool, str]:
+    """Whether compress trains the quantized file against the original, and why."""
+    if when != "auto":
+        return when == "always", f"the recipe asks for it (quantize.qad: {when})"
+    from ..distill.signals import FULL_MAX_PARAMS
+    from ..models.tensors import open_tensors
+
+    n = open_tensors(source).n_params()
+    bpw = 8 * budget / n
+    if n > FULL_MAX_PARAMS:
+        return False, f"the model ({n / 1e9:.1f}B parameters) is too large to train beside its original here"
+    if bpw >= QAD_TIGHT_BPW:
+        return False, f"the budget leaves {bpw:.2f} bits per weight, where quantization alone loses little"
+    return True, (f"the budget leaves {bpw:.2f} bits per weight (under {QAD_TIGHT_BPW}): the quantized file is trained "
+                  "against the original's logits in its own format (quantize/qad.py)")
 
 
 def _iterative(src, when: str, shape_opts: dict) -> bool:

@@ -60,6 +60,10 @@ class QuantizeStep(_Step):
     method: Literal["rtn", "imatrix", "gptq"] = "gptq"
     calib: list[str] = []
     calib_tokens: int = Field(8192, ge=1)
+    # then train the file against the original (quantize/qad.py); auto: when the budget is tight
+    # (compress/pipeline.py's qad_applies) and the original is small enough to run beside it
+    qad: Literal["auto", "always", "never"] = "auto"
+    qad_tokens: int = Field(100_000, ge=1)
 
 
 class EvaluateStep(_Step):

@@ -48,6 +48,7 @@ class TrainConfig:
     bf16: bool = True
     seed: int = 0
     rewarm_from: int = 0  # a finished run continued: warm up again from this step (fresh optimizer)
+    label: str = "distill"  # what the progress bar calls the run
 
 
 @dataclass
@@ -195,7 +196,7 @@ def train(model, train_seqs: torch.Tensor, targets: Targets | None, held_seqs: t
         start, history = state["step"], state["history"]
     share = cfg.batch // dist_ctx.world
     tokens_per_step = cfg.batch * (train_seqs.shape[1] - 1)
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"distill ({cfg.loss})", unit="step",
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.label} ({cfg.loss})", unit="step",
                disable=not (progress and dist_ctx.main))
     stop = _StopRequest()
     try:

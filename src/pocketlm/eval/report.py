@@ -144,6 +144,12 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
               "what distillation lost." if plan["distill"] else
               f"Predicted KLD of the allocation (from measured sensitivity): {quantized['predicted_kld']:.4f}; measured: "
               f"{rows['pocketlm'].get('kld_mean', float('nan')):.4f}.")]
+    qad = quantized.get("qad")
+    if qad:
+        notes.append(f"`pocketlm before qad` is the gptq file the final one was trained from ({qad['why']}): "
+                     f"{qad['tokens']} tokens against the original's logits in {qad['seconds'] / 60:.0f} min, held-out "
+                     f"KLD {qad['kld_before']:.4f} -> {qad['kld_after']:.4f} during training; the file decodes exactly to "
+                     f"the trained weights (max difference {qad['max_difference']:g}).")
     if preset:
         size = rows[f"llama.cpp {preset}"]["size_bytes"]
         where = ("the largest that fits the budget" if size <= plan["budget"] else

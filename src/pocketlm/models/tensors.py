@@ -201,6 +201,11 @@ class GGUFSource(TensorSource):
         self.entries = {t.name: TensorEntry(t.name, tuple(int(x) for x in reversed(t.shape)), t.tensor_type.name, t.name)
                         for t in self.reader.tensors}
 
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's stored bytes, (rows, bytes per row) uint8 for a matrix (a view of the file)."""
+        data = np.asarray(self._tensors[name].data)
+        return data.view(np.uint8).reshape(self.entries[name].shape[0], -1)
+
     def values(self, name: str, rows: slice | None = None) -> np.ndarray:
         from gguf.quants import dequantize
 

@@ -29,9 +29,10 @@ from .formats import get as get_format
 from .methods.gptq import quantize_gptq
 from .methods.rtn import quantize_rtn
 from .plan import FILE_TYPE, TensorPlan, plan
+from .qad_options import QadOptions
 from .workers import map_rows
 
-METHODS = ("rtn", "imatrix", "gptq")
+METHODS = ("rtn", "imatrix", "gptq", "qad")
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class QuantizeOptions:
     progress: bool = True
     types: dict = field(default_factory=dict)  # GGUF name -> type: a budget's allocation (budget.py)
     device: str | None = None  # where calibration's layer forward and X^T X run; None: CUDA when present
+    qad: QadOptions | None = None  # qad.QadOptions for --method qad (gptq, then trained against the original: qad.py)
 
 
 @dataclass
@@ -137,6 +139,10 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
     method = opts.method or ("gptq" if opts.calib else "imatrix")
     if method not in METHODS:
         raise PocketError(f"unknown --method {method!r} (choose one of {', '.join(METHODS)})")
+    if method == "qad":
+        from .qad import quantize_qad
+
+        return quantize_qad(source, Path(out), opts, opts.qad or QadOptions(progress=opts.progress))
     src = resolve(source)
     ts = open_tensors(src)
     facts = ts.facts

@@ -77,7 +77,9 @@ class _ScaleMinK(BlockFormat):
         return BlockParams(d[:, None] * sc, -dmin[:, None] * mn, {"d": d, "dmin": dmin, "sc": sc, "mn": mn})
 
     def _params(self, d, dmin, sc, mn):
-        return BlockParams((d[:, None] * sc).astype(np.float32), (-dmin[:, None] * mn).astype(np.float32))
+        # raw fields too, so a file's blocks re-pack to the same bytes (quantize/fakequant.py trains them)
+        return BlockParams((d[:, None] * sc).astype(np.float32), (-dmin[:, None] * mn).astype(np.float32),
+                           {"d": d, "dmin": dmin, "sc": sc.astype(np.int64), "mn": mn.astype(np.int64)})
 
 
 class Q2_K(_ScaleMinK):
@@ -137,7 +139,8 @@ class _SignedScaleK(BlockFormat):
         return BlockParams(d[:, None] * sc, np.zeros((n, 16), np.float32), {"d": d, "sc": sc})
 
     def _params(self, d, sc):
-        return BlockParams((d[:, None] * sc).astype(np.float32), np.zeros_like(sc, dtype=np.float32))
+        return BlockParams((d[:, None] * sc).astype(np.float32), np.zeros_like(sc, dtype=np.float32),
+                           {"d": d, "sc": sc.astype(np.int64)})
 
 
 class Q3_K(_SignedScaleK):

@@ -1,0 +1,144 @@
+"""Quantization-aware distillation (`quantize --method qad`) against gptq and llama.cpp, at the
+same bytes, in one run on one machine.
+
+For each type: llama.cpp's quantizer (and with its imatrix), pocketlm gptq, and pocketlm qad
+started from that very gptq file, trained on pocketlm's bundled general text (wiki-first80 +
+c4), evaluated like bench/quant_vs_llamacpp.py: mean KLD against the F32 model, perplexity
+and top-1 agreement on the last 20% of wiki.txt (never trained on), ctx 512, in llama.cpp.
+
+  .venv/bin/python bench/qad.py [--model smollm2-135m] [--types Q4_0,IQ4_NL] [--tokens 200000] [--tag NAME]
+
+Rows are kept in ~/.cache/pocketlm-bench/qad/<tag>/ (a rerun measures only what is missing);
+the table goes to bench/results/qad.md, one section per --tag.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from quant_vs_llamacpp import CACHE, WIKI, produce, split_texts, tools_dir  # noqa: E402
+from results_file import put_section  # noqa: E402
+
+from pocketlm.data import general_text  # noqa: E402
+from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
+from pocketlm.models.export_gguf import export_gguf  # noqa: E402
+from pocketlm.quantize.llamacpp_reference import llamacpp_imatrix  # noqa: E402
+from pocketlm.quantize.qad import train_file  # noqa: E402
+from pocketlm.quantize.qad_options import QadOptions  # noqa: E402
+from pocketlm.util.atomic import write_json  # noqa: E402
+from pocketlm.util.machine import cpu_name  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "qad.md"
+VARIANTS = ["llama.cpp", "llama.cpp+imatrix", "pocketlm gptq", "pocketlm qad"]
+GOAL = 0.6  # qad's mean KLD / gptq's, issue #22
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--types", default="Q4_0,IQ4_NL")
+    ap.add_argument("--tokens", type=int, default=200_000)
+    ap.add_argument("--lr", type=float, default=QadOptions.lr)
+    ap.add_argument("--codes", default=QadOptions.codes)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=40960)
+    ap.add_argument("--note", default="")
+    args = ap.parse_args()
+    if not WIKI.exists():
+        sys.exit(f"needs {WIKI}")
+    tag = args.tag or Path(args.model).name.replace(".gguf", "")
+    work = CACHE / "qad" / tag
+    work.mkdir(parents=True, exist_ok=True)
+    calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
+    ref = work / "ref-f32.gguf"
+    if not ref.exists():
+        export_gguf(args.model, ref, "f32")
+    tools = tools_dir()
+    imatrix = work / "llamacpp.imatrix"
+    if tools and not imatrix.exists():
+        llamacpp_imatrix(ref, calib, imatrix, tools, chunks=args.calib_tokens // 512)
+    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {args.codes}"
+    results: dict = {}
+    for preset in args.types.split(","):
+        for variant in VARIANTS:
+            name = qad_name if variant == "pocketlm qad" else variant
+            row = work / f"{preset}-{name.replace(' ', '_').replace('+', '_')}.json"
+            if row.exists():
+                results[(preset, variant)] = json.loads(row.read_text())
+                continue
+            out = row.with_suffix(".gguf")
+            gptq_file = work / f"{preset}-gptq-start.gguf"
+            extra: dict = {}
+            if variant == "pocketlm qad":
+                qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, progress=True)
+                r = train_file(str(ref), gptq_file, out, general_text(), qad, work / f"{preset}.ckpt")
+                seconds = r["seconds"]
+                evals = [h for h in r["history"] if h.get("kld") is not None]
+                extra = {"train_tokens": r["tokens"], "max_difference": r["max_difference"],
+                         "trainer_kld": [(h["step"], h["kld"]) for h in evals], "settings": r["settings"]}
+            else:
+                seconds = produce(variant, ref, out, preset, calib, args.calib_tokens, imatrix if tools else None, tools)
+                if seconds is None:
+                    results[(preset, variant)] = None
+                    continue
+            res = evaluate(str(out), EvalOptions(texts=[str(held_out)], reference=str(ref), max_tokens=args.eval_tokens,
+                                                 ctx=512, progress=False))
+            res.update(quantize_s=seconds, name=name, **extra)
+            write_json(row, res)
+            if variant == "pocketlm gptq":
+                out.replace(gptq_file)  # qad starts from this very file
+            else:
+                out.unlink()
+            results[(preset, variant)] = res
+            print(preset, name, f"kld {res['kld_mean']:.5f} ppl {res['ppl']:.3f} top1 {res['top1']:.4f}", flush=True)
+    write_section(tag, args, results)
+
+
+def write_section(tag: str, args, results: dict) -> None:
+    lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/qad.py --model {args.model} --tag {tag} --types {args.types} "
+             f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}`", "",
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp at 2 threads. Reference: the model in F32. "
+             f"gptq and llama.cpp's imatrix calibrate on {args.calib_tokens} tokens of the first 80% of wiki.txt; qad "
+             f"trains on pocketlm's bundled general text (wiki-first80 + c4) from the gptq file. Evaluation: "
+             f"{args.eval_tokens} tokens of the last 20% of wiki.txt, ctx 512, KLD over the full vocabulary, in llama.cpp.",
+             ""]
+    if args.note:
+        lines += [args.note, ""]
+    lines += ["| type | quantizer | MiB | PPL | mean KLD | top-1 | training tokens | seconds |", "|---|---|---|---|---|---|---|---|"]
+    goals = []
+    for preset in args.types.split(","):
+        for variant in VARIANTS:
+            r = results.get((preset, variant))
+            if r is None:
+                lines.append(f"| {preset} | {variant} | - | - | - | - | - | - |")
+                continue
+            lines.append(f"| {preset} | {r.get('name', variant)} | {r['size_bytes'] / 2**20:.2f} | {r['ppl']:.3f} | "
+                         f"{r['kld_mean']:.4f} | {100 * r['top1']:.1f}% | {r.get('train_tokens', '-')} | "
+                         f"{r['quantize_s']:.0f} |")
+        g, q = results.get((preset, "pocketlm gptq")), results.get((preset, "pocketlm qad"))
+        if g and q:
+            ratio = q["kld_mean"] / g["kld_mean"]
+            same = q["size_bytes"] == g["size_bytes"]
+            goals.append(f"- {preset}: qad / gptq mean KLD = {ratio:.2f} (goal ≤ {GOAL}): {'met' if ratio <= GOAL else 'NOT met'}; "
+                         f"same bytes: {'yes' if same else 'NO'}; file decodes to the trained weights with max |difference| "
+                         f"{q.get('max_difference', '?')}.")
+    lines += ["", "Goals (issue #22):", "", *goals, ""]
+    section = "\n".join(lines)
+    put_section(RESULTS, "Quantization-aware distillation (qad) vs gptq and llama.cpp", tag, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"{time.perf_counter() - t0:.0f} s")

@@ -1,0 +1,247 @@
+"""`quantize --method qad`: the gptq file, trained against the original model's logits in the
+format it ships in, and written back as the same GGUF with new blocks.
+
+The student is the teacher with every quantized decoder matrix replaced by a FakeQuant of the
+start file's blocks (fakequant.py: decodes exactly as llama.cpp does) and the embedding/output
+tables set to what the file decodes to, so it is the deployed model, up to arithmetic order.
+It trains with forward KL over the whole vocabulary (Minitron, arXiv 2407.14679: the best
+healing loss), the teacher computed beside it, through distill's loop (trainer.py: resumable,
+Ctrl-C keeps a checkpoint). The output differs from the start file only in the trained
+tensors' bytes, and each is read back and compared with the trained values before the file is
+kept.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PocketError
+from ..models.hf_arch import deinterleave_rotary_rows
+from ..models.source import resolve
+from ..models.tensors import GGUFSource
+from ..util.atomic import atomic_path, write_json
+from .fakequant import FakeQuant, QuantLinear
+from .formats import REGISTRY
+from .formats import get as get_format
+from .qad_options import QadOptions
+
+log = logging.getLogger(__name__)
+
+
+def _gguf(path: Path) -> GGUFSource:
+    return GGUFSource(resolve(path))
+
+
+def _trainable(reader_types: dict[str, str], name: str) -> bool:
+    return name.startswith("blk.") and reader_types.get(name, "F32") in REGISTRY
+
+
+def build_student(teacher_model, start_gguf: Path, free_codes: bool = True):
+    """(student model, {GGUF name: FakeQuant}): the teacher's code and float parts, the start
+    file's quantized tables, and every quantized decoder matrix as a trainable FakeQuant."""
+    ts = _gguf(start_gguf)
+    facts = ts.facts
+    types = {n: e.type for n, e in ts.entries.items()}
+    student = copy.deepcopy(teacher_model).float()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    trained: dict[str, FakeQuant] = {}
+    for name, module in list(student.named_modules()):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        gname = facts.gguf_name(name + ".weight")
+        if gname is None or not _trainable(types, gname):
+            continue
+        fmt = get_format(types[gname])
+        rows = ts.entries[gname].shape[0]
+        heads = facts.permuted_heads(gname)
+        perm = deinterleave_rotary_rows(np.arange(rows), heads) if heads else None
+        fq = FakeQuant(fmt, ts.raw(gname), perm, free_codes)
+        if tuple(fq.shape) != tuple(module.weight.shape):
+            raise PocketError(f"{start_gguf}: {gname} is {fq.shape}, the model's {name} is {tuple(module.weight.shape)}")
+        parent, _, child = name.rpartition(".")
+        setattr(student.get_submodule(parent), child, QuantLinear(fq, module.bias))
+        trained[gname] = fq
+    if not trained:
+        raise PocketError(f"{start_gguf} has no quantized decoder tensors to train")
+    # the tables the file decodes to, not the float ones: the student must be the deployed model
+    with torch.no_grad():
+        emb = student.get_input_embeddings()
+        emb.weight.copy_(torch.from_numpy(ts.values("token_embd.weight")))
+        if "output.weight" in ts.entries:
+            student.get_output_embeddings().weight.copy_(torch.from_numpy(ts.values("output.weight")))
+    return student, trained
+
+
+def write_trained(start_gguf: Path, out: Path, trained: dict[str, FakeQuant]) -> float:
+    """The start file with the trained tensors' blocks replaced (everything else byte for byte),
+    read back: returns max |file's decoded value - trained value| over the trained tensors,
+    and refuses to keep a file where it is not 0."""
+    from ..models.export_gguf import metadata_writer
+    from ..models.gguf_stream import StreamingGGUF
+
+    ts = _gguf(start_gguf)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        stream = StreamingGGUF(tmp, metadata_writer(ts))
+        for name, e in ts.entries.items():
+            stream.add_tensor_info(name, e.type, e.shape)
+        stream.begin()
+        try:
+            for name in ts.entries:
+                data = trained[name].to_bytes() if name in trained else ts.raw(name)
+                stream.write(name, data)
+            stream.finish()
+        finally:
+            stream.close()
+        worst = _max_difference(tmp, trained)
+        if worst != 0:
+            raise PocketError(f"internal: the written file decodes up to {worst:g} away from the trained weights")
+    return worst
+
+
+def _max_difference(path: Path, trained: dict[str, FakeQuant]) -> float:
+    ts = _gguf(path)
+    worst = 0.0
+    for name, fq in trained.items():
+        fmt = get_format(ts.entries[name].type)
+        decoded = fmt.dequantize(ts.raw(name).reshape(-1, fmt.type_size)).reshape(fq.shape)
+        with torch.no_grad():
+            values = fq().numpy()
+        if fq.perm is not None:
+            values = values[np.argsort(fq.perm)]
+        worst = max(worst, float(np.abs(decoded - values).max()))
+    return worst
+
+
+def _run_key(settings: dict, start_gguf: Path) -> str:
+    """A checkpoint is continued only by the run that made it: same start file, settings, data and code."""
+    import hashlib
+
+    from ..util.cache import code_version
+    from ..util.hashing import file_sha256
+
+    code = code_version("quantize/qad", "quantize/qad_blocks", "quantize/fakequant", "distill/trainer", "distill/losses")
+    text = json.dumps({**settings, "start": file_sha256(start_gguf), "code": code}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOptions,
+               ckpt_folder: Path | None = None, student_source=None) -> dict:
+    """Train the quantized file `start_gguf` against `source` (the teacher) on `data`; write
+    `out`. The file is a quantization of `source`, or of `student_source` (a student distilled
+    from it: its own shape, the teacher's vocabulary)."""
+    from ..distill.data import load_sequences
+    from ..distill.signals import OnlineTeacher
+    from ..distill.trainer import Checkpoint, TrainConfig, evaluate_student, train
+    from ..models.load import load
+    from ..util.machine import compute_device
+
+    if opts.codes not in ("free", "frozen"):
+        raise PocketError(f"unknown qad codes mode {opts.codes!r} (free or frozen)")
+    t0 = time.perf_counter()
+    teacher = load(resolve(source))
+    seqs = load_sequences(teacher.tokenizer, data, opts.seq, teacher.add_bos, max_train_tokens=opts.tokens)
+    steps = max(1, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))
+    skeleton = teacher.model if student_source is None else load(resolve(student_source)).model
+    student, trained = build_student(skeleton, start_gguf, free_codes=opts.codes == "free")
+    del skeleton
+    settings = {k: v for k, v in asdict(opts).items() if k not in ("resume", "progress", "eval_every", "save_every", "say")}
+    settings["data"] = seqs.fingerprint
+    settings["student"] = None if student_source is None else str(student_source)
+    ckpt = Checkpoint(ckpt_folder or out.with_name(out.name + ".ckpt"), _run_key(settings, start_gguf))
+    cfg = TrainConfig(loss="fkl", steps=steps, batch=opts.batch, micro_batch=opts.micro_batch, lr=opts.lr,
+                      warmup=max(1, steps // 10), weight_decay=0.0, eval_every=opts.eval_every,
+                      save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed, label="qad")
+    signal = OnlineTeacher(teacher.model)
+    baseline_file = ckpt.folder / "baseline.json"
+    if opts.resume and ckpt.exists() and baseline_file.exists():  # the checkpoint holds the block phase's result
+        baseline = json.loads(baseline_file.read_text())
+    else:
+        # the start file's own divergence, measured as training measures it, before anything moves
+        baseline = {"start": evaluate_student(student, seqs.held_out, signal, cfg), "block_errors": []}
+        if opts.block_tokens:
+            from .qad_blocks import reconstruct_blocks
+
+            n = max(1, math.ceil(opts.block_tokens / (opts.seq - 1)))
+            baseline["block_errors"] = reconstruct_blocks(student, teacher.model, list(seqs.train[:n]), opts.block_lr,
+                                                          opts.block_epochs, opts.progress)
+        ckpt.folder.mkdir(parents=True, exist_ok=True)
+        write_json(baseline_file, baseline)
+    teacher.model.to(compute_device(0), torch.bfloat16 if opts.bf16 else torch.float32)
+    history = train(student, seqs.train, signal, seqs.held_out, signal, cfg, ckpt, opts.resume, opts.progress)
+    student.to("cpu")
+    worst = write_trained(start_gguf, out, trained)
+    ckpt.remove()
+    baseline_file.unlink(missing_ok=True)
+    if ckpt.folder.exists() and not any(ckpt.folder.iterdir()):
+        ckpt.folder.rmdir()
+    return {"tokens": steps * opts.batch * (opts.seq - 1), "steps": steps, "history": history, "start": baseline["start"],
+            "block_errors": baseline["block_errors"], "seconds": time.perf_counter() - t0, "max_difference": worst,
+            "trained": sorted(trained), "settings": settings}
+
+
+def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:
+    """gptq into the checkpoint folder (kept there, so an interrupted run resumes without
+    redoing it), then training; returns quantize's report rows, the trained tensors' errors
+    measured again (unweighted: the trained values answer to the logits, not to an importance)."""
+    import dataclasses
+
+    from ..util.cache import code_version, model_content_hash
+    from .pipeline import quantize_model
+
+    out = Path(out)
+    folder = out.with_name(out.name + ".ckpt")
+    start = folder / "start.gguf"
+    start_opts = dataclasses.replace(opts, method="gptq")
+    key = json.dumps({"source": model_content_hash(resolve(source)), "preset": opts.preset, "types": opts.types,
+                      "calib": [str(Path(c).resolve()) for c in opts.calib], "calib_tokens": opts.calib_tokens,
+                      "keep": opts.keep, "code": code_version("quantize", "models")}, sort_keys=True)
+    stamp = folder / "start.json"
+    if not (qad.resume and start.exists() and stamp.exists() and stamp.read_text() == key):
+        if folder.joinpath("last.pt").exists() and not qad.resume:
+            raise PocketError(f"an unfinished run left a checkpoint in {folder}: pass --resume to continue it, "
+                              "or remove that folder to start over")
+        folder.mkdir(parents=True, exist_ok=True)
+        reports = quantize_model(source, start, start_opts)
+        stamp.write_text(key)
+    else:
+        (qad.say or log.info)(f"reusing the gptq file in {folder}")
+        reports = None
+    data = list(opts.calib) if opts.calib else _default_text()
+    result = train_file(source, start, out, data, qad, folder)
+    evals = [h for h in result["history"] if h.get("kld") is not None]
+    (qad.say or log.info)(f"qad: {result['tokens']} tokens in {result['seconds']:.0f} s; held-out KLD to the original "
+                          f"{result['start']['kld']:.4f} (gptq) -> {evals[-1]['kld']:.4f}; the file decodes to the trained "
+                          f"weights exactly (max difference {result['max_difference']:g})")
+    if reports is None:
+        from .pipeline import TensorReport
+
+        ts = _gguf(start)
+        reports = [TensorReport(n, e.shape, e.type, "gptq", 0.0) for n, e in ts.entries.items()]
+    from ..models.tensors import open_tensors
+
+    original, final = open_tensors(source), _gguf(out)
+    for r in reports:
+        if r.name in result["trained"]:
+            a, b = original.values(r.name), final.values(r.name)
+            r.method, r.weighted_error = "qad", float(((a - b) ** 2).sum() / max(float((a * a).sum()), 1e-30))
+    for f in (start, stamp):
+        f.unlink(missing_ok=True)
+    if folder.exists() and not any(folder.iterdir()):
+        folder.rmdir()
+    return reports
+
+
+def _default_text() -> list[str]:
+    from ..data import general_text
+
+    return general_text()

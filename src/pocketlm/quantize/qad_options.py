@@ -1,0 +1,29 @@
+"""What `quantize --method qad` trains for: its own module so the CLI reads the defaults
+without importing torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class QadOptions:
+    tokens: int = 100_000
+    seq: int = 512
+    batch: int = 4  # sequences per step: few tokens buy few steps, and the steps are what train
+    micro_batch: int = 4  # the whole batch in one pass: the fake-quant decode then runs once per step
+    lr: float = 5e-3  # end-to-end phase: grid steps per optimizer step (fakequant.py's units, every format alike)
+    # frozen: only scales and offsets train (EfficientQAT's end-to-end phase); free: the weights move and
+    # re-choose their levels too. On the default model's Q4_0, layer by layer, frozen measured 0.74x the
+    # gptq file's KLD, free 0.83-0.96x (moving weights fit the layer's few calibration tokens, not the model)
+    codes: str = "frozen"
+    block_tokens: int = 8192  # the layer-by-layer phase first (qad_blocks.py), on this many tokens; 0: none
+    block_epochs: int = 2
+    block_lr: float = 0.05  # of 0.02 / 0.05 / 0.1 on the default model's Q4_0, 0.05 left the least KLD
+    eval_every: int = 25
+    save_every: int = 25
+    bf16: bool = True
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+    say: Callable[[str], None] | None = None  # where to tell the user how training went

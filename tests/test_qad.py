@@ -1,0 +1,120 @@
+"""`quantize --method qad`: the trained student is the deployed file's model, training lowers its
+divergence from the original, and the written file decodes to exactly what was trained."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from gguf.quants import dequantize
+
+from pocketlm.cli import cli
+from pocketlm.models import load
+from pocketlm.models.tensors import open_tensors
+from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model
+from pocketlm.quantize.qad import build_student, write_trained
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from conftest import CORPUS
+
+    p = tmp_path_factory.mktemp("qad-data") / "train.txt"
+    p.write_text(CORPUS * 30)
+    return p
+
+
+@pytest.fixture(scope="module")
+def start_file(tiny_hf, tmp_path_factory) -> Path:
+    """Q4_K_M: k-quants and Q6_K/Q8_0 tensors in one file, rotary-permuted Q/K rows included."""
+    out = tmp_path_factory.mktemp("qad-start") / "start.gguf"
+    quantize_model(str(tiny_hf), out, QuantizeOptions(preset="Q4_K_M", method="rtn", progress=False))
+    return out
+
+
+def test_student_is_the_model_the_file_holds(tiny_hf, start_file):
+    student, trained = build_student(load(tiny_hf).model, start_file)
+    assert {n.split(".", 2)[-1] for n in trained} >= {"attn_q.weight", "attn_k.weight", "ffn_down.weight"}
+    ids = torch.tensor([[0, 5, 17, 33, 90, 120, 7, 300]])
+    with torch.no_grad():
+        got = student(ids).logits
+        want = load(start_file).model(ids).logits  # transformers' model of the file's decoded weights
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_written_file_holds_the_trained_values(tiny_hf, start_file, tmp_path):
+    student, trained = build_student(load(tiny_hf).model, start_file)
+    same = tmp_path / "same.gguf"
+    assert write_trained(start_file, same, trained) == 0
+    assert same.read_bytes() == start_file.read_bytes()  # nothing trained: nothing changed
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for fq in trained.values():
+            fq.a.copy_(torch.randn(fq.a.shape, generator=g) * 0.5)
+            fq.c.copy_(torch.randn(fq.c.shape, generator=g) * 5)
+    moved = tmp_path / "moved.gguf"
+    assert write_trained(start_file, moved, trained) == 0
+    ts = open_tensors(moved)
+    for name, fq in trained.items():
+        entry = ts.entries[name]
+        decoded = dequantize(ts.raw(name), ts._tensors[name].tensor_type).reshape(entry.shape)
+        values = fq().detach().numpy()
+        if fq.perm is not None:
+            values = values[np.argsort(fq.perm)]
+        assert np.abs(decoded - values).max() == 0, name
+    assert moved.read_bytes() != start_file.read_bytes()
+
+
+def test_cli_qad_lowers_the_divergence(tiny_hf, corpus, tmp_path):
+    out = tmp_path / "qad.gguf"
+    res = CliRunner().invoke(cli, ["quantize", str(tiny_hf), "-o", str(out), "--type", "Q4_0", "--method", "qad",
+                                   "--tokens", "20000", "--lr", "0.02", "--calib", str(corpus), "--calib-tokens", "512",
+                                   "--quiet"])
+    assert res.exit_code == 0, res.output
+    line = next(s for s in res.output.splitlines() if s.startswith("qad:"))
+    before, after = (float(v) for v in line.split("KLD to the original ")[1].split(";")[0].replace("(gptq)", "").split("->"))
+    assert after < 0.9 * before, line
+    assert "max difference 0" in line and out.exists() and not (tmp_path / "qad.gguf.ckpt").exists()
+    gptq = tmp_path / "gptq.gguf"
+    quantize_model(str(tiny_hf), gptq, QuantizeOptions(preset="Q4_0", method="gptq", calib=[str(corpus)], calib_tokens=512,
+                                                       progress=False))
+    assert out.stat().st_size == gptq.stat().st_size
+
+
+def test_cli_qad_options_need_qad(tiny_hf, tmp_path):
+    for extra in (["--tokens", "1000"], ["--resume"], ["--qad-codes", "frozen"]):
+        res = CliRunner().invoke(cli, ["quantize", str(tiny_hf), "-o", str(tmp_path / "x.gguf"), "--type", "Q4_0",
+                                       "--method", "gptq", *extra])
+        assert res.exit_code == 1 and "are for --method qad" in res.output, res.output
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_ctrl_c_keeps_a_checkpoint_that_resume_finishes(tiny_hf, corpus, tmp_path):
+    exe = Path(sys.executable).with_name("pocketlm")
+    env = {**os.environ, "POCKETLM_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "qad.gguf"
+    args = [str(exe), "quantize", str(tiny_hf), "-o", str(out), "--type", "Q4_0", "--method", "qad", "--tokens", "200000",
+            "--calib", str(corpus), "--calib-tokens", "512"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = "", time.time() + 120
+    while "qad (fkl)" not in seen and time.time() < deadline:  # training has started
+        seen += proc.stdout.read(1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "checkpoint saved" in rest and "--resume" in rest, rest[-1500:]
+    assert "Traceback" not in rest and not out.exists()
+    folder = tmp_path / "qad.gguf.ckpt"
+    assert (folder / "start.gguf").exists() and (folder / "last.pt").exists()
+    step = torch.load(folder / "last.pt", weights_only=False)["step"]
+    res = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-1500:] + res.stderr[-1500:]
+    assert "reusing the gptq file" in res.stdout  # gptq is not done twice
+    assert step >= 1 and out.exists() and not folder.exists()
