@@ -25,13 +25,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from quant_vs_llamacpp import CACHE, WIKI, produce, split_texts, tools_dir  # noqa: E402
+from quant_vs_llamacpp import measure, prepare_reference, produce, split_texts, work_folder  # noqa: E402
 from results_file import put_section  # noqa: E402
 
 from pocketlm.data import general_text  # noqa: E402
-from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
-from pocketlm.models.export_gguf import export_gguf  # noqa: E402
-from pocketlm.quantize.llamacpp_reference import llamacpp_imatrix  # noqa: E402
 from pocketlm.quantize.qad import train_file  # noqa: E402
 from pocketlm.quantize.qad_options import QadOptions  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
@@ -54,19 +51,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--note", default="")
     args = ap.parse_args()
-    if not WIKI.exists():
-        sys.exit(f"needs {WIKI}")
-    tag = args.tag or Path(args.model).name.replace(".gguf", "")
-    work = CACHE / "qad" / tag
-    work.mkdir(parents=True, exist_ok=True)
+    tag, work = work_folder("qad", args.model, args.tag)
     calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
-    ref = work / "ref-f32.gguf"
-    if not ref.exists():
-        export_gguf(args.model, ref, "f32")
-    tools = tools_dir()
-    imatrix = work / "llamacpp.imatrix"
-    if tools and not imatrix.exists():
-        llamacpp_imatrix(ref, calib, imatrix, tools, chunks=args.calib_tokens // 512)
+    ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
     qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {args.codes}"
     results: dict = {}
     for preset in args.types.split(","):
@@ -87,12 +74,11 @@ def main() -> None:
                 extra = {"train_tokens": r["tokens"], "max_difference": r["max_difference"],
                          "trainer_kld": [(h["step"], h["kld"]) for h in evals], "settings": r["settings"]}
             else:
-                seconds = produce(variant, ref, out, preset, calib, args.calib_tokens, imatrix if tools else None, tools)
+                seconds = produce(variant, ref, out, preset, calib, args.calib_tokens, imatrix, tools)
                 if seconds is None:
                     results[(preset, variant)] = None
                     continue
-            res = evaluate(str(out), EvalOptions(texts=[str(held_out)], reference=str(ref), max_tokens=args.eval_tokens,
-                                                 ctx=512, progress=False))
+            res = measure(out, ref, held_out, args.eval_tokens)
             res.update(quantize_s=seconds, name=name, **extra)
             write_json(row, res)
             if variant == "pocketlm gptq":

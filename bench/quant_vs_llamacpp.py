@@ -52,6 +52,35 @@ def tools_dir() -> Path | None:
         return None
 
 
+def work_folder(kind: str, model: str, tag: str | None) -> tuple[str, Path]:
+    """(tag, the bench's work folder for this model), after checking the shared text is there."""
+    if not WIKI.exists():
+        sys.exit(f"needs {WIKI}")
+    tag = tag or Path(model).name.replace(".gguf", "")
+    work = CACHE / kind / tag
+    work.mkdir(parents=True, exist_ok=True)
+    return tag, work
+
+
+def prepare_reference(model: str, work: Path, calib: Path, calib_tokens: int) -> tuple[Path, Path | None, Path | None]:
+    """The F32 reference every row is measured against, llama.cpp's tools, and llama.cpp's
+    imatrix of the calibration text (None without the tools); made once per work folder."""
+    ref = work / "ref-f32.gguf"
+    if not ref.exists():
+        export_gguf(model, ref, "f32")
+    tools = tools_dir()
+    imatrix = work / "llamacpp.imatrix"
+    if tools and not imatrix.exists():
+        llamacpp_imatrix(ref, calib, imatrix, tools, chunks=calib_tokens // 512)
+    return ref, tools, imatrix if tools else None
+
+
+def measure(model: Path, ref: Path, held_out: Path, eval_tokens: int) -> dict:
+    """What every row reports: PPL, mean KLD against the reference and top-1, on llama.cpp, ctx 512."""
+    return evaluate(str(model), EvalOptions(texts=[str(held_out)], reference=str(ref), max_tokens=eval_tokens, ctx=512,
+                                            progress=False))
+
+
 def split_texts(work: Path, calib_chars: int) -> tuple[Path, Path]:
     text = WIKI.read_text()
     cut = int(len(text) * 0.8)
@@ -157,11 +186,7 @@ def main() -> None:
     ap.add_argument("--time-defaults", action="store_true",
                     help="also time `pocketlm quantize` as a user runs it (defaults, Q4_K_M), for the speed goal")
     args = ap.parse_args()
-    if not WIKI.exists():
-        sys.exit(f"needs {WIKI}")
-    tag = args.tag or Path(args.model).name.replace(".gguf", "")
-    work = CACHE / "quant" / tag
-    work.mkdir(parents=True, exist_ok=True)
+    tag, work = work_folder("quant", args.model, args.tag)
     seed_work(work, tag)
     note_file = work / "note.txt"
     if args.note:
@@ -180,13 +205,7 @@ def main() -> None:
                 results[(preset, variant)] = json.loads(res_path.read_text()) if res_path.exists() else None
         write_section(tag, args, results)
         return
-    ref = work / "ref-f32.gguf"
-    if not ref.exists():
-        export_gguf(args.model, ref, "f32")
-    tools = tools_dir()
-    imatrix = work / "llamacpp.imatrix"
-    if tools and not imatrix.exists():
-        llamacpp_imatrix(ref, calib, imatrix, tools, chunks=args.calib_tokens // 512)
+    ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
     remeasure = set((args.remeasure or args.variants).split(","))
     results = {}
     for preset in args.types.split(","):
@@ -197,12 +216,11 @@ def main() -> None:
                 results[(preset, variant)] = cached
             else:
                 out = res_path.with_suffix(".gguf")
-                seconds = produce(variant, ref, out, preset, calib, args.calib_tokens, imatrix if tools else None, tools)
+                seconds = produce(variant, ref, out, preset, calib, args.calib_tokens, imatrix, tools)
                 if seconds is None:
                     results[(preset, variant)] = None
                     continue
-                r = evaluate(str(out), EvalOptions(texts=[str(held_out)], reference=str(ref), max_tokens=args.eval_tokens,
-                                                   ctx=512, progress=False))
+                r = measure(out, ref, held_out, args.eval_tokens)
                 r["quantize_s"] = seconds
                 write_json(res_path, r)
                 out.unlink()  # keep the numbers, not 100 MB per variant

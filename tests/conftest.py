@@ -54,6 +54,23 @@ def make_tiny_llama(folder: Path, *, seed: int = 0, tied: bool = True, vocab_siz
     return folder
 
 
+def interrupt_once_started(args: list[str], env: dict, marker: str, wait: float = 0.5) -> tuple[int, str]:
+    """Run a command, press Ctrl-C `wait` seconds after `marker` appears in its output (its
+    training loop has started); returns its exit status and the rest of its output."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = "", time.time() + 120
+    while marker not in seen and time.time() < deadline:
+        seen += proc.stdout.read(1)
+    time.sleep(wait)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    return proc.returncode, rest
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")

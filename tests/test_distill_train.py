@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import CORPUS, make_tiny_llama
+from conftest import CORPUS, interrupt_once_started, make_tiny_llama
 from safetensors.torch import load_file
 
 import pocketlm.distill.trainer as trainer_mod
@@ -141,22 +141,13 @@ def test_two_processes_train_the_same_model_as_one(tiny_teacher, corpus, tmp_pat
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resume_finishes(tiny_teacher, corpus, tmp_path):
-    import signal
-    import time
-
     exe = Path(sys.executable).with_name("pocketlm")
     env = {**os.environ, "POCKETLM_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "student"
     total_steps = 97  # 12,000 tokens / (4 sequences x 31 scored tokens): ~4 s of steps, long enough to interrupt
     args = [str(exe), *_distill_args(tiny_teacher, out, corpus, "--fp32", "--tokens", "12000")]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen, deadline = "", time.time() + 120
-    while "distill (fkl)" not in seen and time.time() < deadline:  # training has started
-        seen += proc.stdout.read(1)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "checkpoint saved" in rest, rest[-1500:]
+    code, rest = interrupt_once_started(args, env, "distill (fkl)")
+    assert code == 1 and "checkpoint saved" in rest, rest[-1500:]
     assert "Traceback" not in rest and not out.exists()
     step = torch.load(tmp_path / "student.ckpt" / "last.pt", weights_only=False)["step"]
     assert 1 <= step < total_steps

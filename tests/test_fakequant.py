@@ -23,6 +23,22 @@ def _gguf_decode(fmt, data: np.ndarray, shape) -> np.ndarray:
     return dequantize(np.ascontiguousarray(data).reshape(shape[0], -1), fmt.ggml_type).reshape(shape)
 
 
+def _llamacpp_decode(fmt, data: np.ndarray, shape) -> np.ndarray:
+    """llama.cpp's own decoder (ggml's dequantize_row_<type>, from the library llama-cpp-python ships)."""
+    import ctypes
+    from pathlib import Path
+
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    fn = getattr(lib, "dequantize_row_" + fmt.name.lower().replace("_k", "_K"))
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    src = np.ascontiguousarray(data, dtype=np.uint8)
+    out = np.empty(int(np.prod(shape)), np.float32)
+    fn(src.ctypes.data, out.ctypes.data, out.size)
+    return out.reshape(shape)
+
+
 def _move(fq: FakeQuant, seed: int) -> None:
     """What training does: scales, offsets and weights moved by up to a few grid steps."""
     g = torch.Generator().manual_seed(seed)
@@ -47,6 +63,7 @@ def test_forward_is_the_decoded_file_before_and_after_training(name):
     new = fq.to_bytes()
     assert not np.array_equal(new, data)
     assert np.abs(trained - _gguf_decode(fmt, new, x.shape)).max() == 0
+    assert np.abs(trained - _llamacpp_decode(fmt, new, x.shape)).max() == 0  # what llama.cpp will compute with
     fq.freeze_codes()
     assert fq.c is None and np.array_equal(fq.to_bytes(), new)
     with torch.no_grad():

@@ -3,16 +3,15 @@ divergence from the original, and the written file decodes to exactly what was t
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import interrupt_once_started
 from gguf.quants import dequantize
 
 from pocketlm.cli import cli
@@ -20,15 +19,6 @@ from pocketlm.models import load
 from pocketlm.models.tensors import open_tensors
 from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model
 from pocketlm.quantize.qad import build_student, write_trained
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from conftest import CORPUS
-
-    p = tmp_path_factory.mktemp("qad-data") / "train.txt"
-    p.write_text(CORPUS * 30)
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +62,10 @@ def test_written_file_holds_the_trained_values(tiny_hf, start_file, tmp_path):
     assert moved.read_bytes() != start_file.read_bytes()
 
 
-def test_cli_qad_lowers_the_divergence(tiny_hf, corpus, tmp_path):
+def test_cli_qad_lowers_the_divergence(tiny_hf, sample_text, tmp_path):
     out = tmp_path / "qad.gguf"
     res = CliRunner().invoke(cli, ["quantize", str(tiny_hf), "-o", str(out), "--type", "Q4_0", "--method", "qad",
-                                   "--tokens", "20000", "--lr", "0.02", "--calib", str(corpus), "--calib-tokens", "512",
+                                   "--tokens", "20000", "--lr", "0.02", "--calib", str(sample_text), "--calib-tokens", "512",
                                    "--quiet"])
     assert res.exit_code == 0, res.output
     line = next(s for s in res.output.splitlines() if s.startswith("qad:"))
@@ -83,33 +73,33 @@ def test_cli_qad_lowers_the_divergence(tiny_hf, corpus, tmp_path):
     assert after < 0.9 * before, line
     assert "max difference 0" in line and out.exists() and not (tmp_path / "qad.gguf.ckpt").exists()
     gptq = tmp_path / "gptq.gguf"
-    quantize_model(str(tiny_hf), gptq, QuantizeOptions(preset="Q4_0", method="gptq", calib=[str(corpus)], calib_tokens=512,
+    quantize_model(str(tiny_hf), gptq, QuantizeOptions(preset="Q4_0", method="gptq", calib=[str(sample_text)], calib_tokens=512,
                                                        progress=False))
     assert out.stat().st_size == gptq.stat().st_size
 
 
 def test_cli_qad_options_need_qad(tiny_hf, tmp_path):
-    for extra in (["--tokens", "1000"], ["--resume"], ["--qad-codes", "frozen"]):
+    for extra in (["--tokens", "1000"], ["--resume"], ["--qad-codes", "frozen"], ["--teacher", str(tiny_hf)]):
         res = CliRunner().invoke(cli, ["quantize", str(tiny_hf), "-o", str(tmp_path / "x.gguf"), "--type", "Q4_0",
                                        "--method", "gptq", *extra])
         assert res.exit_code == 1 and "are for --method qad" in res.output, res.output
     assert not (tmp_path / "x.gguf").exists()
+    from conftest import make_tiny_llama
+
+    other = make_tiny_llama(tmp_path / "other", vocab_size=300)
+    res = CliRunner().invoke(cli, ["quantize", str(tiny_hf), "-o", str(tmp_path / "x.gguf"), "--type", "Q4_0",
+                                   "--method", "qad", "--teacher", str(other)])
+    assert res.exit_code == 1 and "vocabulary of 300 tokens" in res.output, res.output
 
 
-def test_ctrl_c_keeps_a_checkpoint_that_resume_finishes(tiny_hf, corpus, tmp_path):
+def test_ctrl_c_keeps_a_checkpoint_that_resume_finishes(tiny_hf, sample_text, tmp_path):
     exe = Path(sys.executable).with_name("pocketlm")
     env = {**os.environ, "POCKETLM_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "qad.gguf"
     args = [str(exe), "quantize", str(tiny_hf), "-o", str(out), "--type", "Q4_0", "--method", "qad", "--tokens", "200000",
-            "--calib", str(corpus), "--calib-tokens", "512"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen, deadline = "", time.time() + 120
-    while "qad (fkl)" not in seen and time.time() < deadline:  # training has started
-        seen += proc.stdout.read(1)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "checkpoint saved" in rest and "--resume" in rest, rest[-1500:]
+            "--calib", str(sample_text), "--calib-tokens", "512"]
+    code, rest = interrupt_once_started(args, env, "qad (fkl)", wait=1.0)
+    assert code == 1 and "checkpoint saved" in rest and "--resume" in rest, rest[-1500:]
     assert "Traceback" not in rest and not out.exists()
     folder = tmp_path / "qad.gguf.ckpt"
     assert (folder / "start.gguf").exists() and (folder / "last.pt").exists()
@@ -118,3 +108,31 @@ def test_ctrl_c_keeps_a_checkpoint_that_resume_finishes(tiny_hf, corpus, tmp_pat
     assert res.returncode == 0, res.stdout[-1500:] + res.stderr[-1500:]
     assert "reusing the gptq file" in res.stdout  # gptq is not done twice
     assert step >= 1 and out.exists() and not folder.exists()
+
+
+def test_a_student_trains_against_its_original(tiny_hf, sample_text, tmp_path):
+    """--teacher: the file is a smaller model's (another shape, the same vocabulary)."""
+    from conftest import make_tiny_llama
+
+    student = make_tiny_llama(tmp_path / "student", seed=3, layers=1, ffn=256)
+    out = tmp_path / "s.gguf"
+    res = CliRunner().invoke(cli, ["quantize", str(student), "-o", str(out), "--type", "Q4_0", "--method", "qad",
+                                   "--teacher", str(tiny_hf), "--tokens", "4000", "--calib", str(sample_text),
+                                   "--calib-tokens", "512", "--quiet"])
+    assert res.exit_code == 0, res.output
+    line = next(s for s in res.output.splitlines() if s.startswith("qad:"))
+    before, after = (float(v) for v in line.split("KLD to the original ")[1].split(";")[0].replace("(gptq)", "").split("->"))
+    assert after < before, line
+    assert open_tensors(out).facts.n_layers == 1
+
+
+def test_layer_phase_brings_each_layer_closer_to_the_original(tiny_hf, start_file):
+    from pocketlm.quantize.qad_blocks import reconstruct_blocks
+
+    teacher = load(tiny_hf).model
+    windows = [torch.randint(2, 390, (96,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    untouched = reconstruct_blocks(build_student(teacher, start_file, free_codes=False)[0], teacher, windows, 0.05, 0,
+                                   progress=False)
+    trained = reconstruct_blocks(build_student(teacher, start_file, free_codes=False)[0], teacher, windows, 0.05, 3,
+                                 progress=False)
+    assert len(trained) == 2 and all(t < u for t, u in zip(trained, untouched)), (untouched, trained)

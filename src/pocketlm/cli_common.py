@@ -102,6 +102,8 @@ def qad_options(fn):
 
     d = QadOptions()
     fn = click.option("--resume", is_flag=True, help="With --method qad: continue an interrupted training run.")(fn)
+    fn = click.option("--teacher", default=None, help="With --method qad: train against this model (the original a "
+                      "distilled MODEL was made from) instead of MODEL itself.")(fn)
     fn = click.option("--qad-codes", type=click.Choice(["free", "frozen"]), default=d.codes, show_default=True,
                       help="With --method qad: free moves the weights too (levels re-chosen); frozen trains only "
                            "scales and offsets.")(fn)

@@ -28,6 +28,7 @@ from ..models.hf_arch import deinterleave_rotary_rows
 from ..models.source import resolve
 from ..models.tensors import GGUFSource
 from ..util.atomic import atomic_path, write_json
+from ..util.cache import model_content_hash
 from .fakequant import FakeQuant, QuantLinear
 from .formats import REGISTRY
 from .formats import get as get_format
@@ -154,7 +155,9 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     skeleton = teacher.model if student_source is None else load(resolve(student_source)).model
     student, trained = build_student(skeleton, start_gguf, free_codes=opts.codes == "free")
     del skeleton
-    settings = {k: v for k, v in asdict(opts).items() if k not in ("resume", "progress", "eval_every", "save_every", "say")}
+    settings = {k: v for k, v in asdict(opts).items()
+                if k not in ("resume", "progress", "eval_every", "save_every", "say", "teacher")}
+    settings["teacher"] = model_content_hash(resolve(source))
     settings["data"] = seqs.fingerprint
     settings["student"] = None if student_source is None else str(student_source)
     ckpt = Checkpoint(ckpt_folder or out.with_name(out.name + ".ckpt"), _run_key(settings, start_gguf))
@@ -195,9 +198,21 @@ def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:
     measured again (unweighted: the trained values answer to the logits, not to an importance)."""
     import dataclasses
 
-    from ..util.cache import code_version, model_content_hash
+    from ..distill.signals import FULL_MAX_PARAMS
+    from ..models.tensors import open_tensors
+    from ..util.cache import code_version
     from .pipeline import quantize_model
 
+    ts = open_tensors(source)
+    if qad.teacher is not None:
+        t_vocab = open_tensors(qad.teacher).facts.vocab
+        if t_vocab != ts.facts.vocab:
+            raise PocketError(f"--teacher has a vocabulary of {t_vocab} tokens, the model {ts.facts.vocab}: they are compared "
+                              "token by token, so the teacher must be the model this one was distilled from")
+    n = ts.n_params()
+    if n > FULL_MAX_PARAMS:  # before gptq: refused in a second, not after an hour
+        raise PocketError(f"--method qad trains the whole model in float32 beside its original: for models up to "
+                          f"{FULL_MAX_PARAMS / 1e9:.0f}B parameters (this one has {n / 1e9:.1f}B); use gptq")
     out = Path(out)
     folder = out.with_name(out.name + ".ckpt")
     start = folder / "start.gguf"
@@ -217,7 +232,10 @@ def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:
         (qad.say or log.info)(f"reusing the gptq file in {folder}")
         reports = None
     data = list(opts.calib) if opts.calib else _default_text()
-    result = train_file(source, start, out, data, qad, folder)
+    if qad.teacher is None:
+        result = train_file(source, start, out, data, qad, folder)
+    else:  # a distilled student: trained against the original it was distilled from
+        result = train_file(qad.teacher, start, out, data, qad, folder, student_source=source)
     evals = [h for h in result["history"] if h.get("kld") is not None]
     (qad.say or log.info)(f"qad: {result['tokens']} tokens in {result['seconds']:.0f} s; held-out KLD to the original "
                           f"{result['start']['kld']:.4f} (gptq) -> {evals[-1]['kld']:.4f}; the file decodes to the trained "
@@ -227,8 +245,6 @@ def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:
 
         ts = _gguf(start)
         reports = [TensorReport(n, e.shape, e.type, "gptq", 0.0) for n, e in ts.entries.items()]
-    from ..models.tensors import open_tensors
-
     original, final = open_tensors(source), _gguf(out)
     for r in reports:
         if r.name in result["trained"]:
