@@ -71,7 +71,7 @@ def main() -> None:
                 r = train_file(str(ref), gptq_file, out, general_text(), qad, work / f"{preset}.ckpt")
                 seconds = r["seconds"]
                 evals = [h for h in r["history"] if h.get("kld") is not None]
-                extra = {"train_tokens": r["tokens"], "max_difference": r["max_difference"],
+                extra = {"train_tokens": r["tokens"], "max_difference": r["max_difference"], "trainer_start_kld": r["start"]["kld"],
                          "trainer_kld": [(h["step"], h["kld"]) for h in evals], "settings": r["settings"]}
             else:
                 seconds = produce(variant, ref, out, preset, calib, args.calib_tokens, imatrix, tools)
