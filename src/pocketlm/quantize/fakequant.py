@@ -25,7 +25,7 @@ import torch
 from .formats import BlockFormat, BlockParams
 from .formats.kquants import _ScaleMinK, _SignedScaleK
 from .formats.legacy import _Symmetric, _WithMin
-from .methods.gptq import _torch_assign
+from .methods.gptq import torch_assign
 
 # Weights move this much slower than scales at one learning rate (a parametrization, which Adam
 # turns into a learning-rate ratio). Straight-through weights that move as fast as the scales
@@ -138,7 +138,7 @@ class FakeQuant(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.zeros(rows, per_scale)) if self.has_offset else None
         self.free_codes = free_codes
         self.c = torch.nn.Parameter(torch.zeros(self.shape)) if free_codes else None
-        self._assign = _torch_assign(fmt)
+        self._assign = torch_assign(fmt)
 
     # -- the stored fields, from the trained values --------------------------------------
     def _sub(self, per_block: torch.Tensor) -> torch.Tensor:

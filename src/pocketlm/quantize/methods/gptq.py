@@ -124,7 +124,7 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
     col_scale = torch.from_numpy(np.ascontiguousarray(scale))[:, cols_blk, cols_sub].T.contiguous()
     col_offset = torch.from_numpy(np.ascontiguousarray(offset))[:, cols_blk, cols_sub].T.contiguous()
     safe_scale = torch.where(col_scale == 0, torch.ones_like(col_scale), col_scale)
-    assign = _torch_assign(fmt)
+    assign = torch_assign(fmt)
     levels = torch.from_numpy(np.asarray(fmt.levels, dtype=np.float32))
     wt = w.T.contiguous()
     # level indices held in one byte (every format has at most 256 levels), not eight: two copies of
@@ -171,7 +171,7 @@ def _in_row_blocks(w: np.ndarray, choose) -> BlockParams:
                        {k: np.concatenate([p.raw[k] for p in parts]) for k in parts[0].raw})
 
 
-def _torch_assign(fmt: BlockFormat):
+def torch_assign(fmt: BlockFormat):
     """BlockFormat.assign for one column of scaled values t = (x - offset) / scale, in torch;
     where the scale is zero every value takes the level nearest 0, as the numpy path does."""
     levels = np.asarray(fmt.levels, dtype=np.float64)
