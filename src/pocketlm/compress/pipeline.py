@@ -118,10 +118,10 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
 
     quant_source, quant_hash = src.path, src_hash
     choice = None
+    # what the student is distilled on and a file trained on (qad): general text keeps the model
+    # general; the domain documents, when given, make it at home in them too (what the index holds)
+    data = [str(p) for p in d["data"]] or general_text() + ([str(domain)] if domain is not None else [])
     if plan["distill"]:
-        # general text keeps the student general; the domain documents, when given, make it at
-        # home in them too (the same documents the index will hold)
-        data = [str(p) for p in d["data"]] or general_text() + ([str(domain)] if domain is not None else [])
         shape_opts: dict = {"fraction": d["fraction"]} if d["fraction"] else {}
         if not shape_opts:
             # the pilots' length is their own: a longer final run (--tokens) keeps the same choice
@@ -179,20 +179,18 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
                              first, make_model, params={"budget": quant_budget, **q}, say=say)["result"]
     if use_qad:
         say(f"qad: {qad_why}")
-        qad_data = [str(p) for p in d["data"]] or general_text() + ([str(domain)] if domain is not None else [])
 
         def make_qad(path: Path) -> dict:
             from ..quantize.qad import train_file
             from ..quantize.qad_options import QadOptions
 
-            r = train_file(src.path, out / first, path, qad_data, QadOptions(tokens=q["qad_tokens"], progress=progress,
+            r = train_file(src.path, out / first, path, data, QadOptions(tokens=q["qad_tokens"], progress=progress,
                                                                              resume=True, say=say),
                            ckpt_folder=out / "qad.ckpt", student_source=None if quant_source == src.path else quant_source)
-            evals = [h for h in r["history"] if h.get("kld") is not None]
             return {"tokens": r["tokens"], "seconds": r["seconds"], "kld_before": r["start"]["kld"],
-                    "kld_after": evals[-1]["kld"], "max_difference": r["max_difference"], "why": qad_why}
+                    "kld_after": r["end"]["kld"], "max_difference": r["max_difference"], "why": qad_why}
 
-        qad = manifest.run("qad", key_of("qad", src_hash, file_sha256(out / first), q["qad_tokens"], _hash_files(qad_data)),
+        qad = manifest.run("qad", key_of("qad", src_hash, file_sha256(out / first), q["qad_tokens"], _hash_files(data)),
                            "model.gguf", make_qad, params={"tokens": q["qad_tokens"]}, say=say)["result"]
         quantized = {**quantized, "qad": qad}
 

@@ -142,6 +142,12 @@ class Checkpoint:
     def exists(self) -> bool:
         return self.path.exists()
 
+    def refuse_unless(self, resume: bool) -> None:
+        """An unfinished run is continued only when asked: never silently, never overwritten."""
+        if self.exists() and not resume:
+            raise PocketError(f"an unfinished run left a checkpoint in {self.folder}: pass --resume to continue it, "
+                              "or remove that folder to start over")
+
     def save(self, model, optimizer, step: int, history: list) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {"key": self.key, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -185,10 +191,8 @@ def train(model, train_seqs: torch.Tensor, targets: Targets | None, held_seqs: t
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     start, history = (continue_from[0], list(continue_from[1])) if continue_from else (0, [])
+    ckpt.refuse_unless(resume)
     if ckpt.exists():
-        if not resume:
-            raise PocketError(f"an unfinished run left a checkpoint in {ckpt.folder}: pass --resume to continue it, "
-                              "or remove that folder to start over")
         state = ckpt.load()
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -102,13 +102,15 @@ def _capture_layer_inputs(model, windows: list[torch.Tensor]):
     return inputs, captured
 
 
+def layer_output(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's hidden states out (some transformers versions return a tuple)."""
+    res = layer(hidden, **kwargs)
+    return res[0] if isinstance(res, tuple) else res
+
+
 def _run_layer(layer, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    out = []
     with torch.inference_mode():
-        for hs in hidden:
-            res = layer(hs, **kwargs)
-            out.append(res[0] if isinstance(res, tuple) else res)
-    return out
+        return [layer_output(layer, hs, kwargs) for hs in hidden]
 
 
 def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,

@@ -103,7 +103,6 @@ class FakeQuant(torch.nn.Module):
                  free_codes: bool = True):
         super().__init__()
         self.fmt, self.kind = fmt, family(fmt)
-        self.code_bits = fmt.scale_bits if isinstance(fmt, (_ScaleMinK, _SignedScaleK)) else 0  # sub-block codes
         rows = data.shape[0]
         data = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, -1)
         self.blocks_per_row = data.shape[1] // fmt.type_size
@@ -136,7 +135,6 @@ class FakeQuant(torch.nn.Module):
         self.reach = float(n - 1 if self.has_offset else n / 2)
         self.a = torch.nn.Parameter(torch.zeros(rows, per_scale))
         self.b = torch.nn.Parameter(torch.zeros(rows, per_scale)) if self.has_offset else None
-        self.free_codes = free_codes
         self.c = torch.nn.Parameter(torch.zeros(self.shape)) if free_codes else None
         self._assign = torch_assign(fmt)
 
@@ -176,6 +174,11 @@ class FakeQuant(torch.nn.Module):
 
     def weight_and_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale, offset, _ = self.fields()
+        return self._decode(scale, offset)
+
+    def _decode(self, scale: torch.Tensor, offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, level indices) for these per-sub-block fields: the file's levels with frozen
+        codes, else each moved weight's nearest level."""
         se = self._expand(scale)
         oe = None if offset is None else self._expand(offset)
         if self.c is None:
@@ -205,22 +208,24 @@ class FakeQuant(torch.nn.Module):
             idx = self.weight_and_codes()[1]
         self.idx0 = idx.to(self.idx0.dtype)
         self.c = None
-        self.free_codes = False
 
     # -- back to bytes --------------------------------------------------------------------
+    def in_file_order(self, a: np.ndarray) -> np.ndarray:
+        """Rows of the model's matrix (or of its per-row fields) back in the file's row order."""
+        if self.perm is None:
+            return a
+        out = np.empty_like(a)
+        out[self.perm] = a
+        return out
+
     def to_bytes(self) -> np.ndarray:
         """(rows, row bytes) uint8 in the file's row order: the blocks the forward pass decodes."""
         with torch.no_grad():
             scale, offset, raw = self.fields()
-            idx = self.weight_and_codes()[1]
+            idx = self._decode(scale, offset)[1]
 
         def file_rows(t: torch.Tensor) -> np.ndarray:
-            a = t.detach().cpu().numpy()
-            if self.perm is None:
-                return a
-            out = np.empty_like(a)
-            out[self.perm] = a
-            return out
+            return self.in_file_order(t.detach().cpu().numpy())
 
         n, bs = self.shape[0] * self.blocks_per_row, self.fmt.block_size
         per_block = (n, self.fmt.n_sub)

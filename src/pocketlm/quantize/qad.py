@@ -116,9 +116,7 @@ def _max_difference(path: Path, trained: dict[str, FakeQuant]) -> float:
         fmt = get_format(ts.entries[name].type)
         decoded = fmt.dequantize(ts.raw(name).reshape(-1, fmt.type_size)).reshape(fq.shape)
         with torch.no_grad():
-            values = fq().numpy()
-        if fq.perm is not None:
-            values = values[np.argsort(fq.perm)]
+            values = fq.in_file_order(fq().numpy())
         worst = max(worst, float(np.abs(decoded - values).max()))
     return worst
 
@@ -183,11 +181,11 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     history = train(student, seqs.train, signal, seqs.held_out, signal, cfg, ckpt, opts.resume, opts.progress)
     student.to("cpu")
     worst = write_trained(start_gguf, out, trained)
-    ckpt.remove()
     baseline_file.unlink(missing_ok=True)
-    if ckpt.folder.exists() and not any(ckpt.folder.iterdir()):
-        ckpt.folder.rmdir()
+    ckpt.remove()  # and its folder, once nothing else is left in it
+    end = [h for h in history if h.get("kld") is not None][-1]  # the last step is always evaluated
     return {"tokens": steps * opts.batch * (opts.seq - 1), "steps": steps, "history": history, "start": baseline["start"],
+            "end": {"ppl": end["ppl"], "kld": end["kld"]},
             "block_errors": baseline["block_errors"], "seconds": time.perf_counter() - t0, "max_difference": worst,
             "trained": sorted(trained), "settings": settings}
 
@@ -198,7 +196,9 @@ def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:
     measured again (unweighted: the trained values answer to the logits, not to an importance)."""
     import dataclasses
 
+    from ..data import general_text
     from ..distill.signals import FULL_MAX_PARAMS
+    from ..distill.trainer import Checkpoint
     from ..models.tensors import open_tensors
     from ..util.cache import code_version
     from .pipeline import quantize_model
@@ -222,33 +222,29 @@ def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:
                       "keep": opts.keep, "code": code_version("quantize", "models")}, sort_keys=True)
     stamp = folder / "start.json"
     if not (qad.resume and start.exists() and stamp.exists() and stamp.read_text() == key):
-        if folder.joinpath("last.pt").exists() and not qad.resume:
-            raise PocketError(f"an unfinished run left a checkpoint in {folder}: pass --resume to continue it, "
-                              "or remove that folder to start over")
+        Checkpoint(folder, "").refuse_unless(qad.resume)  # before gptq, not minutes later in training
         folder.mkdir(parents=True, exist_ok=True)
         reports = quantize_model(source, start, start_opts)
         stamp.write_text(key)
     else:
         (qad.say or log.info)(f"reusing the gptq file in {folder}")
         reports = None
-    data = list(opts.calib) if opts.calib else _default_text()
+    data = list(opts.calib) if opts.calib else general_text()
     if qad.teacher is None:
         result = train_file(source, start, out, data, qad, folder)
     else:  # a distilled student: trained against the original it was distilled from
         result = train_file(qad.teacher, start, out, data, qad, folder, student_source=source)
-    evals = [h for h in result["history"] if h.get("kld") is not None]
     (qad.say or log.info)(f"qad: {result['tokens']} tokens in {result['seconds']:.0f} s; held-out KLD to the original "
-                          f"{result['start']['kld']:.4f} (gptq) -> {evals[-1]['kld']:.4f}; the file decodes to the trained "
+                          f"{result['start']['kld']:.4f} (gptq) -> {result['end']['kld']:.4f}; the file decodes to the trained "
                           f"weights exactly (max difference {result['max_difference']:g})")
     if reports is None:
         from .pipeline import TensorReport
 
-        ts = _gguf(start)
-        reports = [TensorReport(n, e.shape, e.type, "gptq", 0.0) for n, e in ts.entries.items()]
-    original, final = open_tensors(source), _gguf(out)
+        reports = [TensorReport(n, e.shape, e.type, "gptq", 0.0) for n, e in _gguf(start).entries.items()]
+    final = _gguf(out)
     for r in reports:
         if r.name in result["trained"]:
-            a, b = original.values(r.name), final.values(r.name)
+            a, b = ts.values(r.name), final.values(r.name)
             r.method, r.weighted_error = "qad", float(((a - b) ** 2).sum() / max(float((a * a).sum()), 1e-30))
     for f in (start, stamp):
         f.unlink(missing_ok=True)
@@ -256,8 +252,3 @@ def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:
         folder.rmdir()
     return reports
 
-
-def _default_text() -> list[str]:
-    from ..data import general_text
-
-    return general_text()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .calibrate import _capture_layer_inputs, _decoder_layers
+from .calibrate import _capture_layer_inputs, _decoder_layers, layer_output
 
 
 def _plain(value):
@@ -24,11 +24,6 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def _forward(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def reconstruct_blocks(student, teacher, windows: list[torch.Tensor], lr: float, epochs: int,
@@ -46,19 +41,19 @@ def reconstruct_blocks(student, teacher, windows: list[torch.Tensor], lr: float,
     for i in tqdm(range(len(s_layers)), desc="qad: layer by layer", unit="layer", disable=not progress):
         layer = s_layers[i]
         with torch.no_grad():
-            targets = [_forward(t_layers[i], h, t_kwargs[i]) for h in t_hidden]
+            targets = [layer_output(t_layers[i], h, t_kwargs[i]) for h in t_hidden]
         scale = [float((y * y).mean()) or 1.0 for y in targets]
         params = [p for p in layer.parameters() if p.requires_grad]
         if params:
             opt = torch.optim.Adam(params, lr=lr)
             for _ in range(epochs):
                 for h, y, sc in zip(s_hidden, targets, scale):
-                    loss = ((_forward(layer, h, s_kwargs[i]) - y) ** 2).mean() / sc
+                    loss = ((layer_output(layer, h, s_kwargs[i]) - y) ** 2).mean() / sc
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
         with torch.no_grad():
-            s_hidden = [_forward(layer, h, s_kwargs[i]) for h in s_hidden]
+            s_hidden = [layer_output(layer, h, s_kwargs[i]) for h in s_hidden]
             num = sum(float(((o - y) ** 2).sum()) for o, y in zip(s_hidden, targets))
             errors.append(num / max(sum(float((y * y).sum()) for y in targets), 1e-30))
         t_hidden = targets
