@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--lr", type=float, default=QadOptions.lr)
     ap.add_argument("--codes", default=QadOptions.codes)
+    ap.add_argument("--norms", action="store_true", help="the file's float32 norms train too")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--note", default="")
@@ -54,7 +55,7 @@ def main() -> None:
     tag, work = work_folder("qad", args.model, args.tag)
     calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
     ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
-    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {args.codes}"
+    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {args.codes}" + (" norms" if args.norms else "")
     results: dict = {}
     for preset in args.types.split(","):
         for variant in VARIANTS:
@@ -67,7 +68,7 @@ def main() -> None:
             gptq_file = work / f"{preset}-gptq-start.gguf"
             extra: dict = {}
             if variant == "pocketlm qad":
-                qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, progress=True)
+                qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, norms=args.norms, progress=True)
                 r = train_file(str(ref), gptq_file, out, general_text(), qad, work / f"{preset}.ckpt")
                 seconds = r["seconds"]
                 evals = [h for h in r["history"] if h.get("kld") is not None]
@@ -87,12 +88,19 @@ def main() -> None:
                 out.unlink()
             results[(preset, variant)] = res
             print(preset, name, f"kld {res['kld_mean']:.5f} ppl {res['ppl']:.3f} top1 {res['top1']:.4f}", flush=True)
-    write_section(tag, args, results)
+    write_section(tag, args, results, work)
 
 
-def write_section(tag: str, args, results: dict) -> None:
+def other_qad_rows(work: Path, preset: str, name: str) -> list[dict]:
+    """The qad rows measured earlier in this work folder with other settings (pilots): shown
+    under the command's own row, against the same references."""
+    rows = [json.loads(p.read_text()) for p in sorted(work.glob(f"{preset}-pocketlm_qad_*.json"))]
+    return sorted((r for r in rows if r.get("name") != name), key=lambda r: (r.get("train_tokens", 0), r["name"]))
+
+
+def write_section(tag: str, args, results: dict, work: Path) -> None:
     lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/qad.py --model {args.model} --tag {tag} --types {args.types} "
-             f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}`", "",
+             f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}{' --norms' if args.norms else ''}`", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp at 2 threads. Reference: the model in F32. "
              f"gptq and llama.cpp's imatrix calibrate on {args.calib_tokens} tokens of the first 80% of wiki.txt; qad "
              f"trains on pocketlm's bundled general text (wiki-first80 + c4) from the gptq file. Evaluation: "
@@ -108,9 +116,9 @@ def write_section(tag: str, args, results: dict) -> None:
             if r is None:
                 lines.append(f"| {preset} | {variant} | - | - | - | - | - | - |")
                 continue
-            lines.append(f"| {preset} | {r.get('name', variant)} | {r['size_bytes'] / 2**20:.2f} | {r['ppl']:.3f} | "
-                         f"{r['kld_mean']:.4f} | {100 * r['top1']:.1f}% | {r.get('train_tokens', '-')} | "
-                         f"{r['quantize_s']:.0f} |")
+            lines.append(row_line(preset, r, variant))
+        own = results.get((preset, "pocketlm qad"))
+        lines += [row_line(preset, r, "", "(earlier pilot) ") for r in other_qad_rows(work, preset, own["name"] if own else "")]
         g, q = results.get((preset, "pocketlm gptq")), results.get((preset, "pocketlm qad"))
         if g and q:
             ratio = q["kld_mean"] / g["kld_mean"]
@@ -122,6 +130,11 @@ def write_section(tag: str, args, results: dict) -> None:
     section = "\n".join(lines)
     put_section(RESULTS, "Quantization-aware distillation (qad) vs gptq and llama.cpp", tag, section)
     print(section)
+
+
+def row_line(preset: str, r: dict, variant: str, mark: str = "") -> str:
+    return (f"| {preset} | {mark}{r.get('name', variant)} | {r['size_bytes'] / 2**20:.2f} | {r['ppl']:.3f} | "
+            f"{r['kld_mean']:.4f} | {100 * r['top1']:.1f}% | {r.get('train_tokens', '-')} | {r['quantize_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def start_file(tiny_hf, tmp_path_factory) -> Path:
 
 
 def test_student_is_the_model_the_file_holds(tiny_hf, start_file):
-    student, trained = build_student(load(tiny_hf).model, start_file)
+    student, trained, _ = build_student(load(tiny_hf).model, start_file)
     assert {n.split(".", 2)[-1] for n in trained} >= {"attn_q.weight", "attn_k.weight", "ffn_down.weight"}
     ids = torch.tensor([[0, 5, 17, 33, 90, 120, 7, 300]])
     with torch.no_grad():
@@ -40,7 +40,7 @@ def test_student_is_the_model_the_file_holds(tiny_hf, start_file):
 
 
 def test_written_file_holds_the_trained_values(tiny_hf, start_file, tmp_path):
-    student, trained = build_student(load(tiny_hf).model, start_file)
+    student, trained, _ = build_student(load(tiny_hf).model, start_file)
     same = tmp_path / "same.gguf"
     assert write_trained(start_file, same, trained) == 0
     assert same.read_bytes() == start_file.read_bytes()  # nothing trained: nothing changed
@@ -60,6 +60,38 @@ def test_written_file_holds_the_trained_values(tiny_hf, start_file, tmp_path):
             values = values[np.argsort(fq.perm)]
         assert np.abs(decoded - values).max() == 0, name
     assert moved.read_bytes() != start_file.read_bytes()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_trained_norms_are_written_as_the_model_uses_them(arch, tiny_hf, tmp_path):
+    """Norms train beside the blocks; the file must hold what llama.cpp multiplies by (Gemma:
+    1 + w), so the file's model is the student, logits and all."""
+    from test_streaming import make_tiny_gemma
+
+    source = tiny_hf if arch == "llama" else make_tiny_gemma(tmp_path / "gemma")
+    start = tmp_path / "start.gguf"
+    quantize_model(str(source), start, QuantizeOptions(preset="Q8_0", method="rtn", progress=False))
+    student, trained, norms = build_student(load(source).model, start, free_codes=False, norms=True)
+    assert {n.split(".", 2)[-1] for n in norms} >= {"attn_norm.weight", "ffn_norm.weight"}
+    assert "output_norm.weight" in norms
+    same = tmp_path / "same.gguf"
+    assert write_trained(start, same, trained, norms) == 0
+    assert same.read_bytes() == start.read_bytes()  # s = 0 is the start file exactly
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n in norms.values():
+            n.module.parametrizations.weight[0].s.copy_(torch.randn(n.stored().shape, generator=g))
+    moved = tmp_path / "moved.gguf"
+    assert write_trained(start, moved, trained, norms) == 0
+    ts = open_tensors(moved)
+    for name, n in norms.items():
+        assert np.array_equal(ts.values(name), n.stored()), name
+        assert not np.array_equal(ts.values(name), open_tensors(start).values(name)), name
+    ids = torch.tensor([[0, 5, 17, 33, 90, 120, 7, 300]])
+    with torch.no_grad():
+        got = student(ids).logits
+        want = load(moved).model(ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_cli_qad_lowers_the_divergence(tiny_hf, sample_text, tmp_path):

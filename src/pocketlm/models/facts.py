@@ -74,6 +74,11 @@ class ModelFacts:
         name = hf_name.removeprefix("model.language_model.").removeprefix("language_model.")
         return self.name_map().get_name(name, try_suffixes=(".weight", ".bias"))
 
+    def stored_offset(self, hf_name: str) -> float:
+        """What GGUF adds to a tensor's HF value: 1 for Gemma's norms (HF keeps w for x * (1 + w),
+        llama.cpp multiplies by the stored 1 + w), else 0."""
+        return 1.0 if self.spec.norm_plus_one and hf_name.endswith("norm.weight") else 0.0
+
     def permuted_heads(self, gguf_name: str) -> int | None:
         """How many heads a tensor's rows are interleaved by (llama.cpp's rotary layout), or None."""
         if not self.spec.permute_qk:

@@ -185,8 +185,9 @@ class SafetensorsSource(TensorSource):
         if heads:  # the row interleave works on whole heads: read all, then slice
             values = interleave_rotary_rows(values, heads)
             values = values[rows] if rows is not None else values
-        if self.facts.spec.norm_plus_one and e.key.endswith("norm.weight"):
-            values = values + 1.0
+        offset = self.facts.stored_offset(e.key)
+        if offset:
+            values = values + offset
         return np.ascontiguousarray(values, dtype=np.float32)
 
 

@@ -45,9 +45,64 @@ def _trainable(reader_types: dict[str, str], name: str) -> bool:
     return name.startswith("blk.") and reader_types.get(name, "F32") in REGISTRY
 
 
-def build_student(teacher_model, start_gguf: Path, free_codes: bool = True):
-    """(student model, {GGUF name: FakeQuant}): the teacher's code and float parts, the start
-    file's quantized tables, and every quantized decoder matrix as a trainable FakeQuant."""
+# A norm's weight moves by NORM_RATE * s of its own multiplier per unit of s: relative units,
+# like the block scales' (fakequant.py), so the one learning rate suits both (lr 0.02 is then
+# at most ~0.2% of the multiplier per update, about what a Q4_0 block scale moves).
+NORM_RATE = 0.1
+
+
+class _RelativeNorm(torch.nn.Module):
+    """A parametrization of a norm's weight w0 as w0 + NORM_RATE * s * (w0 + offset): exactly
+    w0 at s = 0 (the start file), each channel's multiplier moved in proportion to itself."""
+
+    def __init__(self, w0: torch.Tensor, offset: float):
+        super().__init__()
+        self.register_buffer("w0", w0.detach().float().clone())
+        self.register_buffer("m0", self.w0 + offset)
+        self.s = torch.nn.Parameter(torch.zeros_like(self.w0))
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.w0 + NORM_RATE * self.s * self.m0
+
+
+class TrainedNorm:
+    """A float32 norm of the file that trains beside the quantized matrices.
+
+    Norms scale each input channel of the matrices after them, a freedom no block scale has
+    (those are per row); the file stores them in float32, so they cost no bytes and are exact.
+    """
+
+    def __init__(self, module: torch.nn.Module, offset: float):
+        from torch.nn.utils import parametrize
+
+        self.module, self.offset = module, offset
+        parametrize.register_parametrization(module, "weight", _RelativeNorm(module.weight, offset), unsafe=True)
+        module.parametrizations.weight.original.requires_grad_(False)
+
+    def stored(self) -> np.ndarray:
+        """What the file holds: the value the student multiplies by, computed as the model computes it."""
+        with torch.no_grad():
+            w = self.module.weight.detach().float().cpu()
+            return (w + self.offset if self.offset else w).numpy().astype(np.float32)
+
+
+def _norms(student, ts: GGUFSource, types: dict[str, str]) -> dict[str, TrainedNorm]:
+    """Every 1-D float32 weight of the file the student has a module for (the norms)."""
+    found = {}
+    for name, module in list(student.named_modules()):
+        w = getattr(module, "weight", None)
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or not isinstance(w, torch.nn.Parameter) or w.ndim != 1:
+            continue
+        gname = ts.facts.gguf_name(name + ".weight")
+        if gname is not None and types.get(gname) == "F32" and len(ts.entries[gname].shape) == 1:
+            found[gname] = TrainedNorm(module, ts.facts.stored_offset(name + ".weight"))
+    return found
+
+
+def build_student(teacher_model, start_gguf: Path, free_codes: bool = True, norms: bool = False):
+    """(student model, {GGUF name: FakeQuant}, {GGUF name: TrainedNorm}): the teacher's code and
+    float parts, the start file's quantized tables, every quantized decoder matrix as a
+    trainable FakeQuant, and with `norms` the norms trainable too."""
     ts = _gguf(start_gguf)
     facts = ts.facts
     types = {n: e.type for n, e in ts.entries.items()}
@@ -79,13 +134,14 @@ def build_student(teacher_model, start_gguf: Path, free_codes: bool = True):
         emb.weight.copy_(torch.from_numpy(ts.values("token_embd.weight")))
         if "output.weight" in ts.entries:
             student.get_output_embeddings().weight.copy_(torch.from_numpy(ts.values("output.weight")))
-    return student, trained
+    return student, trained, (_norms(student, ts, types) if norms else {})
 
 
-def write_trained(start_gguf: Path, out: Path, trained: dict[str, FakeQuant]) -> float:
-    """The start file with the trained tensors' blocks replaced (everything else byte for byte),
-    read back: returns max |file's decoded value - trained value| over the trained tensors,
-    and refuses to keep a file where it is not 0."""
+def write_trained(start_gguf: Path, out: Path, trained: dict[str, FakeQuant],
+                  norms: dict[str, TrainedNorm] | None = None) -> float:
+    """The start file with the trained tensors' blocks (and trained norms) replaced, everything
+    else byte for byte, read back: returns max |file's decoded value - trained value| over the
+    trained tensors, and refuses to keep a file where it is not 0."""
     from ..models.export_gguf import metadata_writer
     from ..models.gguf_stream import StreamingGGUF
 
@@ -95,23 +151,24 @@ def write_trained(start_gguf: Path, out: Path, trained: dict[str, FakeQuant]) ->
         stream = StreamingGGUF(tmp, metadata_writer(ts))
         for name, e in ts.entries.items():
             stream.add_tensor_info(name, e.type, e.shape)
+        stored = {name: n.stored() for name, n in (norms or {}).items()}
         stream.begin()
         try:
             for name in ts.entries:
-                data = trained[name].to_bytes() if name in trained else ts.raw(name)
+                data = trained[name].to_bytes() if name in trained else stored.get(name, ts.raw(name))
                 stream.write(name, data)
             stream.finish()
         finally:
             stream.close()
-        worst = _max_difference(tmp, trained)
+        worst = _max_difference(tmp, trained, stored)
         if worst != 0:
             raise PocketError(f"internal: the written file decodes up to {worst:g} away from the trained weights")
     return worst
 
 
-def _max_difference(path: Path, trained: dict[str, FakeQuant]) -> float:
+def _max_difference(path: Path, trained: dict[str, FakeQuant], stored: dict[str, np.ndarray]) -> float:
     ts = _gguf(path)
-    worst = 0.0
+    worst = max((float(np.abs(ts.values(name) - v).max()) for name, v in stored.items()), default=0.0)
     for name, fq in trained.items():
         fmt = get_format(ts.entries[name].type)
         decoded = fmt.dequantize(ts.raw(name).reshape(-1, fmt.type_size)).reshape(fq.shape)
@@ -151,7 +208,7 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     seqs = load_sequences(teacher.tokenizer, data, opts.seq, teacher.add_bos, max_train_tokens=opts.tokens)
     steps = max(1, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))
     skeleton = teacher.model if student_source is None else load(resolve(student_source)).model
-    student, trained = build_student(skeleton, start_gguf, free_codes=opts.codes == "free")
+    student, trained, norms = build_student(skeleton, start_gguf, free_codes=opts.codes == "free", norms=opts.norms)
     del skeleton
     settings = {k: v for k, v in asdict(opts).items()
                 if k not in ("resume", "progress", "eval_every", "save_every", "say", "teacher")}
@@ -180,14 +237,14 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     teacher.model.to(compute_device(0), torch.bfloat16 if opts.bf16 else torch.float32)
     history = train(student, seqs.train, signal, seqs.held_out, signal, cfg, ckpt, opts.resume, opts.progress)
     student.to("cpu")
-    worst = write_trained(start_gguf, out, trained)
+    worst = write_trained(start_gguf, out, trained, norms)
     baseline_file.unlink(missing_ok=True)
     ckpt.remove()  # and its folder, once nothing else is left in it
     end = [h for h in history if h.get("kld") is not None][-1]  # the last step is always evaluated
     return {"tokens": steps * opts.batch * (opts.seq - 1), "steps": steps, "history": history, "start": baseline["start"],
             "end": {"ppl": end["ppl"], "kld": end["kld"]},
             "block_errors": baseline["block_errors"], "seconds": time.perf_counter() - t0, "max_difference": worst,
-            "trained": sorted(trained), "settings": settings}
+            "trained": sorted(trained), "norms": sorted(norms), "settings": settings}
 
 
 def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:

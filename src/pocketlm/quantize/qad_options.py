@@ -19,6 +19,7 @@ class QadOptions:
     # re-choose their levels too. On the default model's Q4_0, layer by layer, frozen measured 0.74x the
     # gptq file's KLD, free 0.83-0.96x (moving weights fit the layer's few calibration tokens, not the model)
     codes: str = "frozen"
+    norms: bool = False  # the file's float32 norms train too (per input channel; free in bytes)
     block_tokens: int = 8192  # the layer-by-layer phase first (qad_blocks.py), on this many tokens; 0: none
     block_epochs: int = 2
     block_lr: float = 0.05  # of 0.02 / 0.05 / 0.1 on the default model's Q4_0, 0.05 left the least KLD
