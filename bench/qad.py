@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from quant_vs_llamacpp import measure, prepare_reference, produce, split_texts, work_folder  # noqa: E402
+from quant_vs_llamacpp import measure, prepare_reference, produce, remembered_note, split_texts, work_folder  # noqa: E402
 from results_file import put_section  # noqa: E402
 
 from pocketlm.data import general_text  # noqa: E402
@@ -50,11 +50,15 @@ def main() -> None:
     ap.add_argument("--norms", action="store_true", help="the file's float32 norms train too")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=40960)
-    ap.add_argument("--note", default="")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="write the section from the rows already measured; '-' for the rest (nothing is computed)")
+    ap.add_argument("--note", default="", help="said under the section's heading; remembered per --tag")
     args = ap.parse_args()
     tag, work = work_folder("qad", args.model, args.tag)
-    calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
-    ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
+    args.note = remembered_note(work, args.note)
+    if not args.cached_only:
+        calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
+        ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
     qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {args.codes}" + (" norms" if args.norms else "")
     results: dict = {}
     for preset in args.types.split(","):
@@ -63,6 +67,8 @@ def main() -> None:
             row = work / f"{preset}-{name.replace(' ', '_').replace('+', '_')}.json"
             if row.exists():
                 results[(preset, variant)] = json.loads(row.read_text())
+                continue
+            if args.cached_only:
                 continue
             out = row.with_suffix(".gguf")
             gptq_file = work / f"{preset}-gptq-start.gguf"

@@ -52,6 +52,14 @@ def tools_dir() -> Path | None:
         return None
 
 
+def remembered_note(work: Path, note: str) -> str:
+    """A section's note, kept in its work folder: a rerun without --note keeps what was said."""
+    note_file = work / "note.txt"
+    if note:
+        note_file.write_text(note)
+    return note_file.read_text() if note_file.exists() else ""
+
+
 def work_folder(kind: str, model: str, tag: str | None) -> tuple[str, Path]:
     """(tag, the bench's work folder for this model), after checking the shared text is there."""
     if not WIKI.exists():
@@ -188,11 +196,7 @@ def main() -> None:
     args = ap.parse_args()
     tag, work = work_folder("quant", args.model, args.tag)
     seed_work(work, tag)
-    note_file = work / "note.txt"
-    if args.note:
-        note_file.write_text(args.note)
-    elif note_file.exists():
-        args.note = note_file.read_text()
+    args.note = remembered_note(work, args.note)
     if args.time_defaults or not args.cached_only:
         calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
     if args.time_defaults:

@@ -2,9 +2,11 @@
 clear refusals that leave earlier artifacts intact."""
 import errno
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
+from test_handoff import check_handoff
 
 from pocketlm.cli import cli
 from pocketlm.compress.recipe import load_recipe
@@ -40,6 +42,10 @@ def test_compress_meets_the_budget_reports_and_resumes(job):
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "× smaller" in md.splitlines()[2] and "distillation was skipped" in md
     assert page.count("data:image/png;base64,") >= 2 and "<table>" in page  # plots embedded: one file is the report
+    linked = re.findall(r"!\[[^]]*\]\((plots/[^)]+\.png)\)", md)  # Markdown links its plots, no base64 text
+    assert len(linked) >= 2 and "base64" not in md
+    assert all((out / p).read_bytes().startswith(b"\x89PNG") for p in linked)
+    check_handoff(out / "Modelfile", out / "README.md", out / "model.gguf", rows)
     assert (out / "docs.db").exists()
     steps = json.loads((out / "manifest.json").read_text())["steps"]
     assert {"plan", "quantize", "preset", "evaluate"} <= set(steps)

@@ -148,10 +148,11 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
 @click.option("--keep", multiple=True, help="PATTERN=TYPE per-tensor override, e.g. 'blk.*.ffn_down.weight=Q6_K'.")
 @click.option("--allow-requant", is_flag=True, help="Allow a target type above the input's own quantization.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile and a model card beside the output.")
 @click.option("--quiet", is_flag=True, help="No progress bars, no per-tensor table.")
 @user_errors
 def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx, method, tokens, lr, qad_codes, teacher,
-             resume, calib, calib_tokens, keep, allow_requant, force, quiet):
+             resume, calib, calib_tokens, keep, allow_requant, force, modelfile, quiet):
     """Quantize MODEL to a GGUF file that llama.cpp, Ollama and LM Studio run."""
     from .quantize.plan import PRESETS, parse_keep
 
@@ -172,7 +173,7 @@ def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx,
     types = {}
     if preset is None:
         types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, table=not quiet, progress=not quiet)
-    from .quantize.pipeline import QuantizeOptions, quantize_model
+    from .quantize.pipeline import QuantizeOptions, method_of, quantize_model
     from .report_table import print_quantize
 
     opts = QuantizeOptions(preset=preset.upper() if preset else None, method=method, calib=[str(c) for c in calib],
@@ -186,6 +187,14 @@ def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx,
     if not quiet:
         print_quantize(reports)
     click.echo(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    if modelfile:
+        from .runtime.handoff import write_handoff
+
+        how = [f"`pocketlm quantize` of {model}: " + (f"llama.cpp's {opts.preset} types" if opts.preset else
+                                                     "types chosen per tensor for the budget")
+               + f", {method_of(opts)} quantizer."]
+        for path in write_handoff(output, f"{model}, quantized by pocketlm", how, tags=("quantized",)):
+            click.echo(f"wrote {path}")
     if target_memory is not None:
         from .runtime.memory import check, verdict
 

@@ -232,7 +232,7 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
     from ..eval.report import write_report
 
     report = write_report(out, src, plan, quantized, preset, choice)
-    say(f"report: {report['html']} and {report['md']}")
+    say(f"report: {report['html']} and {report['md']}; for Ollama: ollama create NAME -f {report['modelfile']}")
     say(report["headline"])
 
     if domain is not None:

@@ -1,5 +1,6 @@
-"""The compress report: one plain sentence, a side-by-side table, and plots, in Markdown and
-HTML that carry their plots inside (base64 PNG), so either file can be mailed on its own."""
+"""The compress report: one plain sentence, a side-by-side table, and plots. The Markdown
+links its plots as PNG files beside it (a Markdown viewer shows embedded base64 as pages of
+text); the HTML carries them inside, so it can be mailed on its own."""
 from __future__ import annotations
 
 import base64
@@ -9,18 +10,18 @@ import json
 import re
 from pathlib import Path
 
-from ..util.atomic import write_text
+from ..util.atomic import write_bytes, write_text
 
 KIND_ORDER = ["token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
 
-def _png(fig) -> str:
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    return base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
-def _plots(rows: dict, types: dict[str, str]) -> dict[str, str]:
+def _plots(rows: dict, types: dict[str, str]) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +169,10 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
     if choice:
         md += ["## Student shapes weighed", "", f"{choice['why']}.", "", *_md_table(_choice_table(choice)),
                f"\n({len(choice['candidates'])} shapes fit the budget; shown: the finalists, then the largest others.)", ""]
-    md += [f"## {title}\n\n![{title}](data:image/png;base64,{data})\n" for title, data in plots.items()]
+    files = {title: f"plots/{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}.png" for title in plots}
+    for title, data in plots.items():
+        write_bytes(out / files[title], data)
+    md += [f"## {title}\n\n![{title}]({files[title]})\n" for title in plots]
     page = ["<!doctype html><html><head><meta charset='utf-8'><title>pocketlm report</title><style>"
             "body{font:15px/1.45 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
@@ -179,9 +183,16 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
     if choice:
         page += ["<h2>Student shapes weighed</h2>", f"<p>{html.escape(choice['why'])}.</p>",
                  *_html_table(_choice_table(choice))]
-    page += [f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{d}'>"
+    page += [f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,{base64.b64encode(d).decode()}'>"
              for t, d in plots.items()]
     page.append("</body></html>")
     for name, text in (("report.md", "\n".join(md)), ("report.html", "\n".join(page))):
         write_text(out / name, text)
-    return {"md": str(out / "report.md"), "html": str(out / "report.html"), "headline": top}
+    from ..runtime.handoff import write_handoff
+
+    how = [f"`pocketlm compress` of {src.name}: {top}", *notes, "The whole report, with plots: report.md / report.html."]
+    tags = ("quantized", *(("distilled",) if plan["distill"] else ()), *(("qat",) if qad else ()))
+    modelfile, card = write_handoff(out / "model.gguf", f"{src.name}, compressed by pocketlm", how, table,
+                                    tags=tags, own_folder=True)
+    return {"md": str(out / "report.md"), "html": str(out / "report.html"), "headline": top,
+            "modelfile": str(modelfile), "card": str(card)}

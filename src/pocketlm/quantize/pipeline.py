@@ -133,10 +133,15 @@ def calibration_windows(tokenizer, add_bos: bool, files, n_tokens: int, ctx: int
     return [torch.from_numpy(row) for row in windows.inputs]
 
 
+def method_of(opts: QuantizeOptions) -> str:
+    """The method asked for, else gptq on the user's calibration text, imatrix on the bundled one."""
+    return opts.method or ("gptq" if opts.calib else "imatrix")
+
+
 def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[TensorReport]:
     """Tensors are read lazily from the source and written into the output as each is done:
     memory holds one tensor (or one decoder layer when calibrating), disk only the output."""
-    method = opts.method or ("gptq" if opts.calib else "imatrix")
+    method = method_of(opts)
     if method not in METHODS:
         raise PocketError(f"unknown --method {method!r} (choose one of {', '.join(METHODS)})")
     if method == "qad":

@@ -97,5 +97,10 @@ def write_text(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_json(target: str | os.PathLike, data) -> None:
     write_text(target, json.dumps(data, indent=2, sort_keys=False) + "\n")
