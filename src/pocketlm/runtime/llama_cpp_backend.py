@@ -14,13 +14,15 @@ DEFAULT_THREADS = int(os.environ.get("POCKETLM_THREADS", "2"))
 
 class LlamaCppModel:
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int = DEFAULT_THREADS,
-                 logits_all: bool = False, n_batch: int = 512):
+                 logits_all: bool = False, n_batch: int = 512, vocab_only: bool = False):
+        """vocab_only: the tokenizer and chat template without the weights (counting tokens only)."""
         from llama_cpp import Llama
 
         self.path = Path(path)
         try:
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_ubatch=min(n_batch, n_ctx),
-                             n_threads=n_threads, n_threads_batch=n_threads, logits_all=logits_all, verbose=False)
+                             n_threads=n_threads, n_threads_batch=n_threads, logits_all=logits_all, verbose=False,
+                             vocab_only=vocab_only)
         except (ValueError, RuntimeError) as exc:
             raise PocketError(f"llama.cpp cannot load {path}: {exc}") from None
         self.n_ctx = n_ctx

@@ -1,0 +1,158 @@
+"""`serve --backend URL`: pocketlm's front (keys, limits and 429s, RAG with citations, uploads,
+the page, metrics) over any OpenAI-compatible server: llama-server, vLLM, TGI, Ollama, or
+replicas behind a load balancer.
+
+A RemoteModel stands where a llama.cpp context stands in the pool (engine.py), so every
+endpoint works unchanged: generation streams from the backend, while token counting (the
+context checks, fitting RAG passages, usage) uses the model's own vocabulary, read locally
+without its weights, because OpenAI's API has no tokenize call.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import PocketError
+from .openai_api import APIError
+
+
+def base_url(url: str) -> str:
+    """OpenAI base URLs end in /v1; people also type the server's root."""
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise PocketError(f"--backend {url!r} is not an http(s) URL")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class LocalTokenizer:
+    """The served model's vocabulary and chat template, without its weights."""
+
+    def __init__(self, model: str | Path):
+        from ..models.source import resolve
+
+        src = resolve(model)
+        self.hf = None
+        self.gguf = None
+        if src.is_gguf:
+            from ..runtime.llama_cpp_backend import LlamaCppModel
+
+            self.gguf = LlamaCppModel(src.path, n_ctx=16, vocab_only=True)
+        else:
+            from transformers import AutoTokenizer
+
+            self.hf = AutoTokenizer.from_pretrained(src.path)
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.gguf is not None:
+            return self.gguf.tokenize(text)
+        assert self.hf is not None
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def count_chat_tokens(self, messages: list[dict]) -> int:
+        if self.gguf is not None:
+            return self.gguf.count_chat_tokens(messages)
+        assert self.hf is not None
+        if getattr(self.hf, "chat_template", None):
+            return len(self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        return sum(len(self.tokenize(m["content"])) + 8 for m in messages) + 8
+
+
+class RemoteModel:
+    """One request at a time to the backend, in the shape engine.py's contexts have."""
+
+    def __init__(self, url: str, key: str | None, model_name: str, tokenizer: LocalTokenizer, n_ctx: int,
+                 timeout: float = 600.0):
+        import httpx
+
+        self.url, self.model_name, self.tokenizer, self.n_ctx = base_url(url), model_name, tokenizer, n_ctx
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # read timeout: the longest the backend may go quiet between two streamed pieces
+        self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.tokenize(text)
+
+    def count_chat_tokens(self, messages: list[dict]) -> int:
+        return self.tokenizer.count_chat_tokens(messages)
+
+    def stream_chat(self, messages: list[dict], max_tokens: int, **params) -> Iterator[dict]:
+        return self._stream("/chat/completions", {"messages": messages, "max_tokens": max_tokens, **params})
+
+    def stream_completion(self, prompt: str, max_tokens: int, **params) -> Iterator[dict]:
+        return self._stream("/completions", {"prompt": prompt, "max_tokens": max_tokens, **params})
+
+    def _stream(self, path: str, body: dict) -> Iterator[dict]:
+        import httpx
+
+        # unset sampling fields are left out, not sent as null: some servers reject a null they would default
+        body = {**{k: v for k, v in body.items() if v is not None}, "model": self.model_name, "stream": True}
+        try:
+            with self.client.stream("POST", self.url + path, json=body) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise _backend_error(r.status_code, r.text)
+                for line in r.iter_lines():
+                    if not line.startswith("data:"):
+                        continue  # SSE comments and keep-alives
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        return
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        raise _backend_error(502, json.dumps(chunk))
+                    if chunk.get("choices"):  # a usage-only chunk carries none
+                        yield chunk
+        except httpx.HTTPError as exc:
+            raise APIError(502, f"the backend at {self.url} failed: {type(exc).__name__}: {exc}", type="server_error") from None
+
+
+def _backend_error(status: int, text: str) -> APIError:
+    """The backend's refusal passed on: its 4xx stay the client's problem (429 keeps its meaning),
+    anything else is a bad gateway."""
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = text[:300]
+    if status in (400, 404, 413, 422, 429):
+        return APIError(status, f"the backend refused: {message}", type="server_error" if status == 429 else
+                        "invalid_request_error")
+    return APIError(502, f"the backend answered {status}: {message}", type="server_error")
+
+
+def connect(url: str, key: str | None, model_name: str | None = None, timeout: float = 10.0) -> str:
+    """The backend's model id (the one asked for, else the first it lists), or one clear error:
+    a server that cannot be reached or refuses the key is found at start, not at the first request."""
+    import httpx
+
+    try:
+        r = httpx.get(base_url(url) + "/models", headers={"Authorization": f"Bearer {key}"} if key else {},
+                      timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise PocketError(f"cannot reach the backend at {url}: {type(exc).__name__}: {exc}") from None
+    if r.status_code in (401, 403):
+        raise PocketError(f"the backend at {url} refused the key (HTTP {r.status_code}); give it with --backend-key")
+    if r.status_code != 200:
+        raise PocketError(f"the backend at {url} answered HTTP {r.status_code} to GET /v1/models: not an OpenAI-compatible server?")
+    try:
+        ids = [m["id"] for m in r.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise PocketError(f"the backend at {url} listed its models in an unknown shape") from None
+    if model_name is not None:
+        if model_name not in ids:
+            raise PocketError(f"the backend at {url} has no model {model_name!r} (it has: {', '.join(ids) or 'none'})")
+        return model_name
+    if not ids:
+        raise PocketError(f"the backend at {url} lists no models")
+    return ids[0]
+
+
+def remote_pool(url: str, key: str | None, model_name: str | None, tokenizer_source: str | Path, n_ctx: int,
+                parallel: int, max_queue: int):
+    """engine.py's pool over the backend: `parallel` requests in flight, the rest in its fair line."""
+    from .engine import ContextPool
+
+    name = connect(url, key, model_name)
+    tokenizer = LocalTokenizer(tokenizer_source)
+    return ContextPool(url, n_ctx=n_ctx, parallel=parallel, max_queue=max_queue,
+                       loader=lambda u, n_ctx, n_threads: RemoteModel(u, key, name, tokenizer, n_ctx))
