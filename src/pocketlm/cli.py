@@ -450,7 +450,9 @@ def compress(model, target_size, target_memory, ctx, output, domain, recipe, tok
 @click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=16),
               help="Context length of each generation context.")
 @click.option("--parallel", default=None, type=POSITIVE,
-              help="Requests served at once: llama.cpp contexts [default: 1], or requests in flight to --backend [default: 16].")
+              help="Requests served at once: contexts [default: 1], batched sequences or requests to --backend [16].")
+@click.option("--engine", type=click.Choice(["contexts", "batched"]), default="contexts", show_default=True,
+              help="contexts: one llama.cpp context per request; batched: every request's next token in one decode.")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0), help="Requests that may wait; more get 429.")
 @click.option("--uploads", type=click.Path(path_type=Path), default=None,
               help="Folder for uploaded documents (default: beside the index).")
@@ -462,29 +464,23 @@ def compress(model, target_size, target_memory, ctx, output, domain, recipe, tok
 @click.option("--backend-model", default=None, help="The backend's model id [default: the first it lists].")
 @THREADS
 @user_errors
-def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max_upload_mb, backend, backend_key,
+def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max_upload_mb, engine, backend, backend_key,
           backend_model, threads):
     """OpenAI-compatible API (+ RAG with citations) and a web page, on llama.cpp or any OpenAI-compatible backend."""
     import uvicorn
 
     from .serve.app import create_app
-    from .serve.engine import ContextPool
+    from .serve.engine import make_pool
     from .serve.http import HeaderDeadlineProtocol
     from .serve.knowledge import KnowledgeBase
 
     if backend is None and (backend_key or backend_model):
         raise PocketError("--backend-key and --backend-model are for --backend")
+    if backend is not None and engine != "contexts":
+        raise PocketError("--engine is how llama.cpp runs here; with --backend the backend generates")
     kb = KnowledgeBase(db, uploads) if db else None
-    if backend is not None:
-        from .serve.backend import remote_pool
-
-        pool = remote_pool(backend, backend_key, backend_model, model, ctx, parallel or 16, max_queue)
-        click.echo(f"generating on {backend} (model {pool.models[0].model_name})")
-    else:
-        from .models.export_gguf import cached_gguf
-
-        pool = ContextPool(cached_gguf(model, "f16"), n_ctx=ctx, parallel=parallel or 1, max_queue=max_queue,
-                           threads=threads)
+    pool = make_pool(model, engine=engine, backend=backend, backend_key=backend_key, backend_model=backend_model, ctx=ctx,
+                     parallel=parallel, max_queue=max_queue, threads=threads, say=click.echo)
     model_id = Path(model).stem if Path(model).exists() else model
     app = create_app(pool, model_id, kb, api_key=api_key, max_upload_mb=max_upload_mb)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -19,7 +19,9 @@ class QadOptions:
     # re-choose their levels too. On the default model's Q4_0, layer by layer, frozen measured 0.74x the
     # gptq file's KLD, free 0.83-0.96x (moving weights fit the layer's few calibration tokens, not the model)
     codes: str = "frozen"
-    norms: bool = False  # the file's float32 norms train too (per input channel; free in bytes)
+    # the file's float32 norms train too (a per-input-channel freedom no block scale has, free in bytes). Off: on
+    # the default model's Q4_0 at 100k tokens it measured no gain (KLD 0.0839 with, 0.0822 without, bench/results/qad.md)
+    norms: bool = False
     block_tokens: int = 8192  # the layer-by-layer phase first (qad_blocks.py), on this many tokens; 0: none
     block_epochs: int = 2
     block_lr: float = 0.05  # of 0.02 / 0.05 / 0.1 on the default model's Q4_0, 0.05 left the least KLD

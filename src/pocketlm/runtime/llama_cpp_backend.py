@@ -52,24 +52,34 @@ class LlamaCppModel:
         self.llm.eval(tokens)
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
 
-    def count_chat_tokens(self, messages: list[dict]) -> int:
-        """Prompt tokens of a chat: exact through the model's own chat template when it has one,
-        else the contents plus a few per message for the template's markers."""
-        if self._formatter is None:
+    def chat_prompt(self, messages: list[dict]) -> tuple[list[int], list[str]] | None:
+        """(prompt tokens, stop strings) through the model's own chat template, as
+        llama-cpp-python's chat completion makes them; None when the model has no template or it
+        wants what the messages lack."""
+        if self._formatter is None:  # assigned once made: threads asking at once must not see a half-made one
             template = self.llm.metadata.get("tokenizer.chat_template")
-            self._formatter = False
+            formatter: Any = False
             if template:
                 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
                 vocab = self.llm._model
-                self._formatter = Jinja2ChatFormatter(template, eos_token=vocab.token_get_text(self.llm.token_eos()),
-                                                      bos_token=vocab.token_get_text(self.llm.token_bos()))
+                formatter = Jinja2ChatFormatter(template, eos_token=vocab.token_get_text(self.llm.token_eos()),
+                                                bos_token=vocab.token_get_text(self.llm.token_bos()))
+            self._formatter = formatter
         if self._formatter:
             try:
-                prompt = self._formatter(messages=messages).prompt
-                return len(self.tokenize(prompt, special=True)) + 1
-            except Exception:  # a template that wants what the request lacks: fall back to the estimate
-                pass
+                result = self._formatter(messages=messages)
+            except Exception:  # a template that wants what the request lacks
+                return None
+            return self.tokenize(result.prompt, special=True), list(result.stop or [])
+        return None
+
+    def count_chat_tokens(self, messages: list[dict]) -> int:
+        """Prompt tokens of a chat: exact through the model's own chat template when it has one,
+        else the contents plus a few per message for the template's markers."""
+        made = self.chat_prompt(messages)
+        if made is not None:
+            return len(made[0]) + 1
         return sum(len(self.tokenize(m["content"])) + 8 for m in messages) + 8
 
     def stream_chat(self, messages: list[dict], **params) -> Iterator[dict]:

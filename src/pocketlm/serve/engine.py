@@ -151,3 +151,26 @@ class Lease:
     def __init__(self, model):
         self.model = model
         self.worker: asyncio.Future | None = None
+
+
+def make_pool(model, *, engine: str = "contexts", backend: str | None = None, backend_key: str | None = None,
+              backend_model: str | None = None, ctx: int = 2048, parallel: int | None = None, max_queue: int = 16,
+              threads: int | None = None, say: Callable[[str], None] = print) -> ContextPool:
+    """The pool `serve` generates through: llama.cpp contexts, one batched llama.cpp context
+    (runtime/batched.py), or requests to an OpenAI-compatible backend (backend.py)."""
+    if backend is not None:
+        from .backend import remote_pool
+
+        pool = remote_pool(backend, backend_key, backend_model, model, ctx, parallel or 16, max_queue)
+        say(f"generating on {backend} (model {pool.models[0].model_name})")
+        return pool
+    from ..models.export_gguf import cached_gguf
+
+    path = cached_gguf(model, "f16")
+    if engine == "batched":
+        from ..runtime.batched import BatchedEngine, BatchedSlot
+
+        shared = BatchedEngine(path, n_ctx=ctx, n_seq=parallel or 16, n_threads=threads or usable_cores())
+        return ContextPool(path, n_ctx=ctx, parallel=parallel or 16, max_queue=max_queue,
+                           loader=lambda p, n_ctx, n_threads: BatchedSlot(shared))
+    return ContextPool(path, n_ctx=ctx, parallel=parallel or 1, max_queue=max_queue, threads=threads)
