@@ -1,11 +1,13 @@
-"""Load on `pocketlm serve`: p50/p95 latency, time to first token and total tokens/s at 1, 4
-and 16 concurrent clients, each sending 5 streamed chat requests, for --parallel 1 and 2.
+"""Load on `pocketlm serve`: p50/p95 latency, time to first token, total tokens/s, refusals and
+the server's peak memory at 1, 4, 16 and 64 concurrent clients, each sending streamed chat
+requests, for each engine: --parallel 1 and 2 llama.cpp contexts, --engine batched, and the
+`--backend` front over a batched server (the front's own cost).
 
-The server runs as its own process (`pocketlm serve`, the default model), so the clients'
-Python does not share its interpreter; both share the machine's cores, as they would on a
-laptop.
+Each server runs as its own process (`pocketlm serve`, the default model), so the clients'
+Python does not share its interpreter; all share the machine's cores, as they would on a laptop.
 
-  .venv/bin/python bench/serve_load.py [--requests 5] [--max-tokens 64]
+  .venv/bin/python bench/serve_load.py [--requests 5] [--max-tokens 64] [--clients 1,4,16,64]
+      [--configs contexts-1,contexts-2,batched-16,front-over-batched-16]
 
 Results: bench/results/serve_load.md (and stdout).
 """
@@ -41,10 +43,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(parallel: int) -> tuple[subprocess.Popen, str]:
+CONFIGS = {  # name: (server arguments, a second server in front of it with --backend)
+    "contexts-1": (["--parallel", "1"], False),
+    "contexts-2": (["--parallel", "2"], False),
+    "batched-16": (["--engine", "batched", "--parallel", "16"], False),
+    "front-over-batched-16": (["--engine", "batched", "--parallel", "16"], True),
+}
+
+
+def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "pocketlm"), "serve", "--port", str(port), "--parallel",
-                             str(parallel), "--max-queue", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "pocketlm"), "serve", "--port", str(port), "--max-queue", "32",
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -76,6 +86,38 @@ def one_request(url: str, question: str, max_tokens: int) -> dict:
     return {"status": 200, "latency": time.perf_counter() - t0, "ttft": first or 0.0, "tokens": tokens}
 
 
+class PeakMemory:
+    """Peak resident memory of the server processes (and their children), sampled in a thread."""
+
+    def __init__(self, pids: list[int]):
+        import threading
+
+        import psutil
+
+        self.procs = [psutil.Process(p) for p in pids]
+        self.peak, self._stop = 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            for p in self.procs:
+                try:
+                    total += sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.thread.join(5)
+        return self.peak
+
+
 def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     def client(i):
         return [one_request(url, QUESTIONS[(i + j) % len(QUESTIONS)], max_tokens) for j in range(requests)]
@@ -85,7 +127,7 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         results = [r for rs in ex.map(client, range(clients)) for r in rs]
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
-    lat, ttft = [r["latency"] for r in ok], [r["ttft"] for r in ok]
+    lat, ttft = [r["latency"] for r in ok] or [float("nan")], [r["ttft"] for r in ok] or [float("nan")]
     return {"clients": clients, "ok": len(ok), "refused": len(results) - len(ok),
             "p50": np.percentile(lat, 50), "p95": np.percentile(lat, 95), "ttft50": np.percentile(ttft, 50),
             "ttft95": np.percentile(ttft, 95), "tok_s": sum(r["tokens"] for r in ok) / wall, "wall": wall}
@@ -95,22 +137,33 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=5, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
     args = ap.parse_args()
     rows = []
-    for parallel in (1, 2):
-        proc, url = start_server(parallel)
+    for name in args.configs.split(","):
+        server_args, front = CONFIGS[name]
+        procs = []
         try:
+            proc, url = start_server(server_args)
+            procs.append(proc)
+            if front:
+                proc, url = start_server(["--backend", url, "--parallel", "16"])
+                procs.append(proc)
             one_request(url, "warm up", 4)
-            for clients in (1, 4, 16):
-                row = run_level(url, clients, args.requests, args.max_tokens) | {"parallel": parallel}
+            for clients in map(int, args.clients.split(",")):
+                memory = PeakMemory([p.pid for p in procs])
+                row = run_level(url, clients, args.requests, args.max_tokens) | {"config": name}
+                row["rss_mb"] = memory.stop() / 2**20
                 print(row, flush=True)
                 rows.append(row)
             alive = httpx.get(f"{url}/health").json()["status"] == "ok"
         finally:
-            proc.terminate()
-            proc.wait(30)
+            for proc in reversed(procs):
+                proc.terminate()
+                proc.wait(30)
         if not alive:
-            sys.exit("the server went down under load")
+            sys.exit(f"the server went down under load ({name})")
     write(rows, args)
 
 
@@ -119,11 +172,13 @@ def write(rows, args) -> None:
              f"Command: `.venv/bin/python bench/serve_load.py` on {cpu_name()} ({os.cpu_count()} cores), "
              f"{time.strftime('%Y-%m-%d')}. Default model (SmolLM2-135M-Instruct Q4_1) on llama.cpp, "
              f"{args.requests} streamed chat requests per client, greedy, max_tokens {args.max_tokens}, "
-             "--max-queue 32; clients and server share the 2 cores.", "",
-             "| --parallel | clients | ok | 429 | p50 latency s | p95 latency s | TTFT p50 s | TTFT p95 s | total tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['parallel']} | {r['clients']} | {r['ok']} | {r['refused']} | {r['p50']:.2f} | {r['p95']:.2f} | "
-              f"{r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['tok_s']:.1f} |" for r in rows]
+             "--max-queue 32; clients and servers share the 2 cores. Engines: contexts-N = `--parallel N` llama.cpp "
+             "contexts; batched-16 = `--engine batched --parallel 16`; front-over-batched-16 = a second `pocketlm serve "
+             "--backend URL` in front of batched-16 (memory: both processes).", "",
+             "| engine | clients | ok | 429 | p50 latency s | p95 latency s | TTFT p50 s | TTFT p95 s | total tok/s | "
+             "server peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['clients']} | {r['ok']} | {r['refused']} | {r['p50']:.2f} | {r['p95']:.2f} | "
+              f"{r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['tok_s']:.1f} | {r['rss_mb']:.0f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     print(text)
     save_results(RESULTS, text)
