@@ -124,14 +124,17 @@ def write_section(tag: str, args, results: dict, work: Path) -> None:
                 continue
             lines.append(row_line(preset, r, variant))
         own = results.get((preset, "pocketlm qad"))
-        lines += [row_line(preset, r, "", "(earlier pilot) ") for r in other_qad_rows(work, preset, own["name"] if own else "")]
-        g, q = results.get((preset, "pocketlm gptq")), results.get((preset, "pocketlm qad"))
+        earlier = other_qad_rows(work, preset, own["name"] if own else "")
+        lines += [row_line(preset, r, "", "(earlier run) ") for r in earlier]
+        g = results.get((preset, "pocketlm gptq"))
+        q = own or max(earlier, key=lambda r: r.get("train_tokens", 0), default=None)  # else the longest earlier run
         if g and q:
             ratio = q["kld_mean"] / g["kld_mean"]
             same = q["size_bytes"] == g["size_bytes"]
-            goals.append(f"- {preset}: qad / gptq mean KLD = {ratio:.2f} (goal ≤ {GOAL}): {'met' if ratio <= GOAL else 'NOT met'}; "
-                         f"same bytes: {'yes' if same else 'NO'}; file decodes to the trained weights with max |difference| "
-                         f"{q.get('max_difference', '?')}.")
+            which = "" if own else f" (this command's row not measured; from '{q['name']}')"
+            goals.append(f"- {preset}: qad / gptq mean KLD = {ratio:.3f}{which} (goal ≤ {GOAL}): "
+                         f"{'met' if ratio <= GOAL else 'NOT met'}; same bytes: {'yes' if same else 'NO'}; file decodes to "
+                         f"the trained weights with max |difference| {q.get('max_difference', '?')}.")
     lines += ["", "Goals (issue #22):", "", *goals, ""]
     section = "\n".join(lines)
     put_section(RESULTS, "Quantization-aware distillation (qad) vs gptq and llama.cpp", tag, section)
