@@ -7,7 +7,7 @@ Each server runs as its own process (`pocketlm serve`, the default model), so th
 Python does not share its interpreter; all share the machine's cores, as they would on a laptop.
 
   .venv/bin/python bench/serve_load.py [--requests 5] [--max-tokens 64] [--clients 1,4,16,64]
-      [--configs contexts-1,contexts-2,batched-16,front-over-batched-16]
+      [--configs contexts-1,contexts-2,batched-16,front-over-batched-16,llama-server-16,front-over-llama-server-16]
 
 Results: bench/results/serve_load.md (and stdout).
 """
@@ -43,18 +43,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-CONFIGS = {  # name: (server arguments, a second server in front of it with --backend)
+CONFIGS = {  # name: (server arguments, or "llama-server"; a second server in front of it with --backend)
     "contexts-1": (["--parallel", "1"], False),
     "contexts-2": (["--parallel", "2"], False),
     "batched-16": (["--engine", "batched", "--parallel", "16"], False),
     "front-over-batched-16": (["--engine", "batched", "--parallel", "16"], True),
+    "llama-server-16": ("llama-server", False),  # the anchor: llama.cpp's own server, 16 slots
+    "front-over-llama-server-16": ("llama-server", True),
 }
 
 
-def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
+def llama_server_command(port: int) -> list[str]:
+    """llama.cpp's server on the default model, 16 slots of 2048 tokens (its -c is the total), 2 threads;
+    built by bench/build_llamacpp_tools.sh with TOOLS_SERVER=1."""
+    from pocketlm.models.registry import DEFAULT_MODEL
+    from pocketlm.models.source import resolve
+
+    tools = subprocess.run(["bash", str(ROOT / "bench" / "build_llamacpp_tools.sh")], capture_output=True, text=True,
+                           check=True, env={**os.environ, "TOOLS_SERVER": "1"}).stdout.strip().splitlines()[-1]
+    return [str(Path(tools) / "llama-server"), "-m", str(resolve(DEFAULT_MODEL).path), "--host", "127.0.0.1", "--port",
+            str(port), "-np", "16", "-c", str(16 * 2048), "-t", "2"]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "pocketlm"), "serve", "--port", str(port), "--max-queue", "32",
-                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    command = llama_server_command(port) if args == "llama-server" else \
+        [str(ROOT / ".venv" / "bin" / "pocketlm"), "serve", "--port", str(port), "--max-queue", "32", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -70,7 +85,7 @@ def one_request(url: str, question: str, max_tokens: int) -> dict:
     body = {"model": "x", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, pieces = None, 0, 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as res:
         if res.status_code == 429:
             return {"status": 429}
@@ -81,8 +96,11 @@ def one_request(url: str, question: str, max_tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content") and first is None:
-                first = time.perf_counter() - t0
+            elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                pieces += 1
+                if first is None:
+                    first = time.perf_counter() - t0
+    tokens = tokens or pieces  # a server that reports no usage streams one token a piece
     return {"status": 200, "latency": time.perf_counter() - t0, "ttft": first or 0.0, "tokens": tokens}
 
 
@@ -174,7 +192,8 @@ def write(rows, args) -> None:
              f"{args.requests} streamed chat requests per client, greedy, max_tokens {args.max_tokens}, "
              "--max-queue 32; clients and servers share the 2 cores. Engines: contexts-N = `--parallel N` llama.cpp "
              "contexts; batched-16 = `--engine batched --parallel 16`; front-over-batched-16 = a second `pocketlm serve "
-             "--backend URL` in front of batched-16 (memory: both processes).", "",
+             "--backend URL` in front of batched-16 (memory: both processes); llama-server-16 = llama.cpp's own server (the same "
+             "llama.cpp as llama-cpp-python's), 16 slots of 2048 tokens, 2 threads, and the front over it.", "",
              "| engine | clients | ok | 429 | p50 latency s | p95 latency s | TTFT p50 s | TTFT p95 s | total tok/s | "
              "server peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['clients']} | {r['ok']} | {r['refused']} | {r['p50']:.2f} | {r['p95']:.2f} | "
