@@ -232,7 +232,14 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
     from ..eval.report import write_report
 
     report = write_report(out, src, plan, quantized, preset, choice)
-    say(f"report: {report['html']} and {report['md']}; for Ollama: ollama create NAME -f {report['modelfile']}")
+    from ..runtime.handoff import write_handoff
+
+    how = [f"`pocketlm compress` of {src.name}: {report['headline']}", *report["notes"],
+           "The whole report, with plots: report.md / report.html."]
+    tags = ("quantized", *(("distilled",) if plan["distill"] else ()), *(("qat",) if use_qad else ()))
+    modelfile, _ = write_handoff(out / "model.gguf", f"{src.name}, compressed by pocketlm", how, report["table"], tags=tags,
+                                 own_folder=True)
+    say(f"report: {report['html']} and {report['md']}; for Ollama: ollama create NAME -f {modelfile}")
     say(report["headline"])
 
     if domain is not None:

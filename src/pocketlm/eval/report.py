@@ -119,7 +119,7 @@ def _choice_table(choice: dict) -> list[list[str]]:
     return rows
 
 
-def _md_table(rows: list[list[str]]) -> list[str]:
+def md_table(rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]), *["| " + " | ".join(r) + " |" for r in rows[1:]]]
 
 
@@ -164,10 +164,10 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
                  f"{rows['pocketlm'].get('ctx', '?')} tokens, KLD over the full vocabulary; speeds with 2 threads on this "
                  "machine (GGUF files on llama.cpp, HF folders on torch).")
     table = _table(rows)
-    md = [f"# pocketlm compress report: {src.name}", "", f"**{top}**", "", *_md_table(table)]
+    md = [f"# pocketlm compress report: {src.name}", "", f"**{top}**", "", *md_table(table)]
     md += ["", *[f"- {n}" for n in notes], ""]
     if choice:
-        md += ["## Student shapes weighed", "", f"{choice['why']}.", "", *_md_table(_choice_table(choice)),
+        md += ["## Student shapes weighed", "", f"{choice['why']}.", "", *md_table(_choice_table(choice)),
                f"\n({len(choice['candidates'])} shapes fit the budget; shown: the finalists, then the largest others.)", ""]
     files = {title: f"plots/{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}.png" for title in plots}
     for title, data in plots.items():
@@ -188,11 +188,5 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
     page.append("</body></html>")
     for name, text in (("report.md", "\n".join(md)), ("report.html", "\n".join(page))):
         write_text(out / name, text)
-    from ..runtime.handoff import write_handoff
-
-    how = [f"`pocketlm compress` of {src.name}: {top}", *notes, "The whole report, with plots: report.md / report.html."]
-    tags = ("quantized", *(("distilled",) if plan["distill"] else ()), *(("qat",) if qad else ()))
-    modelfile, card = write_handoff(out / "model.gguf", f"{src.name}, compressed by pocketlm", how, table,
-                                    tags=tags, own_folder=True)
-    return {"md": str(out / "report.md"), "html": str(out / "report.html"), "headline": top,
-            "modelfile": str(modelfile), "card": str(card)}
+    return {"md": str(out / "report.md"), "html": str(out / "report.html"), "headline": top, "notes": notes,
+            "table": table}

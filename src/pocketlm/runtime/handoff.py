@@ -64,13 +64,12 @@ def default_system(jinja: str, fmt: ChatFormat) -> str | None:
     import re
 
     from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     if not fmt.system_turn:
         return None
-    try:  # sandboxed, as transformers renders chat templates: the template came with a downloaded file
-        text = ImmutableSandboxedEnvironment().from_string(jinja).render(
-            messages=[{"role": "user", "content": "x"}], add_generation_prompt=True, bos_token="", eos_token="")
+    try:  # rendered as the runtime renders it (runtime/llama_cpp_backend.py: sandboxed, transformers' whitespace rules)
+        text = Jinja2ChatFormatter(jinja, eos_token="", bos_token="")(messages=[{"role": "user", "content": "x"}]).prompt
     except (TemplateError, TypeError, ValueError):
         return None  # a template that needs more than messages: no default read from it
     m = re.match(fmt.system_turn, text, flags=re.S)
@@ -111,18 +110,17 @@ def modelfile_text(gguf_path: Path, made_from: str, modelfile_name: str = "Model
 def model_card_text(gguf_path: Path, made_from: str, how: list[str], table: list[list[str]] | None,
                     tags: tuple[str, ...] = (), modelfile_name: str = "Modelfile") -> str:
     """A Hugging Face style card: YAML front matter, what the file is, how it was made, how it scored."""
-    from ..eval.report import _md_table
+    from ..eval.report import md_table
     from ..models.info import inspect
 
     info = inspect(str(gguf_path))
     name = Path(gguf_path).name
-    front = ["---", "library_name: gguf", "tags:", *[f"- {t}" for t in ("gguf", "pocketlm", *tags)]]
-    front.append("---")
+    front = ["---", "library_name: gguf", "tags:", *[f"- {t}" for t in ("gguf", "pocketlm", *tags)], "---"]
     body = [f"# {name}", "",
             f"{made_from}: a {info.architecture} model of {info.n_params / 1e6:.0f}M parameters in "
             f"{info.file_size / 1e6:.1f} MB ({info.bpw:.2f} bits per weight), for llama.cpp, "
             "Ollama and LM Studio.", "", "## How it was made", "", *[f"- {h}" for h in how], "", "## Evaluation", ""]
-    body += (_md_table(table) + ["", "Mean KLD and top-1 are measured against the original model on held-out text "
+    body += (md_table(table) + ["", "Mean KLD and top-1 are measured against the original model on held-out text "
                                  "(see pocketlm's report.md beside this file)."]) if table else \
         ["Not evaluated here: `pocketlm eval " + name + " --reference ORIGINAL` measures it."]
     body += ["", "## Use it", "", "```sh", f"ollama create my-model -f {modelfile_name}",

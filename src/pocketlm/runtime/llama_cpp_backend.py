@@ -12,6 +12,11 @@ from ..errors import PocketError
 DEFAULT_THREADS = int(os.environ.get("POCKETLM_THREADS", "2"))
 
 
+def estimate_chat_tokens(tokenize, messages: list[dict]) -> int:
+    """A chat's prompt tokens without its template: the contents plus a few per message for the markers."""
+    return sum(len(tokenize(m["content"])) + 8 for m in messages) + 8
+
+
 class LlamaCppModel:
     def __init__(self, path: str | Path, *, n_ctx: int = 2048, n_threads: int = DEFAULT_THREADS,
                  logits_all: bool = False, n_batch: int = 512, vocab_only: bool = False):
@@ -80,7 +85,7 @@ class LlamaCppModel:
         made = self.chat_prompt(messages)
         if made is not None:
             return len(made[0]) + 1
-        return sum(len(self.tokenize(m["content"])) + 8 for m in messages) + 8
+        return estimate_chat_tokens(self.tokenize, messages)
 
     def stream_chat(self, messages: list[dict], **params) -> Iterator[dict]:
         """llama-cpp-python's OpenAI-shaped chunks, for the server (params as OpenAI names them)."""

@@ -55,7 +55,9 @@ class LocalTokenizer:
         assert self.hf is not None
         if getattr(self.hf, "chat_template", None):
             return len(self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-        return sum(len(self.tokenize(m["content"])) + 8 for m in messages) + 8
+        from ..runtime.llama_cpp_backend import estimate_chat_tokens
+
+        return estimate_chat_tokens(self.tokenize, messages)
 
 
 class RemoteModel:

@@ -170,7 +170,8 @@ def make_pool(model, *, engine: str = "contexts", backend: str | None = None, ba
     if engine == "batched":
         from ..runtime.batched import BatchedEngine, BatchedSlot
 
-        shared = BatchedEngine(path, n_ctx=ctx, n_seq=parallel or 16, n_threads=threads or usable_cores())
-        return ContextPool(path, n_ctx=ctx, parallel=parallel or 16, max_queue=max_queue,
+        n_seq = parallel or 16
+        shared = BatchedEngine(path, n_ctx=ctx, n_seq=n_seq, n_threads=threads or usable_cores())
+        return ContextPool(path, n_ctx=ctx, parallel=n_seq, max_queue=max_queue,
                            loader=lambda p, n_ctx, n_threads: BatchedSlot(shared))
     return ContextPool(path, n_ctx=ctx, parallel=parallel or 1, max_queue=max_queue, threads=threads)
