@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=QadOptions.lr)
     ap.add_argument("--codes", default=QadOptions.codes)
     ap.add_argument("--norms", action="store_true", help="the file's float32 norms train too")
+    ap.add_argument("--block-tokens", type=int, default=QadOptions.block_tokens,
+                    help="tokens of the layer-by-layer phase (the first of the training sequences, reused)")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--cached-only", action="store_true",
@@ -59,7 +61,8 @@ def main() -> None:
     if not args.cached_only:
         calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
         ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
-    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {args.codes}" + (" norms" if args.norms else "")
+    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {args.codes}" + (" norms" if args.norms else "") + \
+        (f" layers{args.block_tokens // 1024}k" if args.block_tokens != QadOptions.block_tokens else "")
     results: dict = {}
     for preset in args.types.split(","):
         for variant in VARIANTS:
@@ -74,7 +77,8 @@ def main() -> None:
             gptq_file = work / f"{preset}-gptq-start.gguf"
             extra: dict = {}
             if variant == "pocketlm qad":
-                qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, norms=args.norms, progress=True)
+                qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, norms=args.norms,
+                                 block_tokens=args.block_tokens, progress=True)
                 r = train_file(str(ref), gptq_file, out, general_text(), qad, work / f"{preset}.ckpt")
                 seconds = r["seconds"]
                 evals = [h for h in r["history"] if h.get("kld") is not None]
@@ -106,7 +110,8 @@ def other_qad_rows(work: Path, preset: str, name: str) -> list[dict]:
 
 def write_section(tag: str, args, results: dict, work: Path) -> None:
     lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/qad.py --model {args.model} --tag {tag} --types {args.types} "
-             f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}{' --norms' if args.norms else ''}`", "",
+             f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}{' --norms' if args.norms else ''}"
+             + (f" --block-tokens {args.block_tokens}" if args.block_tokens != QadOptions.block_tokens else "") + "`", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp at 2 threads. Reference: the model in F32. "
              f"gptq and llama.cpp's imatrix calibrate on {args.calib_tokens} tokens of the first 80% of wiki.txt; qad "
              f"trains on pocketlm's bundled general text (wiki-first80 + c4) from the gptq file. Evaluation: "

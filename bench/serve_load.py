@@ -33,6 +33,7 @@ from results_file import save_results  # noqa: E402
 from pocketlm.util.machine import cpu_name  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "serve_load.md"
+WORK = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench")) / "serve_load"
 QUESTIONS = ["Explain what a compiler does.", "Write a short poem about rain.", "Give three tips for learning to cook.",
              "What is the difference between a list and a tuple?", "Describe a sunset over the sea."]
 
@@ -44,8 +45,9 @@ def free_port() -> int:
 
 
 CONFIGS = {  # name: (server arguments, or "llama-server"; a second server in front of it with --backend)
-    "contexts-1": (["--parallel", "1"], False),
-    "contexts-2": (["--parallel", "2"], False),
+    "contexts-1": (["--engine", "contexts", "--parallel", "1"], False),
+    "contexts-2": (["--engine", "contexts", "--parallel", "2"], False),
+    "server-16": (["--engine", "server", "--parallel", "16"], False),  # the default: pocketlm's supervised llama-server
     "batched-16": (["--engine", "batched", "--parallel", "16"], False),
     "front-over-batched-16": (["--engine", "batched", "--parallel", "16"], True),
     "llama-server-16": ("llama-server", False),  # the anchor: llama.cpp's own server, 16 slots
@@ -81,25 +83,34 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     sys.exit(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
 
 
+STALL = 120.0  # seconds without a byte from the server: the request is counted as stalled
+
+
 def one_request(url: str, question: str, max_tokens: int) -> dict:
     body = {"model": "x", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, tokens, pieces = None, 0, 0
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as res:
-        if res.status_code == 429:
-            return {"status": 429}
-        res.raise_for_status()
-        for line in res.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                pieces += 1
-                if first is None:
-                    first = time.perf_counter() - t0
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=STALL) as res:
+            if res.status_code == 429:
+                return {"status": 429}
+            if res.status_code != 200:
+                return {"status": res.status_code}
+            for line in res.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    pieces += 1
+                    if first is None:
+                        first = time.perf_counter() - t0
+    except httpx.TimeoutException:
+        return {"status": "stalled"}  # nothing for STALL seconds: counted, not waited on forever
+    except httpx.HTTPError:
+        return {"status": "error"}
     tokens = tokens or pieces  # a server that reports no usage streams one token a piece
     return {"status": 200, "latency": time.perf_counter() - t0, "ttft": first or 0.0, "tokens": tokens}
 
@@ -145,8 +156,9 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
         results = [r for rs in ex.map(client, range(clients)) for r in rs]
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
+    other = [r for r in results if r["status"] not in (200, 429)]
     lat, ttft = [r["latency"] for r in ok] or [float("nan")], [r["ttft"] for r in ok] or [float("nan")]
-    return {"clients": clients, "ok": len(ok), "refused": len(results) - len(ok),
+    return {"clients": clients, "ok": len(ok), "refused": len(results) - len(ok) - len(other), "other": len(other),
             "p50": np.percentile(lat, 50), "p95": np.percentile(lat, 95), "ttft50": np.percentile(ttft, 50),
             "ttft95": np.percentile(ttft, 95), "tok_s": sum(r["tokens"] for r in ok) / wall, "wall": wall}
 
@@ -175,14 +187,60 @@ def main() -> None:
                 row["rss_mb"] = memory.stop() / 2**20
                 print(row, flush=True)
                 rows.append(row)
-            alive = httpx.get(f"{url}/health").json()["status"] == "ok"
+            alive = httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
         finally:
             for proc in reversed(procs):
                 proc.terminate()
-                proc.wait(30)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:  # llama-server stalled under 64 clients ignored SIGTERM
+                    proc.kill()
+                    proc.wait(30)
         if not alive:
             sys.exit(f"the server went down under load ({name})")
-    write(rows, args)
+    write(remember(rows), args)
+
+
+def remember(rows: list[dict]) -> list[dict]:
+    """This run's rows with the other configs' rows of earlier runs (kept in the bench cache, each
+    marked with its date), in CONFIGS order: one table even when a config is rerun alone."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    saved = json.loads((WORK / "rows.json").read_text()) if (WORK / "rows.json").exists() else {}
+    today = time.strftime("%Y-%m-%d %H:%M")
+    for r in rows:
+        r["when"] = today
+    fresh = {r["config"] for r in rows}
+    saved = {k: v for k, v in saved.items() if k not in fresh} | {c: [r for r in rows if r["config"] == c] for c in fresh}
+    (WORK / "rows.json").write_text(json.dumps(saved, indent=1, default=float))
+    return [r for c in CONFIGS for r in saved.get(c, [])]
+
+
+def goals(rows: list[dict]) -> list[str]:
+    by = {(r["config"], r["clients"]): r for r in rows}
+    out = ["", "Goals (the default engine, server-16, against llama-server alone):"]
+    one, sixteen, anchor = by.get(("server-16", 1)), by.get(("server-16", 16)), by.get(("llama-server-16", 16))
+    if not (one and sixteen and anchor):
+        return out + ["- not measured: run the server-16 and llama-server-16 configs"]
+    front = by.get(("front-over-llama-server-16", 16))
+    crowd = by.get(("server-16", 64))
+
+    def said(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    out += [f"- 16 clients >= 3x one client's tok/s: {sixteen['tok_s']:.0f} vs {one['tok_s']:.0f} "
+            f"({sixteen['tok_s'] / one['tok_s']:.2f}x) -> {said(sixteen['tok_s'] >= 3 * one['tok_s'])}",
+            f"- 16 clients >= 0.9x llama-server alone: {sixteen['tok_s']:.0f} vs {anchor['tok_s']:.0f} "
+            f"({sixteen['tok_s'] / anchor['tok_s']:.2f}x) -> {said(sixteen['tok_s'] >= 0.9 * anchor['tok_s'])}",
+            f"- TTFT p50 <= 1 s at 16 clients: {sixteen['ttft50']:.2f} s -> {said(sixteen['ttft50'] <= 1)}"]
+    if crowd:
+        clean = not crowd.get("other", 0)
+        out.append(f"- 64 clients: {crowd['ok']} answers, {crowd['refused']} clean 429s, {crowd.get('other', 0)} stalled "
+                   f"or failed; the server answered /health afterwards -> {said(clean)}")
+    if front:
+        out.append(f"- the --backend front costs <= 5% of llama-server's tok/s at 16 clients: {front['tok_s']:.0f} vs "
+                   f"{anchor['tok_s']:.0f} ({1 - front['tok_s'] / anchor['tok_s']:+.1%} cost) -> "
+                   f"{said(front['tok_s'] >= 0.95 * anchor['tok_s'])}")
+    return out
 
 
 def write(rows, args) -> None:
@@ -194,10 +252,12 @@ def write(rows, args) -> None:
              "contexts; batched-16 = `--engine batched --parallel 16`; front-over-batched-16 = a second `pocketlm serve "
              "--backend URL` in front of batched-16 (memory: both processes); llama-server-16 = llama.cpp's own server (the same "
              "llama.cpp as llama-cpp-python's), 16 slots of 2048 tokens, 2 threads, and the front over it.", "",
-             "| engine | clients | ok | 429 | p50 latency s | p95 latency s | TTFT p50 s | TTFT p95 s | total tok/s | "
-             "server peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['config']} | {r['clients']} | {r['ok']} | {r['refused']} | {r['p50']:.2f} | {r['p95']:.2f} | "
-              f"{r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['tok_s']:.1f} | {r['rss_mb']:.0f} |" for r in rows]
+             "| engine | clients | ok | 429 | stalled or failed | p50 latency s | p95 latency s | TTFT p50 s | TTFT p95 s | total tok/s | "
+             "server peak RSS MB | run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['clients']} | {r['ok']} | {r['refused']} | {r.get('other', 0)} | {r['p50']:.2f} | {r['p95']:.2f} | "
+              f"{r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['tok_s']:.1f} | {r['rss_mb']:.0f} | {r.get('when', '')} |"
+              for r in rows]
+    lines += goals(rows)
     text = "\n".join(lines) + "\n"
     print(text)
     save_results(RESULTS, text)

@@ -25,18 +25,19 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-compi
 # the fastest. A native build runs only on CPUs with the same instructions, and pip's own wheel
 # cache keys a build by the source alone (a wheel built with AVX-512 would crash a host without
 # it), so the built wheel is kept under a key of this CPU's flags and compiled once per kind of CPU.
+if grep -qE "\bamx(_tile|_int8|_bf16)?\b" /proc/cpuinfo 2>/dev/null; then
+  flags="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+  grep -qw avx512f /proc/cpuinfo && flags+=" -DGGML_AVX512=ON"
+  grep -qw avx512_vnni /proc/cpuinfo && flags+=" -DGGML_AVX512_VNNI=ON"
+  grep -qw avx512_bf16 /proc/cpuinfo && flags+=" -DGGML_AVX512_BF16=ON"
+  flags+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+else
+  flags="-DGGML_NATIVE=ON"
+fi
+cpu=$( { grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m; echo "$flags"; } | sha256sum | cut -c1-16)
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/pocketlm"
 if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
-  if grep -qE "\bamx(_tile|_int8|_bf16)?\b" /proc/cpuinfo 2>/dev/null; then
-    flags="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-    grep -qw avx512f /proc/cpuinfo && flags+=" -DGGML_AVX512=ON"
-    grep -qw avx512_vnni /proc/cpuinfo && flags+=" -DGGML_AVX512_VNNI=ON"
-    grep -qw avx512_bf16 /proc/cpuinfo && flags+=" -DGGML_AVX512_BF16=ON"
-    flags+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-  else
-    flags="-DGGML_NATIVE=ON"
-  fi
-  cpu=$( { grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m; echo "$flags"; } | sha256sum | cut -c1-16)
-  wheels="${XDG_CACHE_HOME:-$HOME/.cache}/pocketlm/wheels/llama-cpp-python-0.3.36-$cpu"
+  wheels="$cache/wheels/llama-cpp-python-0.3.36-$cpu"
   if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     echo "building llama-cpp-python for this CPU (once per kind of CPU, ~5 min) with: $flags"
     rm -rf "$wheels.tmp"
@@ -46,6 +47,31 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   fi
   "${pip[@]}" "$wheels"/llama_cpp_python-*.whl
 fi
+
+# llama.cpp's own server, `pocketlm serve`'s default engine (bench/results/serve_load.md: ~1.6x the
+# tokens/s of the batched engine at 16 clients), built from the same llama.cpp source the wheel
+# vendors, with the same CPU flags, once per kind of CPU. Without it serve falls back to its
+# batched engine, so a failed build is said and setup goes on.
+server="$cache/llama-server-0.3.36-$cpu/llama-server"
+if [ ! -x "$server" ] && command -v cmake >/dev/null; then
+  echo "building llama-server for this CPU (once per kind of CPU, ~5 min)"
+  src="$cache/src"
+  mkdir -p "$src"
+  if ( [ -d "$src/llama_cpp_python-0.3.36" ] || { "$VENV/bin/python" -m pip download --disable-pip-version-check -q \
+         --no-deps --no-binary :all: -d "$src" "llama-cpp-python==0.3.36" &&
+         tar xzf "$src/llama_cpp_python-0.3.36.tar.gz" -C "$src"; } ) &&
+     cmake -S "$src/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$src/build-server" -DCMAKE_BUILD_TYPE=Release \
+       -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+       -DBUILD_SHARED_LIBS=OFF $flags >/dev/null &&
+     cmake --build "$src/build-server" -j "$(nproc)" --target llama-server >/dev/null; then
+    mkdir -p "$(dirname "$server")"
+    cp "$src/build-server/bin/llama-server" "$server.tmp" && mv "$server.tmp" "$server"
+    rm -rf "$src/build-server"
+  else
+    echo "warning: llama-server did not build; pocketlm serve will use its batched engine" >&2
+  fi
+fi
+[ -x "$server" ] && ln -sf "$server" "$VENV/bin/llama-server"
 
 "${pip[@]}" -e ".[dev]"
 # The default model ships inside a wheel whose declared dependencies we do not need.

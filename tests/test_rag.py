@@ -172,12 +172,12 @@ def test_citations_are_checked_and_irrelevant_questions_are_not_answered(corpus,
     index_paths([corpus], db, embedder=embedder, progress=False)
     retriever = Retriever(Store(db), embedder)
     model = MockModel("Let it rise two hours [1] in a warm place [9].")
-    answer = ask("How long should bread dough rise?", retriever, model, k=3)
+    answer = ask("How long should bread dough rise?", retriever, model, k=3, style="write")
     assert "[9]" not in answer.text and "[1]" in answer.text
     assert [c["n"] for c in answer.citations] == [1] and answer.citations[0]["source"].endswith("bread.rst")
     assert "Sources:" in model.calls[0][-1]["content"] and "[1] (Baking bread > Proofing)" in model.calls[0][-1]["content"]
     silent = MockModel("should not be called")
-    nothing = ask("Who won the 1998 football world cup final?", retriever, silent, k=3)
+    nothing = ask("Who won the 1998 football world cup final?", retriever, silent, k=3, style="write")
     assert nothing.text == NOTHING_FOUND and not silent.calls
     with pytest.raises(PocketError, match="does not fit"):
         ask("word " * 3000, retriever, MockModel("x"), k=3)

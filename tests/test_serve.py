@@ -120,7 +120,7 @@ def test_rag_answers_with_citations(client):
     assert chunks[-1].model_extra["citations"][0]["source"].endswith("bread.rst")
     off_topic = client.chat.completions.create(model=f"{DEFAULT_MODEL}+rag", max_tokens=20,
                                                messages=[{"role": "user", "content": "Who won the 1998 world cup?"}])
-    assert "could not find" in off_topic.choices[0].message.content and off_topic.model_extra["citations"] == []
+    assert off_topic.choices[0].message.content.startswith("Not in your documents") and off_topic.model_extra["citations"] == []
 
 
 def test_refusals_in_openais_error_format(client, live):

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from . import cli_rag
 from .cli_common import (
+    DB,
     POSITIVE,
     SIZE,
     THREADS,
@@ -338,97 +340,17 @@ def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_h
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--db", required=True, type=click.Path(path_type=Path), help="The index file (SQLite).")
-@click.option("--embedder", default=None, help="all-minilm-l6-v2 (default) or a sentence-transformers folder.")
-@click.option("--chunk-tokens", default=256, show_default=True, type=click.IntRange(min=16))
-@click.option("--overlap", default=32, show_default=True, type=click.IntRange(min=0))
-@click.option("--int8", is_flag=True, help="Store vectors as int8 with a scale (4x smaller).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@user_errors
-def index(paths, db, embedder, chunk_tokens, overlap, int8, quiet):
-    """Index documents (.txt .md .rst .html .pdf .docx) for search and ask."""
-    from .rag.index import index_paths
-
-    r = index_paths([str(p) for p in paths], db, embedder, chunk_tokens, overlap, int8, progress=not quiet)
-    for path, why in r.skipped:
-        click.echo(f"skipped {path}: {why}", err=True)
-    for path, what in r.notes:
-        click.echo(f"note: {path}: {what}", err=True)
-    click.echo(f"{db}: {r.added} added, {r.updated} updated, {r.unchanged} unchanged, {r.removed} removed, "
-               f"{r.chunks} chunks embedded in {r.seconds:.1f} s")
-
-
-@cli.command()
-@click.argument("query")
-@click.option("--db", required=True, type=click.Path(path_type=Path))
-@click.option("--mode", default="hybrid", show_default=True, type=click.Choice(["bm25", "dense", "hybrid"]))
-@click.option("--k", default=5, show_default=True, type=POSITIVE, help="Passages retrieved.")
-@json_option
-@user_errors
-def search(query, db, mode, k, as_json):
-    """Search the index: BM25, dense or hybrid (reciprocal-rank fusion)."""
-    from .rag.answer import citation_json
-    from .rag.retrieve import open_retriever
-
-    as_json = json_target(as_json, None)[0]
-    retriever = open_retriever(db, mode != "bm25")
-    hits = retriever.search(query, mode=mode, k=k)
-    if as_json:
-        click.echo(json.dumps({"hits": [{**citation_json(i, h), "score": h.score} for i, h in enumerate(hits, 1)],
-                               "retrieval_ms": round(retriever.last_ms, 1)}, indent=1))
-        return
-    for i, h in enumerate(hits, 1):
-        where = h.chunk.heading or h.chunk.title
-        click.echo(f"[{i}] {h.score:.4f}  {h.chunk.path}" + (f" (page {h.chunk.page})" if h.chunk.page else "")
-                   + f"\n    {where}\n    {' '.join(h.chunk.text.split())[:200]}")
-    if not hits:
-        click.echo("no matches")
-
-
-@cli.command()
-@click.argument("question")
-@click.option("--db", required=True, type=click.Path(path_type=Path))
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--k", default=5, show_default=True, type=POSITIVE, help="Passages retrieved.")
-@click.option("--max-tokens", default=256, show_default=True, type=POSITIVE, help="Most tokens generated per answer.")
-@click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=16))
-@THREADS
-@json_option
-@user_errors
-def ask(question, db, model, k, max_tokens, ctx, threads, as_json):
-    """Answer QUESTION from the indexed documents with the local model, citing sources."""
-    from .models.export_gguf import cached_gguf
-    from .rag.answer import ask as run_ask
-    from .rag.retrieve import open_retriever
-    from .runtime.llama_cpp_backend import LlamaCppModel
-
-    as_json = json_target(as_json, None)[0]
-    retriever = open_retriever(db, True)
-    llm = LlamaCppModel(cached_gguf(model, "f16"), n_ctx=ctx, n_threads=threads or usable_cores())
-    stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
-    answer = run_ask(question, retriever, llm, k=k, max_tokens=max_tokens, on_text=stream)
-    if as_json:
-        click.echo(json.dumps(answer.to_json(), indent=1))
-        return
-    click.echo("\n")
-    for c in answer.citations:
-        mark = "" if c.get("cited", True) else " (retrieved, not cited)"
-        click.echo(f"[{c['n']}] {c['source']}" + (f" (page {c['page']})" if c["page"] else "")
-                   + (f" - {c['heading']}" if c["heading"] else "") + mark)
-
-
-@cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--target-size", type=SIZE, default=None, help="File size to fit, e.g. 80MB.")
 @memory_options
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--domain", type=click.Path(path_type=Path), default=None, help="Documents to index for RAG.")
+@click.option("--db", type=DB, default=None, help="Index --domain here (a file or postgresql://; default OUTPUT/docs.db).")
 @click.option("--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe (see README).")
 @click.option("--tokens", type=POSITIVE, default=None, help="Distillation tokens (overrides the recipe).")
 @click.option("--mmlu", type=click.Path(path_type=Path), default=None, help="MMLU jsonl for a task-accuracy sample.")
 @user_errors
-def compress(model, target_size, target_memory, ctx, output, domain, recipe, tokens, mmlu):
+def compress(model, target_size, target_memory, ctx, output, domain, db, recipe, tokens, mmlu):
     """The best model that fits a file size or a memory budget, evaluated against the original, with a report."""
     from .compress.pipeline import compress as run_compress
 
@@ -437,12 +359,12 @@ def compress(model, target_size, target_memory, ctx, output, domain, recipe, tok
     if output.exists() and not output.is_dir():
         raise PocketError(f"{output} exists and is not a folder")
     run_compress(model, output, target_size=target_size, target_memory=target_memory, ctx=ctx, domain=domain,
-                 recipe_path=recipe, tokens=tokens, mmlu=str(mmlu) if mmlu else None, say=click.echo)
+                 recipe_path=recipe, tokens=tokens, mmlu=str(mmlu) if mmlu else None, db=db, say=click.echo)
 
 
 @cli.command()
 @click.argument("model", default=DEFAULT_MODEL)
-@click.option("--db", type=click.Path(path_type=Path), default=None, help="Index for RAG, embeddings and uploads.")
+@click.option("--db", type=DB, default=None, help="Index for RAG, embeddings and uploads (a file or postgresql://).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback: this machine only).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--api-key", envvar="POCKETLM_API_KEY", default=None,
@@ -450,9 +372,11 @@ def compress(model, target_size, target_memory, ctx, output, domain, recipe, tok
 @click.option("--ctx", default=2048, show_default=True, type=click.IntRange(min=16),
               help="Context length of each generation context.")
 @click.option("--parallel", default=None, type=POSITIVE,
-              help="Requests served at once: contexts [default: 1], batched sequences or requests to --backend [16].")
-@click.option("--engine", type=click.Choice(["contexts", "batched"]), default="contexts", show_default=True,
-              help="contexts: one llama.cpp context per request; batched: every request's next token in one decode.")
+              help="Requests served at once: llama-server slots, batched sequences or requests to --backend [16]; "
+                   "contexts [1].")
+@click.option("--engine", type=click.Choice(["auto", "server", "batched", "contexts"]), default="auto", show_default=True,
+              help="server: llama.cpp's llama-server, supervised (auto: when setup built it, else batched); batched: "
+                   "every request's next token in one decode; contexts: one llama.cpp context per request.")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0), help="Requests that may wait; more get 429.")
 @click.option("--uploads", type=click.Path(path_type=Path), default=None,
               help="Folder for uploaded documents (default: beside the index).")
@@ -476,7 +400,7 @@ def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max
 
     if backend is None and (backend_key or backend_model):
         raise PocketError("--backend-key and --backend-model are for --backend")
-    if backend is not None and engine != "contexts":
+    if backend is not None and engine != "auto":
         raise PocketError("--engine is how llama.cpp runs here; with --backend the backend generates")
     kb = KnowledgeBase(db, uploads) if db else None
     pool = make_pool(model, engine=engine, backend=backend, backend_key=backend_key, backend_model=backend_model, ctx=ctx,
@@ -487,6 +411,10 @@ def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     click.echo(f"pocketlm: {model_id} on http://{host}:{port}/ (OpenAI base URL http://{host}:{port}/v1)")
     uvicorn.run(app, host=host, port=port, log_level="warning", http=HeaderDeadlineProtocol)
+
+
+for command in (cli_rag.index, cli_rag.search, cli_rag.ask):
+    cli.add_command(command)
 
 
 def main():

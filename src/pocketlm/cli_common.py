@@ -170,3 +170,21 @@ def check_files(paths, flag: str) -> None:
 
 def terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, a container stopping) cleans up exactly like Ctrl-C
+
+
+class IndexDB(click.ParamType):
+    """--db: an SQLite index file, or a postgresql:// URL (kept as text: a Path would fold its '//')."""
+    name = "FILE|postgresql://..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, Path):
+            return value
+        text = str(value)
+        if text.startswith(("postgresql://", "postgres://")):
+            return text
+        if "://" in text:
+            self.fail(f"{text.split('://')[0]}:// is not an index; give an SQLite file or a postgresql:// URL", param, ctx)
+        return Path(text)
+
+
+DB = IndexDB()

@@ -37,7 +37,7 @@ def _hash_files(paths) -> list[str]:
 def compress(model: str, out: str | Path, *, target_size: str | int | None = None,
              target_memory: str | tuple[int, str] | None = None, ctx: int = 4096, domain: str | Path | None = None,
              recipe_path: str | Path | None = None, tokens: int | None = None, mmlu: str | None = None,
-             progress: bool = True, say: Callable[[str], None] = print) -> dict:
+             db: str | Path | None = None, progress: bool = True, say: Callable[[str], None] = print) -> dict:
     """The best model that fits `target_size` (file bytes) or `target_memory` (what llama.cpp
     takes running it at a context of `ctx`: weights + KV cache + buffers, runtime/memory.py)."""
     from ..runtime.memory import model_file_budget, parse_memory
@@ -68,6 +68,12 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
 
         if not find_documents([domain]):
             raise PocketError(f"{domain} has no documents pocketlm can read (.txt .md .rst .html .pdf .docx)")
+        if db is not None:  # a database that cannot be reached is said now, not after the hours before the index
+            from ..rag.store import open_store
+
+            open_store(db, create=True).close()
+    elif db is not None:
+        raise PocketError("--db names where --domain's documents are indexed; give --domain too")
     d = recipe["distill"]
     if d["when"] != "never" and not d["fraction"]:
         from ..quantize.budget import smallest_file_bytes
@@ -244,12 +250,14 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
 
     if domain is not None:
         from ..rag.index import index_paths
+        from ..rag.pgstore import redact
 
-        r = index_paths([str(domain)], out / "docs.db", chunk_tokens=recipe["index"]["chunk_tokens"],
+        target = db if db is not None else out / "docs.db"
+        r = index_paths([str(domain)], target, chunk_tokens=recipe["index"]["chunk_tokens"],
                         overlap=recipe["index"]["overlap"], progress=progress)
         for path, why in r.skipped:
             say(f"skipped {path}: {why}")
-        say(f"index: {out / 'docs.db'} ({r.added} added, {r.updated} updated, {r.unchanged} unchanged)")
+        say(f"index: {redact(str(target))} ({r.added} added, {r.updated} updated, {r.unchanged} unchanged)")
     return {"out": str(out), **report}
 
 

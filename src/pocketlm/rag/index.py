@@ -18,7 +18,7 @@ from ..util.hashing import file_sha256
 from .chunking import check_chunking, chunk_document
 from .embedder import Embedder
 from .loaders import find_documents, load_document
-from .store import Store
+from .store import AnyStore, open_store
 
 EMBED_BATCH = 64  # chunks embedded per call, across files: one call per small file costs 10x
 
@@ -35,7 +35,7 @@ class IndexReport:
     seconds: float = 0.0
 
 
-def check_settings(store: Store, embedder: Embedder, chunk_tokens: int, overlap: int, int8: bool) -> None:
+def check_settings(store: AnyStore, embedder: Embedder, chunk_tokens: int, overlap: int, int8: bool) -> None:
     """An index holds vectors of one embedder and chunks of one size: refuse to mix."""
     wanted = {"embedder": embedder.identity, "chunk_tokens": str(chunk_tokens), "overlap": str(overlap),
               "vectors": "int8" if int8 else "float32"}
@@ -58,7 +58,7 @@ def index_paths(paths, db: str | Path, embedder_name: str | None = None, chunk_t
     report = IndexReport()
     files = find_documents(paths, report.skipped)
     embedder = embedder or Embedder(embedder_name)
-    store = Store(db, create=True)
+    store = open_store(db, create=True)
     try:
         check_settings(store, embedder, chunk_tokens, overlap, int8)
         known = store.document_hashes()

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import PocketError
 from .embedder import DEFAULT_EMBEDDER, Embedder
-from .store import ChunkRow, Store
+from .store import AnyStore, ChunkRow, open_store
 
 MODES = ("bm25", "dense", "hybrid")
 RRF_K = 60
@@ -26,7 +26,7 @@ class Hit:
 
 
 class Retriever:
-    def __init__(self, store: Store, embedder: Embedder | None = None):
+    def __init__(self, store: AnyStore, embedder: Embedder | None = None):
         self.store = store
         self.embedder = embedder
         self.last_ms = 0.0
@@ -78,7 +78,7 @@ def rrf(rankings: list[list[int]]) -> list[tuple[int, float]]:
 
 def open_retriever(db, needs_embedder: bool) -> Retriever:
     """A retriever over an existing index, with the embedder the index was built with."""
-    store = Store(db)
+    store = open_store(db)
     if store.meta("embedder") is None:
         raise PocketError(f"{db} holds no index yet; run `pocketlm index FOLDER --db {db}`")
     embedder = None

@@ -13,11 +13,15 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
 
 from ..errors import PocketError
+
+if TYPE_CHECKING:
+    from .pgstore import PgStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -146,6 +150,16 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+AnyStore = Union[Store, "PgStore"]  # the one interface both keep (tests/test_rag_stores.py runs both)
+
+
+def open_store(db, create: bool = False) -> AnyStore:
+    """The index named by --db: a postgresql:// URL (rag/pgstore.py) or an SQLite file."""
+    from .pgstore import PgStore, is_url
+
+    return PgStore(str(db), create) if is_url(db) else Store(db, create)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

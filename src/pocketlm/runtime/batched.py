@@ -238,6 +238,8 @@ class BatchedSlot:
             from llama_cpp.llama_grammar import JSON_GBNF
 
             sampling["grammar"] = JSON_GBNF
+        if params.get("grammar"):  # GBNF text: a grounded answer's spans (rag.extract)
+            sampling["grammar"] = params["grammar"]
         return sampling, list(params.get("stop") or [])
 
     def stream_chat(self, messages: list[dict], max_tokens: int, **params) -> Iterator[dict]:

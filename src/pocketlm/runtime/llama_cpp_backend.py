@@ -93,6 +93,10 @@ class LlamaCppModel:
         return self._chat_chunks(messages, **params)
 
     def _chat_chunks(self, messages: list[dict], **params) -> Iterator[dict]:
+        if isinstance(params.get("grammar"), str):  # GBNF text, as the batched engine and llama-server take it
+            from llama_cpp import LlamaGrammar
+
+            params["grammar"] = LlamaGrammar.from_string(params["grammar"], verbose=False)
         # llama-cpp-python types messages as TypedDicts and returns a union over `stream`; these are
         # plain dicts of the same shape, and stream=True gives the iterator
         return cast(Iterator[dict], self.llm.create_chat_completion(messages=cast(Any, messages), stream=True, **params))
@@ -105,10 +109,10 @@ class LlamaCppModel:
         return cast(Iterator[dict], self.llm.create_completion(prompt, stream=True, **params))
 
     def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.7,
-             seed: int | None = None, repeat_penalty: float = 1.0) -> Iterator[str]:
+             seed: int | None = None, repeat_penalty: float = 1.0, grammar: str | None = None) -> Iterator[str]:
         # no reset: a terminal chat reuses the cached prefix of its history, turn after turn
         stream = self._chat_chunks(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                   repeat_penalty=repeat_penalty)
+                                   repeat_penalty=repeat_penalty, grammar=grammar)
         for chunk in stream:
             piece = chunk["choices"][0]["delta"].get("content")
             if piece:

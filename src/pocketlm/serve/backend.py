@@ -64,10 +64,12 @@ class RemoteModel:
     """One request at a time to the backend, in the shape engine.py's contexts have."""
 
     def __init__(self, url: str, key: str | None, model_name: str, tokenizer: LocalTokenizer, n_ctx: int,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, grammar: bool = False):
+        """grammar: the backend takes llama.cpp's GBNF `grammar` field (the supervised llama-server)."""
         import httpx
 
         self.url, self.model_name, self.tokenizer, self.n_ctx = base_url(url), model_name, tokenizer, n_ctx
+        self.grammar = grammar
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         # read timeout: the longest the backend may go quiet between two streamed pieces
         self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
@@ -79,6 +81,10 @@ class RemoteModel:
         return self.tokenizer.count_chat_tokens(messages)
 
     def stream_chat(self, messages: list[dict], max_tokens: int, **params) -> Iterator[dict]:
+        # A GBNF grammar is llama.cpp's extension; other servers reject or ignore it, so it is sent only
+        # to llama-server: a grounded answer's span is checked against its quote afterwards anyway (rag.answer.finish).
+        if not self.grammar:
+            params.pop("grammar", None)
         return self._stream("/chat/completions", {"messages": messages, "max_tokens": max_tokens, **params})
 
     def stream_completion(self, prompt: str, max_tokens: int, **params) -> Iterator[dict]:
@@ -150,11 +156,11 @@ def connect(url: str, key: str | None, model_name: str | None = None, timeout: f
 
 
 def remote_pool(url: str, key: str | None, model_name: str | None, tokenizer_source: str | Path, n_ctx: int,
-                parallel: int, max_queue: int):
+                parallel: int, max_queue: int, grammar: bool = False):
     """engine.py's pool over the backend: `parallel` requests in flight, the rest in its fair line."""
     from .engine import ContextPool
 
     name = connect(url, key, model_name)
     tokenizer = LocalTokenizer(tokenizer_source)
     return ContextPool(url, n_ctx=n_ctx, parallel=parallel, max_queue=max_queue,
-                       loader=lambda u, n_ctx, n_threads: RemoteModel(u, key, name, tokenizer, n_ctx))
+                       loader=lambda u, n_ctx, n_threads: RemoteModel(u, key, name, tokenizer, n_ctx, grammar=grammar))

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from ..util.machine import usable_cores
 
@@ -40,6 +40,7 @@ class ContextPool:
         self.models = [loader(path, n_ctx=n_ctx, n_threads=threads) for _ in range(parallel)]
         self.n_ctx = n_ctx
         self.max_queue = max_queue
+        self.server: Any = None  # a supervised llama-server generating for this pool (supervise.py), if any
         self._free = list(self.models)
         self._line: collections.deque[asyncio.Future] = collections.deque()
         # one thread per context generating, plus two for token counting that must not wait behind them
@@ -153,11 +154,12 @@ class Lease:
         self.worker: asyncio.Future | None = None
 
 
-def make_pool(model, *, engine: str = "contexts", backend: str | None = None, backend_key: str | None = None,
+def make_pool(model, *, engine: str = "auto", backend: str | None = None, backend_key: str | None = None,
               backend_model: str | None = None, ctx: int = 2048, parallel: int | None = None, max_queue: int = 16,
               threads: int | None = None, say: Callable[[str], None] = print) -> ContextPool:
-    """The pool `serve` generates through: llama.cpp contexts, one batched llama.cpp context
-    (runtime/batched.py), or requests to an OpenAI-compatible backend (backend.py)."""
+    """The pool `serve` generates through: a supervised llama-server (supervise.py; auto: when
+    built), llama.cpp contexts, one batched llama.cpp context (runtime/batched.py), or requests to
+    an OpenAI-compatible backend (backend.py)."""
     if backend is not None:
         from .backend import remote_pool
 
@@ -167,6 +169,22 @@ def make_pool(model, *, engine: str = "contexts", backend: str | None = None, ba
     from ..models.export_gguf import cached_gguf
 
     path = cached_gguf(model, "f16")
+    if engine == "auto":
+        from .supervise import find_llama_server
+
+        engine = "server" if find_llama_server() else "batched"
+        if engine == "batched":
+            say("llama-server is not built here (make setup builds it): generating on the batched engine")
+    if engine == "server":
+        from .backend import remote_pool
+        from .supervise import LlamaServer
+
+        n_seq = parallel or 16
+        server = LlamaServer(path, ctx=ctx, parallel=n_seq, threads=threads or usable_cores(), say=say)
+        pool = remote_pool(server.url, server.key, None, path, ctx, n_seq, max_queue, grammar=True)
+        pool.server = server  # stopped with the front
+        say(f"generating on llama-server ({n_seq} slots of {ctx} tokens, pid {server.proc.pid if server.proc else '?'})")
+        return pool
     if engine == "batched":
         from ..runtime.batched import BatchedEngine, BatchedSlot
 

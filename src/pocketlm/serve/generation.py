@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from ..errors import PocketError
-from ..rag.answer import NOTHING_FOUND, REPEAT_PENALTY, finish
+from ..rag.answer import NOTHING_FOUND, finish
 from .openai_api import APIError, ChatRequest, CompletionRequest
 
 RAG_MAX_TOKENS = 256  # a grounded answer's default length when the request sets none
@@ -55,7 +55,7 @@ async def chat_events(pool, kb, req: ChatRequest) -> AsyncIterator[Start | Text 
         messages = [m.as_dict() for m in req.messages]
         params = req.llama_params()
         max_tokens = req.limit
-        hits = None
+        prompt = None
         if use_rag:
             question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
             max_tokens = max_tokens or RAG_MAX_TOKENS
@@ -68,8 +68,8 @@ async def chat_events(pool, kb, req: ChatRequest) -> AsyncIterator[Start | Text 
                 yield Text(NOTHING_FOUND)
                 yield End("stop", 0, NOTHING_FOUND, [])
                 return
-            messages, hits = prompt.messages, prompt.hits
-            params["repeat_penalty"] = REPEAT_PENALTY
+            messages = prompt.messages
+            params.update(prompt.params())
         if (req.response_format or {}).get("type") == "json_object":
             params["response_format"] = {"type": "json_object"}
         n_prompt = await pool.run(model.count_chat_tokens, messages)
@@ -81,14 +81,17 @@ async def chat_events(pool, kb, req: ChatRequest) -> AsyncIterator[Start | Text 
             piece = choice["delta"].get("content")
             if piece:
                 pieces.append(piece)
-                yield Text(piece)
+                if prompt is None or prompt.grammar is None:
+                    yield Text(piece)
             finish_reason = choice.get("finish_reason") or finish_reason
         raw = "".join(pieces)
         n_out = len(model.tokenize(raw)) if raw else 0
-        if hits is None:
+        if prompt is None:
             yield End(finish_reason, n_out, raw)
         else:
-            text, citations = finish(raw, hits)
+            text, citations, _ = finish(raw, prompt)
+            if prompt.grammar is not None:  # an extracted span is checked against its quote before it is shown
+                yield Text(text)
             yield End(finish_reason, n_out, text, citations)
 
 

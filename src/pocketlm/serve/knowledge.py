@@ -15,6 +15,7 @@ from ..errors import PocketError
 from ..rag import answer as rag_answer
 from ..rag.index import index_paths
 from ..rag.loaders import kind_of
+from ..rag.pgstore import is_url
 from ..rag.retrieve import open_retriever
 from ..util.atomic import atomic_path
 
@@ -32,8 +33,13 @@ def safe_filename(name: str) -> str:
 
 class KnowledgeBase:
     def __init__(self, db: str | Path, uploads: str | Path | None = None):
-        self.db = Path(db)
-        self.uploads = Path(uploads) if uploads else self.db.with_name(self.db.stem + "-uploads")
+        self.db = db
+        if uploads:
+            self.uploads = Path(uploads)
+        elif is_url(db):  # a shared database: the uploads stay with this server, in its working folder
+            self.uploads = Path("pocketlm-uploads").resolve()
+        else:
+            self.uploads = Path(db).with_name(Path(db).stem + "-uploads")
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         self.retriever = self._thread.submit(open_retriever, self.db, True).result()
         assert self.retriever.embedder is not None  # open_retriever(..., True) loads it or raises

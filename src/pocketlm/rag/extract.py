@@ -1,0 +1,144 @@
+"""Extract first: the sentence that answers, then a short answer that is a span of it.
+
+A 135M model cannot be trusted to write from sources (bench/results/rag_squad.md: F1 0.14 when
+it writes, restating the question), but it can be trusted to pick. So the retrieved passages
+are cut into sentences, every sentence is scored against the question (its embedding's cosine
+plus the share of the question's content words it holds), the best one is quoted with its
+citation, and the model then chooses a span of that quote under a grammar that admits nothing
+else. No cross-encoder installs offline here; scoring sentences, not 256-token chunks, is the
+reranking step (what it gains is measured in bench/rag_squad.py).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+STOPWORDS = frozenset("""a about above after again against all am an and any are as at be because been before being
+below between both but by can could did do does doing down during each few for from further had has have having he her
+here hers him his how i if in into is it its itself just me more most my no nor not of off on once only or other our out
+over own same she should so some such than that the their theirs them then there these they this those through to too
+under until up very was we were what when where which while who whom why will with would you your yours""".split())
+# The share of the question's content words a sentence holds counts this much beside its cosine:
+# chosen on SQuAD dev (bench/rag_squad.py, "sentence" rows), where names and numbers the
+# embedder blurs decide which sentence holds the answer.
+LEXICAL_WEIGHT = 0.5
+# The share of the question's content words in the heading a sentence sits under (FAQ-like
+# documents, where the heading is the question), counted apart from the sentence's own: on the
+# bundled Python FAQ 0.25 lets the heading pick the entry and the sentence's words pick within it.
+HEADING_WEIGHT = 0.25
+# Sentences of lower-ranked passages pay this much per rank below the first: retrieval's
+# fused ranking already weighed the whole passage.
+RANK_PENALTY = 0.02
+
+
+@dataclass
+class Sentence:
+    hit: int  # index of the passage it came from, in retrieval order
+    text: str
+    score: float = 0.0
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-case words without stop words, a plural 's' dropped (the crudest stemmer that helps)."""
+    out = set()
+    for w in re.findall(r"\w+", text.lower()):
+        if w in STOPWORDS:
+            continue
+        out.add(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
+    return out
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z0-9])")
+_ABBREVIATION = re.compile(r"\b(?:e\.g|i\.e|etc|vs|Mr|Mrs|Ms|Dr|St|No|Fig|cf)\.$")
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of a passage. A paragraph that ends in ':' leads into the next (a code block or
+    a list in docs), so the two stay one sentence; known abbreviations do not end one."""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+    merged: list[str] = []
+    for p in paragraphs:
+        if merged and merged[-1].endswith(":"):
+            merged[-1] = f"{merged[-1].rstrip(':').rstrip()}: {p}"
+        else:
+            merged.append(p)
+    out: list[str] = []
+    for p in merged:
+        start = 0
+        for m in _SENTENCE_END.finditer(p):
+            if _ABBREVIATION.search(p[start:m.start()]):
+                continue
+            out.append(p[start:m.start()].strip())
+            start = m.end()
+        out.append(p[start:].strip())
+    return [s for s in out if re.search(r"\w", s)]
+
+
+def score_sentences(question: str, passages: list[str], embed, lexical_weight: float = LEXICAL_WEIGHT,
+                    leads: list[str] | None = None) -> list[Sentence]:
+    """Every sentence of the passages, best first. `embed(texts) -> (n, d)` normalised rows.
+    leads: per passage, the innermost heading its sentences are read under (as the index embeds
+    chunks): in a FAQ the question asked is often the heading, not any sentence below it."""
+    found = [Sentence(i, s) for i, p in enumerate(passages) for s in sentences(p)]
+    if not found:
+        return []
+    vectors = np.asarray(embed([question] + [s.text for s in found]), dtype=np.float32)
+    cosines = vectors[1:] @ vectors[0]
+    asked = content_words(question)
+    # The heading counts apart, and less: it tells which passage answers, the sentence's own words
+    # which of its sentences does (heading and sentence embedded together, or their words pooled,
+    # the heading's match outweighed every difference between the sentences under it).
+    heads = [content_words(lead) for lead in leads] if leads else [set()] * len(passages)
+    for s, cos in zip(found, cosines):
+        own = len(asked & content_words(s.text)) / len(asked) if asked else 0.0
+        head = len(asked & heads[s.hit]) / len(asked) if asked else 0.0
+        s.score = float(cos) + lexical_weight * own + HEADING_WEIGHT * head - RANK_PENALTY * s.hit
+    return sorted(found, key=lambda s: -s.score)
+
+
+def _literal(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + re.sub(r"[\x00-\x1f]", lambda m: f"\\x{ord(m.group()):02x}", escaped) + '"'
+
+
+def span_grammar(quote: str) -> str:
+    """GBNF that admits exactly the contiguous runs of whole words of `quote` (a word's trailing
+    punctuation may be dropped where the run ends). One rule per word, each continuing into the
+    next, so the grammar grows with the quote's length and not with its number of spans."""
+    words = quote.split()
+    if not words:
+        raise ValueError("an empty quote has no spans")
+    rules = ["root ::= " + " | ".join(f"w{i}" for i in range(len(words)))]
+    for i, word in enumerate(words):
+        core = word.rstrip(".,;:!?\"')]") or word
+        tail = word[len(core):]
+        if i + 1 == len(words):
+            rules.append(f"w{i} ::= {_literal(core)}" + (f" {_literal(tail)}?" if tail else ""))
+        else:
+            rules.append(f"w{i} ::= {_literal(core)} ({_literal(tail + ' ')} w{i + 1})?")
+    return "\n".join(rules) + "\n"
+
+
+def is_span(answer: str, quote: str) -> bool:
+    """Whether `answer` is a run of whole words of `quote` (whitespace-insensitive): the check that
+    holds an engine which ignored the grammar to its source."""
+    a, q = answer.split(), quote.split()
+    if not a:
+        return False
+    for i in range(len(q) - len(a) + 1):
+        window = q[i:i + len(a)]
+        if window[:-1] == a[:-1] and (window[-1] == a[-1] or window[-1].rstrip(".,;:!?\"')]") == a[-1]):
+            return True
+    return False
+
+
+def checked_span(answer: str, quote: str) -> str:
+    """The answer when it is a span of the quote; without its last word when only that word is
+    cut short (generation stopped at max_tokens mid-word, within the grammar); else ""."""
+    words = answer.split()
+    for n in (len(words), len(words) - 1):
+        if n > 0 and is_span(" ".join(words[:n]), quote):
+            return " ".join(words[:n])
+    return ""

@@ -1,0 +1,134 @@
+"""llama.cpp's own server as `serve`'s engine: started, watched and stopped by pocketlm.
+
+Measured on 2 cores (bench/results/serve_load.md): with 16 streaming clients llama-server's
+slots (continuous batching) deliver ~1.6x the tokens/s of pocketlm's batched engine on
+llama-cpp-python's batch API and start answering ~5x sooner, from the same llama.cpp source.
+So it is the default engine where setup could build it; everything that is pocketlm's own (keys,
+limits and 429s, RAG, uploads, the page, metrics, error shapes) stays in the front, which talks
+to it as to any OpenAI-compatible backend (backend.py).
+
+It listens on a free loopback port behind a random key only the front knows: another local
+user cannot reach the model around the front's key and limits. A crash is noticed within a
+second and the server is started again (requests in flight get a 502); `stop` ends it
+with the front.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ..errors import PocketError
+
+BINARY = "llama-server"
+START_TIMEOUT = 300.0  # seconds for the model to load and /health to answer 200
+
+
+def find_llama_server() -> Path | None:
+    """POCKETLM_LLAMA_SERVER, else the one setup built beside the environment's python, else PATH."""
+    given = os.environ.get("POCKETLM_LLAMA_SERVER")
+    if given:
+        return Path(given) if Path(given).is_file() else None
+    beside = Path(sys.executable).parent / BINARY
+    if beside.is_file():
+        return beside
+    found = shutil.which(BINARY)
+    return Path(found) if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """One supervised llama-server process: `parallel` slots of `ctx` tokens each."""
+
+    def __init__(self, model_path: str | Path, *, ctx: int, parallel: int, threads: int, binary: Path | None = None,
+                 say=print):
+        self.binary = binary or find_llama_server()
+        if self.binary is None:
+            raise PocketError("llama-server is not built here (make setup builds it; or set POCKETLM_LLAMA_SERVER); "
+                              "use --engine batched or contexts")
+        self.key = secrets.token_urlsafe(24)
+        # in a file readable by this user alone: on the command line `ps` would show it to everyone
+        fd, key_file = tempfile.mkstemp(prefix="pocketlm-llama-server-", suffix=".key")
+        os.write(fd, self.key.encode() + b"\n")
+        os.close(fd)
+        self.key_file = Path(key_file)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.command = [str(self.binary), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(self.port),
+                        "--api-key-file", str(self.key_file), "-np", str(parallel), "-c", str(ctx * parallel), "-t", str(threads),
+                        "-tb", str(threads), "--no-webui"]
+        self.say, self.restarts = say, 0
+        self.log = Path(tempfile.mkstemp(prefix="pocketlm-llama-server-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._start()
+        self._watch = threading.Thread(target=self._watchdog, daemon=True, name="llama-server-watchdog")
+        self._watch.start()
+        atexit.register(self.stop)
+
+    def _start(self) -> None:
+        import httpx
+
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True)  # a Ctrl-C to the front is the front's to handle
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PocketError(f"llama-server exited with status {self.proc.returncode} at start: {self.tail()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self._kill()
+        raise PocketError(f"llama-server did not answer /health within {START_TIMEOUT:.0f} s: {self.tail()}")
+
+    def tail(self, lines: int = 5) -> str:
+        text = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []
+        return " | ".join(text[-lines:]) or "(no output)"
+
+    def _watchdog(self) -> None:
+        while not self._stopping.wait(1.0):
+            proc = self.proc
+            if proc is None or proc.poll() is None:
+                continue
+            self.restarts += 1
+            self.say(f"llama-server stopped (status {proc.returncode}); starting it again (restart {self.restarts})")
+            try:
+                self._start()
+            except PocketError as exc:
+                self.say(f"error: {exc}")
+                time.sleep(5.0)
+
+    def _kill(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    def stop(self) -> None:
+        """Ends the server (and keeps it ended: the watchdog stops first)."""
+        self._stopping.set()
+        self._kill()
+        self.log.unlink(missing_ok=True)
+        self.key_file.unlink(missing_ok=True)

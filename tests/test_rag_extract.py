@@ -1,0 +1,127 @@
+"""Extract-first answers: sentences, their scores, the span grammar (held to by llama.cpp itself),
+and `ask` on the bundled Python FAQ with the default model: `make run`'s question answered from
+and citing its FAQ entry, an absent subject refused."""
+import pytest
+
+from pocketlm.rag.answer import NOTHING_FOUND, ask
+from pocketlm.rag.embedder import Embedder
+from pocketlm.rag.extract import checked_span, is_span, score_sentences, sentences, span_grammar
+from pocketlm.rag.index import index_paths
+from pocketlm.rag.retrieve import Retriever
+from pocketlm.rag.store import Store
+
+BREAD = ("Baking bread\n============\n\nBread needs flour, water, salt and yeast. Knead it for ten minutes.\n\n"
+         "Proofing\n--------\n\nLet the dough rise for two hours in a warm place until it doubles. "
+         "A cold room, e.g. a cellar, slows it down.\n")
+
+
+def test_sentences_keep_abbreviations_and_lead_ins_whole():
+    text = "Dr. Smith came at 5 p.m. on Monday. He left, i.e. he went home.\n\nDo this::\n\n  chmod +x script\n\nThen run it!"
+    assert sentences(text) == ["Dr. Smith came at 5 p.m. on Monday.", "He left, i.e. he went home.",
+                               "Do this: chmod +x script", "Then run it!"]
+
+
+def test_the_sentence_with_the_asked_facts_scores_first():
+    emb = Embedder()
+    ranked = score_sentences("How long should the dough rise?", [BREAD.split("Proofing")[0], BREAD], emb.encode)
+    assert ranked[0].text.startswith("Let the dough rise for two hours") and ranked[0].hit == 1
+    assert ranked[0].score > ranked[1].score
+
+
+@pytest.mark.parametrize("answer,ok", [("two hours", True), ("rise for two hours in", True), ("doubles", True),
+                                       ("doubles.", True), ("Let", True), ("two days", False), ("hours two", False),
+                                       ("wo hours", False), ("", False), ("place until it doubles. Extra", False)])
+def test_is_span_accepts_runs_of_whole_words_only(answer, ok):
+    assert is_span(answer, "Let the dough rise for two hours in a warm place until it doubles.") is ok
+
+
+def test_a_cut_last_word_is_dropped_and_anything_else_refused():
+    quote = "Let the dough rise for two hours in a warm place until it doubles."
+    assert checked_span("two hou", quote) == "two" and checked_span("two hours", quote) == "two hours"
+    assert checked_span("three days", quote) == "" and checked_span("the answer is two", quote) == ""
+
+
+class SpanModel:
+    """Stands in for llama.cpp: replies with a fixed text, recording what it was given."""
+    n_ctx = 2048
+
+    def __init__(self, reply):
+        self.reply, self.calls = reply, []
+
+    def tokenize(self, text):
+        return text.split()
+
+    def count_chat_tokens(self, messages):
+        return sum(len(m["content"].split()) for m in messages)
+
+    def chat(self, messages, **kw):
+        self.calls.append((messages, kw))
+        yield from self.reply.split(" ")[:1] + [" " + w for w in self.reply.split(" ")[1:]]
+
+
+@pytest.fixture(scope="module")
+def bread_index(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("docs")
+    (folder / "bread.rst").write_text(BREAD)
+    (folder / "volcano.md").write_text("# Volcanoes\n\nMolten rock that reaches the surface is called lava.\n")
+    emb = Embedder()
+    index_paths([folder], folder / "i.db", embedder=emb, progress=False)
+    return Retriever(Store(folder / "i.db"), emb)
+
+
+def test_extract_quotes_the_sentence_and_keeps_only_a_span_of_it(bread_index):
+    model = SpanModel("two hours")
+    a = ask("How long should bread dough rise?", bread_index, model, k=3)
+    quote = "Let the dough rise for two hours in a warm place until it doubles."
+    assert a.short == "two hours" and a.text == f'two hours [1]\n\nFrom [1]: "{quote}"'
+    assert [c["n"] for c in a.citations] == [1] and a.citations[0]["source"].endswith("bread.rst")
+    assert a.citations[0]["snippet"] == quote and a.citations[0]["heading"] == "Baking bread > Proofing"
+    messages, params = model.calls[0]
+    assert quote in messages[-1]["content"] and params["grammar"] == span_grammar(quote)
+    invented = ask("How long should bread dough rise?", bread_index, SpanModel("three days at least"), k=3)
+    assert invented.short == "" and invented.text == f'From [1]: "{quote}"'  # not in the source: not shown
+
+
+def test_extract_refuses_without_asking_the_model(bread_index):
+    silent = SpanModel("should not be called")
+    a = ask("Who won the 1998 football world cup final?", bread_index, silent, k=3)
+    assert a.text == NOTHING_FOUND and not a.grounded and not silent.calls
+
+
+@pytest.mark.real_model
+def test_llamacpp_generates_only_spans_under_the_grammar():
+    from pocketlm.models.registry import DEFAULT_MODEL
+    from pocketlm.models.source import resolve
+    from pocketlm.runtime.llama_cpp_backend import LlamaCppModel
+
+    model = LlamaCppModel(resolve(DEFAULT_MODEL).path, n_ctx=512)
+    quote = 'The "Proofing" step: let it rise for 2 hours (or until doubled) at 25\\30 °C.'
+    words = quote.split()
+    for question in ("How long?", "Write a poem about the sea.", "What temperature?"):
+        for max_tokens in (24, 3):  # also stopped mid-word: still the start of a run of the quote's words
+            out = "".join(model.chat([{"role": "user", "content": f"{quote}\n{question}"}], max_tokens=max_tokens,
+                                     temperature=0.0, seed=0, grammar=span_grammar(quote)))
+            assert out and any(" ".join(words[i:]).startswith(out) for i in range(len(words))), out
+            kept = checked_span(out, quote)
+            assert kept and is_span(kept, quote) and out.startswith(kept), (out, kept)
+
+
+@pytest.mark.real_model
+def test_make_runs_question_is_answered_from_its_faq_entry(tmp_path):
+    from importlib.resources import files
+
+    from pocketlm.models.registry import DEFAULT_MODEL
+    from pocketlm.models.source import resolve
+    from pocketlm.runtime.llama_cpp_backend import LlamaCppModel
+
+    emb = Embedder()
+    index_paths([str(files("pocketlm") / "data" / "python-faq")], tmp_path / "faq.db", embedder=emb, progress=False)
+    retriever = Retriever(Store(tmp_path / "faq.db"), emb)
+    model = LlamaCppModel(resolve(DEFAULT_MODEL).path, n_ctx=2048)
+    a = ask("How do I make a Python script executable on Unix?", retriever, model, max_tokens=120)
+    cite = a.citations[0]
+    assert cite["source"].endswith("library.rst") and "executable on Unix" in cite["heading"], cite
+    assert "executable" in cite["snippet"] and "#!" in cite["snippet"], cite["snippet"]
+    assert a.short and is_span(a.short, cite["snippet"]) and a.text.startswith(a.short)
+    absent = ask("Who painted the Mona Lisa?", retriever, model, max_tokens=32)
+    assert absent.text == NOTHING_FOUND and absent.citations == []

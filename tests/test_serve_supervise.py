@@ -1,0 +1,85 @@
+"""`pocketlm serve`'s default engine: llama.cpp's llama-server (built by setup), started behind a
+key only the front knows, restarted when it dies, stopped with the front; and the front over it
+answering RAG questions with a span of the cited source (the grammar reaches llama-server)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+from test_rag import DOCS
+from test_serve import LiveServer
+
+from pocketlm.models.export_gguf import cached_gguf
+from pocketlm.models.registry import DEFAULT_MODEL
+from pocketlm.rag.extract import is_span
+from pocketlm.rag.index import index_paths
+from pocketlm.serve.app import create_app
+from pocketlm.serve.engine import make_pool
+from pocketlm.serve.knowledge import KnowledgeBase
+from pocketlm.serve.supervise import LlamaServer, find_llama_server
+
+pytestmark = pytest.mark.real_model
+
+
+def test_setup_built_llama_server():
+    assert find_llama_server() is not None, "make setup builds llama-server beside the venv's python"
+
+
+def _chat(url: str, key: str | None) -> httpx.Response:
+    return httpx.post(f"{url}/chat/completions", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60,
+                      json={"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0})
+
+
+def test_the_server_is_keyed_restarted_and_stopped():
+    server = LlamaServer(cached_gguf(DEFAULT_MODEL, "f16"), ctx=512, parallel=2, threads=2, say=lambda _: None)
+    try:
+        assert _chat(server.url, None).status_code == 401 and _chat(server.url, "guess").status_code == 401
+        assert _chat(server.url, server.key).status_code == 200
+        assert server.key not in " ".join(server.command)  # never on a command line other users can read
+        first = server.proc.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.time() + 120
+        while server.restarts == 0 or server.proc.pid == first or _health(server) != 200:
+            assert time.time() < deadline, "llama-server was not restarted within 120 s"
+            time.sleep(0.5)
+        assert _chat(server.url, server.key).status_code == 200
+    finally:
+        server.stop()
+    assert server.proc.poll() is not None and not server.key_file.exists()
+    time.sleep(1.5)  # a stopped server stays stopped: the watchdog does not bring it back
+    assert server.proc.poll() is not None
+
+
+def _health(server: LlamaServer) -> int:
+    try:
+        return httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def test_the_front_answers_from_documents_through_llama_server(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for name, text in DOCS.items():
+        (tmp_path / "docs" / name).write_text(text)
+    index_paths([tmp_path / "docs"], tmp_path / "docs.db", progress=False)
+    pool = make_pool(DEFAULT_MODEL, engine="server", ctx=1024, parallel=4, max_queue=8, say=lambda _: None)
+    live = LiveServer(create_app(pool, DEFAULT_MODEL, KnowledgeBase(tmp_path / "docs.db", tmp_path / "up"), api_key="k"))
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="k", max_retries=0)
+        reply = client.chat.completions.create(model=f"{DEFAULT_MODEL}+rag", max_tokens=24, temperature=0,
+                                               messages=[{"role": "user", "content": "How long should bread dough rise?"}])
+        cite = reply.model_extra["citations"][0]
+        text = reply.choices[0].message.content
+        assert cite["source"].endswith("bread.rst") and text.endswith(f'From [1]: "{cite["snippet"]}"'), text
+        short = text.split(" [1]")[0]
+        assert short and is_span(short, cite["snippet"]), text  # llama-server held to the grammar
+        plain = client.chat.completions.create(model=DEFAULT_MODEL, max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": "Say hello."}])
+        assert plain.choices[0].message.content and plain.usage.completion_tokens > 0
+    finally:
+        live.stop()
+        pool.server.stop()
