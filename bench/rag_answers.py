@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--e2e", type=int, default=200)
     ap.add_argument("--sentences", type=int, default=400)
     ap.add_argument("--unanswerable", type=int, default=50)
+    ap.add_argument("--extract-only", action="store_true", help="leave out the write style's rows (session time)")
     args = ap.parse_args()
     if not SQUAD.exists() or not DOCS.exists():
         sys.exit(f"needs {SQUAD} and {DOCS}")
@@ -148,6 +149,8 @@ def main() -> None:
                      {"role": "assistant", "content": re.sub(r"\s*\[\d+\]", "", rag_answer.EXAMPLE[1]["content"])}]
     settings = {"extract, hybrid k=5 (default)": dict(style="extract", k=5), "write, k=1": dict(style="write", k=1),
                 "write, k=3": dict(style="write", k=3)}
+    if args.extract_only:
+        settings = {k: v for k, v in settings.items() if k.startswith("extract")}
     scores: dict[str, list] = {name: [[], [], 0.0] for name in [*settings, "closed-book"]}
     for q, _, answers in tqdm(sample, desc="end to end"):
         for name, kw in settings.items():
@@ -216,7 +219,8 @@ def write_results(out, args) -> None:
     closed = e2e["closed-book"][1]
     main_em, main_f1, _ = e2e["extract, hybrid k=5 (default)"]
     lines = ["# Answers from documents", "",
-             f"Command: `.venv/bin/python bench/rag_answers.py --e2e {args.e2e} --sentences {args.sentences}` on "
+             f"Command: `.venv/bin/python bench/rag_answers.py --e2e {args.e2e} --sentences {args.sentences}"
+             f"{' --extract-only' if args.extract_only else ''}` on "
              f"{cpu_name()} ({os.cpu_count()} cores), started {out['started']}, alone on the machine. Answer model: "
              "SmolLM2-135M-Instruct Q4_1 on llama.cpp, greedy; embedder all-MiniLM-L6-v2 (bf16). SQuAD v1.1 dev: "
              "2067 paragraphs as documents, SQuAD's normalisation for EM/F1.", "",

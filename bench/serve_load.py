@@ -68,10 +68,14 @@ def llama_server_command(port: int) -> list[str]:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
+    WORK.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = llama_server_command(port) if args == "llama-server" else \
         [str(ROOT / ".venv" / "bin" / "pocketlm"), "serve", "--port", str(port), "--max-queue", "32", *args]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, never a pipe nobody reads: llama-server logs every request there, and once a
+    # pipe's 64 KB filled it blocked mid-write and stalled under 64 clients (runs of 2026-12-01)
+    log = open(WORK / f"server-{port}.log", "wb")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -80,7 +84,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
-    sys.exit(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
+    sys.exit(f"server did not start: {(WORK / f'server-{port}.log').read_text(errors='replace')[-2000:]}")
 
 
 STALL = 120.0  # seconds without a byte from the server: the request is counted as stalled
@@ -169,7 +173,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--note", default="", help="a line under the table, kept for later runs (what a run showed that "
+                                                "no row holds)")
+    ap.add_argument("--write-only", action="store_true", help="rewrite the results from the kept rows, run nothing")
     args = ap.parse_args()
+    if args.note:
+        WORK.mkdir(parents=True, exist_ok=True)
+        with open(WORK / "notes.txt", "a") as f:
+            f.write(args.note.replace("\n", " ") + "\n")
+    if args.write_only:
+        write(remember([]), args)
+        return
     rows = []
     for name in args.configs.split(","):
         server_args, front = CONFIGS[name]
@@ -257,7 +271,8 @@ def write(rows, args) -> None:
     lines += [f"| {r['config']} | {r['clients']} | {r['ok']} | {r['refused']} | {r.get('other', 0)} | {r['p50']:.2f} | {r['p95']:.2f} | "
               f"{r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['tok_s']:.1f} | {r['rss_mb']:.0f} | {r.get('when', '')} |"
               for r in rows]
-    lines += goals(rows)
+    notes = (WORK / "notes.txt").read_text().splitlines() if (WORK / "notes.txt").exists() else []
+    lines += goals(rows) + ([""] + [f"- {n}" for n in notes] if notes else [])
     text = "\n".join(lines) + "\n"
     print(text)
     save_results(RESULTS, text)

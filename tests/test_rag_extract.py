@@ -3,9 +3,17 @@ and `ask` on the bundled Python FAQ with the default model: `make run`'s questio
 and citing its FAQ entry, an absent subject refused."""
 import pytest
 
-from pocketlm.rag.answer import NOTHING_FOUND, ask
+from pocketlm.rag.answer import NOTHING_FOUND, SPAN_WORDS, ask
 from pocketlm.rag.embedder import Embedder
-from pocketlm.rag.extract import checked_span, is_span, score_sentences, sentences, span_grammar
+from pocketlm.rag.extract import (
+    answer_start,
+    checked_span,
+    content_words,
+    is_span,
+    score_sentences,
+    sentences,
+    span_grammar,
+)
 from pocketlm.rag.index import index_paths
 from pocketlm.rag.retrieve import Retriever
 from pocketlm.rag.store import Store
@@ -33,6 +41,13 @@ def test_the_sentence_with_the_asked_facts_scores_first():
                                        ("wo hours", False), ("", False), ("place until it doubles. Extra", False)])
 def test_is_span_accepts_runs_of_whole_words_only(answer, ok):
     assert is_span(answer, "Let the dough rise for two hours in a warm place until it doubles.") is ok
+
+
+def test_the_answers_kind_is_read_from_the_question():
+    number, name = answer_start("How many people live there?"), answer_start("Who designed it?")
+    assert number and number("1,200") and number("twelve") and number("$5") and not number("people")
+    assert name and name("Gustave") and not name("engineer")
+    assert answer_start("Why is the sky blue?") is None
 
 
 def test_a_cut_last_word_is_dropped_and_anything_else_refused():
@@ -77,7 +92,9 @@ def test_extract_quotes_the_sentence_and_keeps_only_a_span_of_it(bread_index):
     assert [c["n"] for c in a.citations] == [1] and a.citations[0]["source"].endswith("bread.rst")
     assert a.citations[0]["snippet"] == quote and a.citations[0]["heading"] == "Baking bread > Proofing"
     messages, params = model.calls[0]
-    assert quote in messages[-1]["content"] and params["grammar"] == span_grammar(quote)
+    question = "How long should bread dough rise?"
+    assert quote in messages[-1]["content"] and params["grammar"] == span_grammar(
+        quote, avoid=content_words(question), max_words=SPAN_WORDS, starts=answer_start(question))
     invented = ask("How long should bread dough rise?", bread_index, SpanModel("three days at least"), k=3)
     assert invented.short == "" and invented.text == f'From [1]: "{quote}"'  # not in the source: not shown
 
@@ -104,6 +121,14 @@ def test_llamacpp_generates_only_spans_under_the_grammar():
             assert out and any(" ".join(words[i:]).startswith(out) for i in range(len(words))), out
             kept = checked_span(out, quote)
             assert kept and is_span(kept, quote) and out.startswith(kept), (out, kept)
+    # the short answer's rules: none of the question's words, at most 3 words, starting at a number
+    question = "How long does the proofing step let it rise?"
+    grammar = span_grammar(quote, avoid=content_words(question), max_words=3, starts=answer_start(question))
+    for prompt in ("How long?", "Say something about proofing."):
+        out = "".join(model.chat([{"role": "user", "content": f"{quote}\n{prompt}"}], max_tokens=24, temperature=0.0,
+                                 seed=0, grammar=grammar))
+        assert is_span(out, quote) and len(out.split()) <= 3 and any(c.isdigit() for c in out.split()[0]), out
+        assert not content_words(out) & content_words(question), out
 
 
 @pytest.mark.real_model

@@ -112,3 +112,15 @@ def test_a_wrong_database_is_named_without_its_password(postgres):
         open_store(bad, create=True)
     assert "secret" not in str(err.value) and "someone:***@" in str(err.value)
     assert redact(bad) == "postgresql://someone:***@127.0.0.1:1/nowhere"
+
+
+def test_db_flags_are_checked_before_work(tmp_path):
+    from click.testing import CliRunner
+
+    from pocketlm.cli import cli
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["search", "x", "--db", "mysql://h/db"])
+    assert res.exit_code == 1 and "not an index" in res.output
+    res = runner.invoke(cli, ["compress", "--target-size", "80MB", "-o", str(tmp_path / "o"), "--db", str(tmp_path / "x.db")])
+    assert res.exit_code == 1 and "give --domain too" in res.output and not (tmp_path / "o").exists()

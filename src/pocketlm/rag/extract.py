@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -103,21 +104,38 @@ def _literal(text: str) -> str:
     return '"' + re.sub(r"[\x00-\x1f]", lambda m: f"\\x{ord(m.group()):02x}", escaped) + '"'
 
 
-def span_grammar(quote: str) -> str:
+def span_grammar(quote: str, avoid: set[str] | frozenset[str] = frozenset(), max_words: int = 0,
+                 starts: Callable[[str], bool] | None = None) -> str:
     """GBNF that admits exactly the contiguous runs of whole words of `quote` (a word's trailing
-    punctuation may be dropped where the run ends). One rule per word, each continuing into the
-    next, so the grammar grows with the quote's length and not with its number of spans."""
+    punctuation may be dropped where the run ends) holding none of the words in `avoid` (content
+    words, as content_words gives them) and at most `max_words` words (0: any number), beginning
+    at a word `starts` accepts (the answer's expected kind, answer_start). Rule
+    w{i}-{k}: a run from word i with at most k words, continuing into w{i+1}-{k-1}; so the grammar
+    grows with the quote's length times max_words, not with its number of spans."""
     words = quote.split()
     if not words:
         raise ValueError("an empty quote has no spans")
-    rules = ["root ::= " + " | ".join(f"w{i}" for i in range(len(words)))]
-    for i, word in enumerate(words):
+    usable = [not (content_words(w) & set(avoid)) for w in words]
+    if not any(usable):  # every word is a question word: any run rather than none
+        usable = [True] * len(words)
+    cap = max_words or len(words)
+    first = [i for i in range(len(words)) if usable[i] and (starts is None or starts(words[i]))]
+    first = first or [i for i in range(len(words)) if usable[i]]  # no word of the wanted kind: any start
+    rules = ["root ::= " + " | ".join(f"w{i}-{cap}" for i in first)]
+    todo, made = [(i, cap) for i in first], set()
+    while todo:
+        i, k = todo.pop()
+        if (i, k) in made:
+            continue
+        made.add((i, k))
+        word = words[i]
         core = word.rstrip(".,;:!?\"')]") or word
         tail = word[len(core):]
-        if i + 1 == len(words):
-            rules.append(f"w{i} ::= {_literal(core)}" + (f" {_literal(tail)}?" if tail else ""))
+        if k > 1 and i + 1 < len(words) and usable[i + 1]:
+            rules.append(f"w{i}-{k} ::= {_literal(core)} ({_literal(tail + ' ')} w{i + 1}-{k - 1})?")
+            todo.append((i + 1, k - 1))
         else:
-            rules.append(f"w{i} ::= {_literal(core)} ({_literal(tail + ' ')} w{i + 1})?")
+            rules.append(f"w{i}-{k} ::= {_literal(core)}" + (f" {_literal(tail)}?" if tail else ""))
     return "\n".join(rules) + "\n"
 
 
@@ -142,3 +160,21 @@ def checked_span(answer: str, quote: str) -> str:
         if n > 0 and is_span(" ".join(words[:n]), quote):
             return " ".join(words[:n])
     return ""
+
+
+_NUMBER_WORDS = frozenset("one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred "
+                          "thousand million billion half dozen several".split())
+_ASKS_NUMBER = re.compile(r"^\s*(how (many|much|old|long|far|large|big|tall|high)|what (year|percentage|percent|"
+                          r"amount|number|age)|when|in what year|what (day|date|time)|how often)\b", re.I)
+_ASKS_NAME = re.compile(r"^\s*(who|whom|whose)\b", re.I)
+
+
+def answer_start(question: str) -> Callable[[str], bool] | None:
+    """What word the short answer should begin at, from the question's kind (the classic answer-type
+    rule of extractive QA): a number for how many / when / what year, a capitalised word for who;
+    None for any other question. Left to itself the 135M model starts at the sentence's first word."""
+    if _ASKS_NUMBER.search(question):
+        return lambda w: any(c.isdigit() for c in w) or w.lower().strip(".,;:()$£€") in _NUMBER_WORDS or w[:1] in "$£€"
+    if _ASKS_NAME.search(question):  # a capitalised word that is not just a sentence's first "The"
+        return lambda w: w[:1].isupper() and w.lower() not in STOPWORDS
+    return None

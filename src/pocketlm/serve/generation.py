@@ -6,6 +6,7 @@ error; after Start, the response has begun and only the stream itself can end it
 """
 from __future__ import annotations
 
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -76,14 +77,19 @@ async def chat_events(pool, kb, req: ChatRequest) -> AsyncIterator[Start | Text 
         max_tokens = check_fits(n_prompt, max_tokens, pool.n_ctx, "messages")
         yield Start(n_prompt)
         pieces, finish_reason = [], "stop"
-        async for chunk in pool.stream(lease, lambda: model.stream_chat(messages, max_tokens=max_tokens, **params)):
-            choice = chunk["choices"][0]
-            piece = choice["delta"].get("content")
-            if piece:
-                pieces.append(piece)
-                if prompt is None or prompt.grammar is None:
-                    yield Text(piece)
-            finish_reason = choice.get("finish_reason") or finish_reason
+        if hasattr(model, "astream_chat"):  # a backend: relayed on the event loop (backend.py)
+            stream = model.astream_chat(messages, max_tokens=max_tokens, **params)
+        else:
+            stream = pool.stream(lease, lambda: model.stream_chat(messages, max_tokens=max_tokens, **params))
+        async with aclosing(stream):
+            async for chunk in stream:
+                choice = chunk["choices"][0]
+                piece = choice["delta"].get("content")
+                if piece:
+                    pieces.append(piece)
+                    if prompt is None or prompt.grammar is None:
+                        yield Text(piece)
+                finish_reason = choice.get("finish_reason") or finish_reason
         raw = "".join(pieces)
         n_out = len(model.tokenize(raw)) if raw else 0
         if prompt is None:
@@ -104,11 +110,16 @@ async def completion_events(pool, req: CompletionRequest) -> AsyncIterator[Start
         yield Start(n_prompt)
         pieces, finish_reason = [], "stop"
         params = req.llama_params()
-        async for chunk in pool.stream(lease, lambda: model.stream_completion(prompt, max_tokens=max_tokens, **params)):
-            choice = chunk["choices"][0]
-            if choice.get("text"):
-                pieces.append(choice["text"])
-                yield Text(choice["text"])
-            finish_reason = choice.get("finish_reason") or finish_reason
+        if hasattr(model, "astream_completion"):
+            stream = model.astream_completion(prompt, max_tokens=max_tokens, **params)
+        else:
+            stream = pool.stream(lease, lambda: model.stream_completion(prompt, max_tokens=max_tokens, **params))
+        async with aclosing(stream):
+            async for chunk in stream:
+                choice = chunk["choices"][0]
+                if choice.get("text"):
+                    pieces.append(choice["text"])
+                    yield Text(choice["text"])
+                finish_reason = choice.get("finish_reason") or finish_reason
         raw = "".join(pieces)
         yield End(finish_reason, len(model.tokenize(raw)) if raw else 0, raw)
