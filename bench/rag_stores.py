@@ -50,8 +50,11 @@ class RememberingEmbedder(Embedder):
     def __init__(self):
         super().__init__()
         self.seen: dict[str, np.ndarray] = {}
+        self.remember = True  # off while latency is timed: a query's embedding is part of its cost
 
     def encode(self, texts, batch=32, progress=None):
+        if not self.remember:
+            return super().encode(texts, batch=batch, progress=progress)
         todo = [t for t in dict.fromkeys(texts) if t not in self.seen]
         if todo:
             self.seen.update(zip(todo, super().encode(todo, batch=batch, progress=progress)))
@@ -91,12 +94,14 @@ def evaluate(store, emb, questions, q_vecs, gold_of) -> dict:
         out[mode] = {"r@1": sum(1 for r in ranks if r == 1) / n, "r@5": sum(1 for r in ranks if r and r <= 5) / n,
                      "mrr": sum(1 / r for r in ranks if r) / n}
     retriever.search("warm up", k=5)
+    emb.remember = False
     for mode in ("bm25", "dense", "hybrid"):
         times = []
         for q, _, _ in questions[:300]:
             retriever.search(q, mode=mode, k=5)
             times.append(retriever.last_ms)
         out[mode] |= {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))}
+    emb.remember = True
     return out
 
 
@@ -177,7 +182,8 @@ def write(rows, args) -> None:
         lines.append(f"- {pg['chunks']} chunks: dense recall@5 {pg['dense']['r@5']:.4f} vs exact {lite['dense']['r@5']:.4f} "
                      f"(gap {gap:+.4f}; goal within 0.01: {'**met**' if abs(gap) <= 0.01 else '**not met**'}); "
                      f"HNSW finds {pg['knn_recall']:.3f} of the exact top 5; hybrid p50 {pg['hybrid']['p50']:.1f} ms "
-                     f"(goal <= 30 ms at 100k: {'**met**' if pg['hybrid']['p50'] <= 30 else '**not met**'})")
+                     + (f"(goal <= 30 ms at 100k: {'**met**' if pg['hybrid']['p50'] <= 30 else '**not met**'})"
+                        if size == "100k" else "(the 30 ms goal is for 100k chunks)"))
     lines.append("- two concurrent `index` runs into one database lose nothing: tests/test_rag_stores.py "
                  "(test_two_index_runs_at_once_lose_nothing, both stores)")
     text = "\n".join(lines) + "\n"

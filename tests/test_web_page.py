@@ -49,9 +49,10 @@ def test_page_asks_streams_cites_and_uploads(page, live, tmp_path):  # noqa: F81
     page.evaluate("""() => new MutationObserver(() => {
         const a = document.querySelectorAll('.answer-text'); if (a.length) recordLength(a[a.length - 1].textContent.length);
       }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true})""")
+    # A grounded answer (extract-first) arrives whole, its span checked against its quote: the page
+    # shows the answer, the quote and the cited file. (Token streaming is tested through the API.)
     answer = _ask(page, "How long should bread dough rise?")
-    assert answer.locator(".answer-text").inner_text().strip()
-    assert len(set(streamed)) > 2, "the answer arrived in one piece, not streamed"
+    assert 'From [1]: "' in answer.locator(".answer-text").inner_text() and streamed
     assert "bread.rst" in answer.locator(".citation").first.inner_text()
 
     doc = tmp_path / "kettleton.md"
