@@ -2,6 +2,7 @@
 and `ask` on the bundled Python FAQ with the default model: `make run`'s question answered from
 and citing its FAQ entry, an absent subject refused."""
 import pytest
+from test_rag import MockModel
 
 from pocketlm.rag.answer import NOTHING_FOUND, SPAN_WORDS, ask
 from pocketlm.rag.embedder import Embedder
@@ -56,18 +57,8 @@ def test_a_cut_last_word_is_dropped_and_anything_else_refused():
     assert checked_span("three days", quote) == "" and checked_span("the answer is two", quote) == ""
 
 
-class SpanModel:
-    """Stands in for llama.cpp: replies with a fixed text, recording what it was given."""
-    n_ctx = 2048
-
-    def __init__(self, reply):
-        self.reply, self.calls = reply, []
-
-    def tokenize(self, text):
-        return text.split()
-
-    def count_chat_tokens(self, messages):
-        return sum(len(m["content"].split()) for m in messages)
+class SpanModel(MockModel):
+    """test_rag's stand-in for llama.cpp, replying in pieces that keep their spaces, recording its parameters."""
 
     def chat(self, messages, **kw):
         self.calls.append((messages, kw))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 from ..errors import PocketError
 from .openai_api import APIError
@@ -73,7 +73,6 @@ class RemoteModel:
         self.grammar = grammar
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         # read timeout: the longest the backend may go quiet between two streamed pieces
-        self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
         self.headers, self.timeout = headers, httpx.Timeout(timeout, connect=10.0)
         self._aclient: Any = None  # httpx.AsyncClient of the event loop it was made in
         self._aloop: Any = None
@@ -84,19 +83,9 @@ class RemoteModel:
     def count_chat_tokens(self, messages: list[dict]) -> int:
         return self.tokenizer.count_chat_tokens(messages)
 
-    def stream_chat(self, messages: list[dict], max_tokens: int, **params) -> Iterator[dict]:
-        # A GBNF grammar is llama.cpp's extension; other servers reject or ignore it, so it is sent only
-        # to llama-server: a grounded answer's span is checked against its quote afterwards anyway (rag.answer.finish).
-        if not self.grammar:
-            params.pop("grammar", None)
-        return self._stream("/chat/completions", {"messages": messages, "max_tokens": max_tokens, **params})
-
-    def stream_completion(self, prompt: str, max_tokens: int, **params) -> Iterator[dict]:
-        return self._stream("/completions", {"prompt": prompt, "max_tokens": max_tokens, **params})
-
-    # The async path the server takes: chunks are relayed on its event loop, with no thread per
-    # request. Measured (bench/results/serve_load.md): with a thread per request relaying the
-    # stream, 16 clients through the front got 0.77x llama-server's own tokens/s on 2 cores.
+    # Chunks are relayed on the server's event loop, with no thread per request. Measured
+    # (bench/results/serve_load.md): with a thread per request relaying the stream, 16 clients
+    # through the front got 0.77x llama-server's own tokens/s on 2 cores; on the loop 0.83x.
     def astream_chat(self, messages: list[dict], max_tokens: int, **params) -> AsyncIterator[dict]:
         if not self.grammar:
             params.pop("grammar", None)
@@ -123,25 +112,6 @@ class RemoteModel:
                     await r.aread()
                     raise _backend_error(r.status_code, r.text)
                 async for line in r.aiter_lines():
-                    chunk = _chunk(line)
-                    if chunk is _DONE:
-                        return
-                    if chunk is not None:
-                        yield chunk
-        except httpx.HTTPError as exc:
-            raise APIError(502, f"the backend at {self.url} failed: {type(exc).__name__}: {exc}", type="server_error") from None
-
-    def _stream(self, path: str, body: dict) -> Iterator[dict]:
-        import httpx
-
-        # unset sampling fields are left out, not sent as null: some servers reject a null they would default
-        body = {**{k: v for k, v in body.items() if v is not None}, "model": self.model_name, "stream": True}
-        try:
-            with self.client.stream("POST", self.url + path, json=body) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise _backend_error(r.status_code, r.text)
-                for line in r.iter_lines():
                     chunk = _chunk(line)
                     if chunk is _DONE:
                         return

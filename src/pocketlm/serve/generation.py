@@ -77,10 +77,7 @@ async def chat_events(pool, kb, req: ChatRequest) -> AsyncIterator[Start | Text 
         max_tokens = check_fits(n_prompt, max_tokens, pool.n_ctx, "messages")
         yield Start(n_prompt)
         pieces, finish_reason = [], "stop"
-        if hasattr(model, "astream_chat"):  # a backend: relayed on the event loop (backend.py)
-            stream = model.astream_chat(messages, max_tokens=max_tokens, **params)
-        else:
-            stream = pool.stream(lease, lambda: model.stream_chat(messages, max_tokens=max_tokens, **params))
+        stream = _chunks(pool, lease, "stream_chat", messages, max_tokens=max_tokens, **params)
         async with aclosing(stream):
             async for chunk in stream:
                 choice = chunk["choices"][0]
@@ -110,10 +107,7 @@ async def completion_events(pool, req: CompletionRequest) -> AsyncIterator[Start
         yield Start(n_prompt)
         pieces, finish_reason = [], "stop"
         params = req.llama_params()
-        if hasattr(model, "astream_completion"):
-            stream = model.astream_completion(prompt, max_tokens=max_tokens, **params)
-        else:
-            stream = pool.stream(lease, lambda: model.stream_completion(prompt, max_tokens=max_tokens, **params))
+        stream = _chunks(pool, lease, "stream_completion", prompt, max_tokens=max_tokens, **params)
         async with aclosing(stream):
             async for chunk in stream:
                 choice = chunk["choices"][0]
@@ -123,3 +117,12 @@ async def completion_events(pool, req: CompletionRequest) -> AsyncIterator[Start
                 finish_reason = choice.get("finish_reason") or finish_reason
         raw = "".join(pieces)
         yield End(finish_reason, len(model.tokenize(raw)) if raw else 0, raw)
+
+
+def _chunks(pool, lease, method: str, *args, **kwargs):
+    """The model's chunks as an async iterator: a backend's own async stream (relayed on the event
+    loop, backend.py), else the blocking llama.cpp stream run on the lease's thread."""
+    model = lease.model
+    if hasattr(model, "a" + method):
+        return getattr(model, "a" + method)(*args, **kwargs)
+    return pool.stream(lease, lambda: getattr(model, method)(*args, **kwargs))
