@@ -1,6 +1,6 @@
 """`pocketlm ask`: retrieve, extract the sentence that answers, let the model pick a span of it, cite.
 
-Two ways to answer, chosen by bench/rag_squad.py (default: extract):
+Two ways to answer, measured side by side in bench/rag_answers.py (default: extract):
 - extract: the retrieved passages are cut into sentences and scored against the question
   (rag/extract.py); the best is quoted with its citation and the model answers with a run of
   its words, under a grammar that admits nothing else, so every word of the answer stands in
@@ -18,6 +18,7 @@ from typing import Callable
 
 from ..errors import PocketError
 from .extract import answer_start, checked_span, content_words, score_sentences, span_grammar
+from .index import inner_heading
 from .retrieve import Hit, Retriever
 
 STYLES = ("extract", "write")
@@ -155,16 +156,18 @@ def prepare(question: str, retriever: Retriever, model, k: int = 5, mode: str = 
     if retriever.embedder is None:
         raise PocketError("extracting answers needs the index's embedder")
     ranked = score_sentences(question, [h.chunk.text for h in hits], retriever.embedder.encode,
-                             leads=[_lead(h) for h in hits])
+                             leads=[inner_heading(h.chunk.title, h.chunk.heading) for h in hits])
     if not ranked or ranked[0].score < MIN_SENTENCE_SCORE:
         return Prompt([], [], retriever.last_ms)
     best = ranked[0]
-    quote = " ".join(best.text.split()[:QUOTE_WORDS])
-    messages = [{"role": "system", "content": SPAN_SYSTEM}, *SPAN_EXAMPLES,
+    def span_chat(quote: str) -> list[dict]:
+        return [{"role": "system", "content": SPAN_SYSTEM}, *SPAN_EXAMPLES,
                 {"role": "user", "content": f'Source: "{quote}"\nQuestion: {question}'}]
-    while not fits(messages) and len(quote.split()) > 8:  # a small context: a shorter quote
+
+    quote = " ".join(best.text.split()[:QUOTE_WORDS])
+    while not fits(span_chat(quote)) and len(quote.split()) > 8:  # a small context: a shorter quote
         quote = " ".join(quote.split()[: len(quote.split()) // 2])
-        messages[-1] = {"role": "user", "content": f'Source: "{quote}"\nQuestion: {question}'}
+    messages = span_chat(quote)
     return Prompt(messages, [hits[best.hit]], retriever.last_ms, quote,
                   span_grammar(quote, avoid=content_words(question), max_words=SPAN_WORDS,
                                starts=answer_start(question)))
@@ -211,10 +214,3 @@ def _where(hit: Hit) -> str:
     c = hit.chunk
     where = c.heading if c.heading.startswith(c.title or "\0") else " > ".join(x for x in (c.title, c.heading) if x)
     return f"({where}{f', page {c.page}' if c.page else ''})"
-
-
-def _lead(hit: Hit) -> str:
-    """The innermost heading a passage sits under, unless it is just the document's title (as the
-    index embeds chunks: a title shared by every passage tells none of them apart)."""
-    inner = hit.chunk.heading.split(" > ")[-1] if hit.chunk.heading else ""
-    return "" if inner == hit.chunk.title else inner

@@ -124,5 +124,11 @@ def embed_text(title: str, heading: str, text: str) -> str:
     document title. The full "title > heading" path was measured worse on SQuAD (dense
     recall@1 0.25 vs 0.40 on 100 questions): a title shared by every chunk of a document pulls
     their vectors together exactly where the question must tell them apart."""
+    inner = inner_heading(title, heading)
+    return f"{inner}\n{text}" if inner else text
+
+
+def inner_heading(title: str, heading: str) -> str:
+    """A chunk's own (innermost) heading, or "" when there is none or it is just the document's title."""
     inner = heading.split(" > ")[-1] if heading else ""
-    return f"{inner}\n{text}" if inner and inner != title else text
+    return "" if inner == title else inner
