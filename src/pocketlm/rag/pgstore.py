@@ -65,6 +65,7 @@ class PgStore:
         except ImportError:
             raise PocketError("a postgresql:// index needs psycopg (pip install 'psycopg[binary]')") from None
         self.url, self.path = url, redact(url)
+        self._chunks_seen = False
         try:
             self.db = psycopg.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
@@ -87,7 +88,11 @@ class PgStore:
         return row[0] if row else None
 
     def _has_chunks(self) -> bool:
-        return bool(self._one("SELECT to_regclass('pocketlm_chunks') IS NOT NULL"))
+        """Whether the chunk table exists yet (made at the first add, by any writer). Once seen it
+        stays: asked again only until then, not at every search."""
+        if not self._chunks_seen:
+            self._chunks_seen = bool(self._one("SELECT to_regclass('pocketlm_chunks') IS NOT NULL"))
+        return self._chunks_seen
 
     # -- settings the index was built with ------------------------------------------------
     def meta(self, key: str, default: str | None = None) -> str | None:
