@@ -30,7 +30,7 @@ from results_file import put_section  # noqa: E402
 
 from pocketlm.data import general_text  # noqa: E402
 from pocketlm.quantize.qad import train_file  # noqa: E402
-from pocketlm.quantize.qad_options import QadOptions  # noqa: E402
+from pocketlm.quantize.qad_options import CODES, QadOptions  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
 from pocketlm.util.machine import cpu_name  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--types", default="Q4_0,IQ4_NL")
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--lr", type=float, default=QadOptions.lr)
-    ap.add_argument("--codes", default=QadOptions.codes)
+    ap.add_argument("--codes", default=QadOptions.codes, choices=list(CODES))
     ap.add_argument("--norms", action="store_true", help="the file's float32 norms train too")
     ap.add_argument("--block-tokens", type=int, default=QadOptions.block_tokens,
                     help="tokens of the layer-by-layer phase (the first of the training sequences, reused)")

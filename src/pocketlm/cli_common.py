@@ -98,15 +98,14 @@ def given(*names: str) -> bool:
 
 def qad_options(fn):
     """What --method qad trains for (quantize/qad.py); the defaults are QadOptions'."""
-    from .quantize.qad_options import QadOptions  # not qad.py: the CLI must not import torch to parse flags
+    from .quantize.qad_options import CODES, QadOptions  # not qad.py: the CLI must not import torch to parse flags
 
     d = QadOptions()
     fn = click.option("--resume", is_flag=True, help="With --method qad: continue an interrupted training run.")(fn)
     fn = click.option("--teacher", default=None, help="With --method qad: train against this model (the original a "
                       "distilled MODEL was made from) instead of MODEL itself.")(fn)
-    fn = click.option("--qad-codes", type=click.Choice(["free", "frozen"]), default=d.codes, show_default=True,
-                      help="With --method qad: free moves the weights too (levels re-chosen); frozen trains only "
-                           "scales and offsets.")(fn)
+    fn = click.option("--qad-codes", type=click.Choice(list(CODES)), default=d.codes, show_default=True,
+                      help="With --method qad: " + "; ".join(f"{k}: {v}" for k, v in CODES.items()) + ".")(fn)
     fn = click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=d.lr, show_default=True,
                       help="With --method qad: grid steps per optimizer step.")(fn)
     return click.option("--tokens", type=POSITIVE, default=d.tokens, show_default=True,

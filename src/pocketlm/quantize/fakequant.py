@@ -15,7 +15,9 @@ tensor and format, and every parameter starts at zero: the gptq file itself):
   by about one step (for k-quants: the super-scale d, the sub-block codes kept);
 - each block's offset (formats with a minimum), by b steps (k-quants: dmin, like d);
 - with free codes, every weight by WEIGHT_RATE * c steps: the level of each value is re-chosen from the
-  moved weight every forward (straight-through, LSQ's gradients for scale and offset).
+  moved weight every forward (straight-through, LSQ's gradients for scale and offset);
+- with sub_codes, the k-quants' integer sub-block scale (and min) codes, by e (and f) code
+  units, rounded to the nearest code every forward (straight-through).
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ class FakeQuant(torch.nn.Module):
     idx0: torch.Tensor  # every value's level index: the file's, or as frozen by freeze_codes
 
     def __init__(self, fmt: BlockFormat, data: np.ndarray, perm: np.ndarray | None = None,
-                 free_codes: bool = True):
+                 free_codes: bool = True, sub_codes: bool = False):
         super().__init__()
         self.fmt, self.kind = fmt, family(fmt)
         rows = data.shape[0]
@@ -136,6 +138,13 @@ class FakeQuant(torch.nn.Module):
         self.a = torch.nn.Parameter(torch.zeros(rows, per_scale))
         self.b = torch.nn.Parameter(torch.zeros(rows, per_scale)) if self.has_offset else None
         self.c = torch.nn.Parameter(torch.zeros(self.shape)) if free_codes else None
+        # the k-quants' sub-block codes: the only freedom those formats have per 16 or 32 weights (without
+        # them Q2_K trains 2 numbers per 256 weights)
+        k = self.kind in ("scale_min_k", "signed_k")
+        self.e = torch.nn.Parameter(torch.zeros(rows, ns)) if sub_codes and k else None
+        self.f = torch.nn.Parameter(torch.zeros(rows, ns)) if sub_codes and self.kind == "scale_min_k" else None
+        bits = int(getattr(fmt, "scale_bits", 0))
+        self.code_range = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if self.kind == "signed_k" else (0, 2 ** bits - 1)
         self._assign = torch_assign(fmt)
 
     # -- the stored fields, from the trained values --------------------------------------
@@ -145,14 +154,30 @@ class FakeQuant(torch.nn.Module):
     def _expand(self, per_sub: torch.Tensor) -> torch.Tensor:
         return per_sub.repeat_interleave(self.fmt.sub_size, dim=1)
 
+    def _code(self, start: torch.Tensor, moved: torch.Tensor | None) -> torch.Tensor:
+        """An integer sub-block code: the file's, or the nearest one to start + moved (in the
+        code's range), with straight-through gradients to `moved`."""
+        if moved is None:
+            return start
+        cont = start + moved
+        return _Exact.apply(cont, cont.detach().round().clamp(*self.code_range))
+
+    def sub_codes(self) -> dict[str, torch.Tensor]:
+        """The integer sub-block codes the file will store (k-quants): sc, and mn where it has one."""
+        out = {"sc": self._code(self.sc, self.e)}
+        if self.kind == "scale_min_k":
+            out["mn"] = self._code(self.mn, self.f)
+        return out
+
     def fields(self) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """(scale, offset) per sub-block as the file will store them, with straight-through
         gradients through the float16 rounding, and the raw fields to pack.
 
-        The k-quants train their two float16 super-scales (d, dmin) and keep gptq's integer
-        sub-block codes: a 4- or 6-bit code moves its sub-block's scale by 2-30% at a time, and
-        straight-through steps that coarse oscillated in trials (Q2_K's error rose where every
-        other format's fell); d and dmin move in float16's 0.1% steps."""
+        The k-quants train their two float16 super-scales (d, dmin), and keep gptq's integer
+        sub-block codes unless sub_codes: a 4- or 6-bit code moves its sub-block's scale by
+        2-30% at a time, and straight-through steps that coarse oscillated in an early trial
+        (with free weights beside them, Q2_K's error rose where every other format's fell); d and
+        dmin move in float16's 0.1% steps."""
         grow = 1 + self.a / self.reach
         if self.kind in ("symmetric", "with_min"):
             s_cont = self.s0 * grow
@@ -164,13 +189,14 @@ class FakeQuant(torch.nn.Module):
             return scale, _Exact.apply(o_cont, _f16(o_cont.detach())), {}
         d_cont = self.d * grow
         d = _Exact.apply(d_cont, _f16(d_cont.detach()))
-        scale = self._sub(d) * self.sc  # float32 products, as ggml forms d * sc
+        codes = self.sub_codes()
+        scale = self._sub(d) * codes["sc"]  # float32 products, as ggml forms d * sc
         if self.kind == "signed_k":
             return scale, None, {"d": d}
         assert self.b is not None
         dmin_cont = self.dmin * (1 + self.b / self.reach)
         dmin = _Exact.apply(dmin_cont, _f16(dmin_cont.detach()))
-        return scale, -(self._sub(dmin) * self.mn), {"d": d, "dmin": dmin}
+        return scale, -(self._sub(dmin) * codes["mn"]), {"d": d, "dmin": dmin}
 
     def weight_and_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale, offset, _ = self.fields()
@@ -233,9 +259,9 @@ class FakeQuant(torch.nn.Module):
                              np.zeros(per_block, np.float32) if offset is None else file_rows(offset).reshape(per_block),
                              {k: file_rows(v).reshape(-1) for k, v in raw.items()})
         if self.kind in ("scale_min_k", "signed_k"):
-            params.raw["sc"] = file_rows(self.sc).reshape(per_block).astype(np.int64)
-            if self.kind == "scale_min_k":
-                params.raw["mn"] = file_rows(self.mn).reshape(per_block).astype(np.int64)
+            with torch.no_grad():
+                for key, code in self.sub_codes().items():
+                    params.raw[key] = file_rows(code).reshape(per_block).astype(np.int64)
         data = self.fmt.pack(file_rows(idx).astype(np.int64).reshape(n, bs), params)
         return data.reshape(self.shape[0], -1)
 

@@ -32,7 +32,7 @@ from ..util.cache import model_content_hash
 from .fakequant import FakeQuant, QuantLinear
 from .formats import REGISTRY
 from .formats import get as get_format
-from .qad_options import QadOptions
+from .qad_options import CODES, QadOptions
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,12 @@ def _norms(student, ts: GGUFSource, types: dict[str, str]) -> dict[str, TrainedN
     return found
 
 
-def build_student(teacher_model, start_gguf: Path, free_codes: bool = True, norms: bool = False):
+def build_student(teacher_model, start_gguf: Path, free_codes: bool = True, norms: bool = False,
+                  sub_codes: bool = False):
     """(student model, {GGUF name: FakeQuant}, {GGUF name: TrainedNorm}): the teacher's code and
     float parts, the start file's quantized tables, every quantized decoder matrix as a
-    trainable FakeQuant, and with `norms` the norms trainable too."""
+    trainable FakeQuant (with `sub_codes`, the k-quants' sub-block codes trainable too), and with
+    `norms` the norms trainable too."""
     ts = _gguf(start_gguf)
     facts = ts.facts
     types = {n: e.type for n, e in ts.entries.items()}
@@ -120,7 +122,7 @@ def build_student(teacher_model, start_gguf: Path, free_codes: bool = True, norm
         rows = ts.entries[gname].shape[0]
         heads = facts.permuted_heads(gname)
         perm = deinterleave_rotary_rows(np.arange(rows), heads) if heads else None
-        fq = FakeQuant(fmt, ts.raw(gname), perm, free_codes)
+        fq = FakeQuant(fmt, ts.raw(gname), perm, free_codes, sub_codes)
         if tuple(fq.shape) != tuple(module.weight.shape):
             raise PocketError(f"{start_gguf}: {gname} is {fq.shape}, the model's {name} is {tuple(module.weight.shape)}")
         parent, _, child = name.rpartition(".")
@@ -201,14 +203,15 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     from ..models.load import load
     from ..util.machine import compute_device
 
-    if opts.codes not in ("free", "frozen"):
-        raise PocketError(f"unknown qad codes mode {opts.codes!r} (free or frozen)")
+    if opts.codes not in CODES:
+        raise PocketError(f"unknown qad codes mode {opts.codes!r} ({', '.join(CODES)})")
     t0 = time.perf_counter()
     teacher = load(resolve(source))
     seqs = load_sequences(teacher.tokenizer, data, opts.seq, teacher.add_bos, max_train_tokens=opts.tokens)
     steps = max(1, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))
     skeleton = teacher.model if student_source is None else load(resolve(student_source)).model
-    student, trained, norms = build_student(skeleton, start_gguf, free_codes=opts.codes == "free", norms=opts.norms)
+    student, trained, norms = build_student(skeleton, start_gguf, free_codes=opts.codes == "free", norms=opts.norms,
+                                            sub_codes=opts.codes == "scales")
     del skeleton
     settings = {k: v for k, v in asdict(opts).items()
                 if k not in ("resume", "progress", "eval_every", "save_every", "say", "teacher")}

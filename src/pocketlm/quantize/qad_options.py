@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+# what trains besides the block scales and offsets (fakequant.py): nothing more (frozen); the k-quants' integer
+# sub-block scale codes (scales; the other formats have none, so there it is frozen); every weight's level (free)
+CODES = {"frozen": "only scales and offsets train",
+         "scales": "k-quants' integer sub-block scale codes train too",
+         "free": "the weights move too (levels re-chosen)"}
+
 
 @dataclass
 class QadOptions:
