@@ -137,7 +137,7 @@ def write_section(tag: str, args, results: dict, work: Path) -> None:
             ratio = q["kld_mean"] / g["kld_mean"]
             same = q["size_bytes"] == g["size_bytes"]
             which = "" if own else f" (this command's row not measured; from '{q['name']}')"
-            goals.append(f"- {preset}: qad / gptq mean KLD = {ratio:.3f}{which} (goal ≤ {GOAL}): "
+            goals.append(f"- {preset}: qad / gptq mean KLD = {ratio:.4f}{which} (goal ≤ {GOAL}): "
                          f"{'met' if ratio <= GOAL else 'NOT met'}; same bytes: {'yes' if same else 'NO'}; file decodes to "
                          f"the trained weights with max |difference| {q.get('max_difference', '?')}.")
     lines += ["", "Goals (issue #22):", "", *goals, ""]

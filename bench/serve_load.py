@@ -48,6 +48,9 @@ CONFIGS = {  # name: (server arguments, or "llama-server"; a second server in fr
     "contexts-1": (["--engine", "contexts", "--parallel", "1"], False),
     "contexts-2": (["--engine", "contexts", "--parallel", "2"], False),
     "server-16": (["--engine", "server", "--parallel", "16"], False),  # the default: pocketlm's supervised llama-server
+    "server-16-window": (["--engine", "server", "--parallel", "16", "--kv-tokens", "0"], False),  # a KV window per slot
+    "server-4": (["--engine", "server", "--parallel", "4"], False),  # memory against slots, the KV pool shared
+    "server-64": (["--engine", "server", "--parallel", "64"], False),
     "batched-16": (["--engine", "batched", "--parallel", "16"], False),
     "front-over-batched-16": (["--engine", "batched", "--parallel", "16"], True),
     "llama-server-16": ("llama-server", False),  # the anchor: llama.cpp's own server, 16 slots
@@ -246,6 +249,12 @@ def goals(rows: list[dict]) -> list[str]:
             f"- 16 clients >= 0.9x llama-server alone: {sixteen['tok_s']:.0f} vs {anchor['tok_s']:.0f} "
             f"({sixteen['tok_s'] / anchor['tok_s']:.2f}x) -> {said(sixteen['tok_s'] >= 0.9 * anchor['tok_s'])}",
             f"- TTFT p50 <= 1 s at 16 clients: {sixteen['ttft50']:.2f} s -> {said(sixteen['ttft50'] <= 1)}"]
+    flat = [by.get((f"server-{n}", 1)) for n in (4, 16, 64)]
+    if all(flat):
+        rss = [r["rss_mb"] for r in flat]
+        out.append(f"- memory flat in slots (shared KV pool, 4 x 2048 tokens): peak RSS with 4 / 16 / 64 slots at one "
+                   f"client {' / '.join(f'{m:.0f}' for m in rss)} MB (spread {max(rss) / min(rss) - 1:.0%}) -> "
+                   f"{said(max(rss) <= 1.1 * min(rss))}")
     if crowd:
         clean = not crowd.get("other", 0)
         out.append(f"- 64 clients: {crowd['ok']} answers, {crowd['refused']} clean 429s, {crowd.get('other', 0)} stalled "
@@ -262,8 +271,11 @@ def write(rows, args) -> None:
              f"Command: `.venv/bin/python bench/serve_load.py` on {cpu_name()} ({os.cpu_count()} cores), "
              f"{time.strftime('%Y-%m-%d')}. Default model (SmolLM2-135M-Instruct Q4_1) on llama.cpp, "
              f"{args.requests} streamed chat requests per client, greedy, max_tokens {args.max_tokens}, "
-             "--max-queue 32; clients and servers share the 2 cores. Engines: contexts-N = `--parallel N` llama.cpp "
-             "contexts; batched-16 = `--engine batched --parallel 16`; front-over-batched-16 = a second `pocketlm serve "
+             "--max-queue 32; clients and servers share the 2 cores. Engines: server-N = the default, `--engine server "
+             "--parallel N` (pocketlm's supervised llama-server, its KV cache one pool of 4 x 2048 tokens shared by the "
+             "slots); server-16-window = the same with `--kv-tokens 0` (a 2048-token window per slot, the engine before "
+             "the pool); contexts-N = `--parallel N` llama.cpp contexts"
+             "; batched-16 = `--engine batched --parallel 16`; front-over-batched-16 = a second `pocketlm serve "
              "--backend URL` in front of batched-16 (memory: both processes); llama-server-16 = llama.cpp's own server (the same "
              "llama.cpp as llama-cpp-python's), 16 slots of 2048 tokens, 2 threads, and the front over it.", "",
              "| engine | clients | ok | 429 | stalled or failed | p50 latency s | p95 latency s | TTFT p50 s | TTFT p95 s | total tok/s | "

@@ -83,3 +83,50 @@ def test_the_front_answers_from_documents_through_llama_server(tmp_path):
     finally:
         live.stop()
         pool.server.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_slots_share_one_kv_pool():
+    """The KV cache is one pool (4 windows) whatever --parallel: 16 slots of 2048 tokens hold
+    what 2 slots do, not the 16 windows (~750 MB for this model) a window per slot takes."""
+    rss = {}
+    for label, parallel, kv in (("pool-2", 2, None), ("pool-16", 16, None), ("window-16", 16, 0)):
+        server = LlamaServer(cached_gguf(DEFAULT_MODEL, "f16"), ctx=2048, parallel=parallel, threads=2, kv_tokens=kv,
+                             say=lambda _: None)
+        try:
+            assert _chat(server.url, server.key).status_code == 200
+            rss[label] = _rss_mb(server.proc.pid)
+        finally:
+            server.stop()
+    assert abs(rss["pool-16"] - rss["pool-2"]) < 50, rss
+    assert rss["window-16"] > rss["pool-16"] + 400, rss
+
+
+def test_requests_that_would_overflow_the_shared_pool_wait_instead_of_failing():
+    """Four requests of ~150 tokens each into a 300-token pool: alone, llama-server ends all four
+    with a 500 "Context size has been exceeded" (tried); the front starts each when it fits."""
+    import concurrent.futures
+
+    pool = make_pool(DEFAULT_MODEL, engine="server", ctx=256, parallel=4, kv_tokens=300, say=lambda _: None)
+    live = LiveServer(create_app(pool, DEFAULT_MODEL, None, api_key="k"))
+    prompt = " ".join(["The river flows past the old mill and into the sea."] * 10)
+
+    def ask(i: int) -> tuple[int, str]:
+        r = httpx.post(f"{live.url}/v1/chat/completions", headers={"Authorization": "Bearer k"}, timeout=300,
+                       json={"messages": [{"role": "user", "content": f"{prompt} {i}"}], "max_tokens": 16,
+                             "temperature": 0})
+        return r.status_code, r.text[:200]
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as ex:
+            replies = list(ex.map(ask, range(4)))
+        assert all(code == 200 for code, _ in replies), replies
+    finally:
+        live.stop()
+        pool.server.stop()

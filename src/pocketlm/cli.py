@@ -377,6 +377,9 @@ def compress(model, target_size, target_memory, ctx, output, domain, db, recipe,
 @click.option("--engine", type=click.Choice(["auto", "server", "batched", "contexts"]), default="auto", show_default=True,
               help="server: llama.cpp's llama-server, supervised (auto: when setup built it, else batched); batched: "
                    "every request's next token in one decode; contexts: one llama.cpp context per request.")
+@click.option("--kv-tokens", default=None, type=click.IntRange(min=0),
+              help="llama-server's KV cache, shared by all slots: its memory, whatever --parallel [4 x --ctx]; a request "
+                   "starts when its prompt + max_tokens fit in it. 0: a window per slot.")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0), help="Requests that may wait; more get 429.")
 @click.option("--uploads", type=click.Path(path_type=Path), default=None,
               help="Folder for uploaded documents (default: beside the index).")
@@ -388,8 +391,8 @@ def compress(model, target_size, target_memory, ctx, output, domain, db, recipe,
 @click.option("--backend-model", default=None, help="The backend's model id [default: the first it lists].")
 @THREADS
 @user_errors
-def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max_upload_mb, engine, backend, backend_key,
-          backend_model, threads):
+def serve(model, db, host, port, api_key, ctx, parallel, kv_tokens, max_queue, uploads, max_upload_mb, engine, backend,
+          backend_key, backend_model, threads):
     """OpenAI-compatible API (+ RAG with citations) and a web page, on llama.cpp or any OpenAI-compatible backend."""
     import uvicorn
 
@@ -400,11 +403,15 @@ def serve(model, db, host, port, api_key, ctx, parallel, max_queue, uploads, max
 
     if backend is None and (backend_key or backend_model):
         raise PocketError("--backend-key and --backend-model are for --backend")
-    if backend is not None and engine != "auto":
-        raise PocketError("--engine is how llama.cpp runs here; with --backend the backend generates")
+    if backend is not None and (engine != "auto" or kv_tokens is not None):
+        raise PocketError("--engine and --kv-tokens are how llama.cpp runs here; with --backend the backend generates")
+    if kv_tokens is not None and engine in ("batched", "contexts"):
+        raise PocketError("--kv-tokens sizes llama-server's KV pool: for --engine server")
+    if kv_tokens and kv_tokens < ctx:
+        raise PocketError(f"--kv-tokens {kv_tokens} cannot hold one window of --ctx {ctx} tokens")
     kb = KnowledgeBase(db, uploads) if db else None
     pool = make_pool(model, engine=engine, backend=backend, backend_key=backend_key, backend_model=backend_model, ctx=ctx,
-                     parallel=parallel, max_queue=max_queue, threads=threads, say=click.echo)
+                     parallel=parallel, max_queue=max_queue, threads=threads, kv_tokens=kv_tokens, say=click.echo)
     model_id = Path(model).stem if Path(model).exists() else model
     app = create_app(pool, model_id, kb, api_key=api_key, max_upload_mb=max_upload_mb)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -16,7 +16,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
+from ..errors import PocketError
 from ..util.machine import usable_cores
+
+# Tokens reserved beyond prompt + max_tokens: the front counts the prompt with its own copy of the
+# chat template, which may differ from llama-server's by a few tokens.
+KV_SLACK = 16
 
 
 class QueueFull(Exception):
@@ -46,6 +51,13 @@ class ContextPool:
         # one thread per context generating, plus two for token counting that must not wait behind them
         self._threads = ThreadPoolExecutor(max_workers=parallel + 2, thread_name_prefix="generate")
         self.seconds_per_request = 2.0  # running estimate, for Retry-After
+        # With a KV cache the slots share (supervise.py), requests start only while the tokens they may
+        # take (prompt + max_tokens) fit in it: llama-server, when its pool runs out, ends every
+        # running request with an error rather than one (a 500 "Context size has been exceeded" to
+        # four clients at once, tried). None: every slot has its own window, nothing to share.
+        self.kv_budget: int | None = None
+        self._kv_used = 0
+        self._kv_line: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
 
     @property
     def waiting(self) -> int:
@@ -85,6 +97,49 @@ class ContextPool:
                 return
         self._free.append(model)
 
+    async def reserve(self, lease: "Lease", tokens: int) -> None:
+        """Hold `tokens` of the shared KV cache for this lease (until it ends), waiting in arrival
+        order while they do not fit; at once when the slots do not share one."""
+        if self.kv_budget is None:
+            return
+        tokens = min(tokens + KV_SLACK, self.kv_budget)
+        if not self._kv_line and self._kv_used + tokens <= self.kv_budget:
+            self._kv_used += tokens
+            lease.reserved = tokens
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._kv_line.append((tokens, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # granted just as we left: give it back
+                self._kv_used -= tokens
+                self._admit()
+            raise
+        finally:
+            self._kv_line = collections.deque(x for x in self._kv_line if x[1] is not future)
+        lease.reserved = tokens
+
+    def _unreserve(self, lease: "Lease") -> None:
+        if lease.reserved:
+            self._kv_used -= lease.reserved
+            lease.reserved = 0
+            self._admit()
+
+    def _admit(self) -> None:
+        """Start the waiting requests, first come first served, while the first one fits."""
+        budget = self.kv_budget or 0
+        while self._kv_line:
+            tokens, future = self._kv_line[0]
+            if future.done():
+                self._kv_line.popleft()
+                continue
+            if self._kv_used + tokens > budget:
+                return
+            self._kv_line.popleft()
+            self._kv_used += tokens
+            future.set_result(None)
+
     @asynccontextmanager
     async def context(self) -> AsyncIterator["Lease"]:
         lease = Lease(await self._acquire())
@@ -93,6 +148,7 @@ class ContextPool:
         try:
             yield lease
         finally:
+            self._unreserve(lease)
             self.seconds_per_request = 0.8 * self.seconds_per_request + 0.2 * (loop.time() - started)
             if lease.worker is not None and not lease.worker.done():
                 # A generation thread still holds the context (the request was cancelled under
@@ -152,11 +208,12 @@ class Lease:
     def __init__(self, model):
         self.model = model
         self.worker: asyncio.Future | None = None
+        self.reserved = 0  # tokens of a shared KV cache held (ContextPool.reserve)
 
 
 def make_pool(model, *, engine: str = "auto", backend: str | None = None, backend_key: str | None = None,
               backend_model: str | None = None, ctx: int = 2048, parallel: int | None = None, max_queue: int = 16,
-              threads: int | None = None, say: Callable[[str], None] = print) -> ContextPool:
+              threads: int | None = None, kv_tokens: int | None = None, say: Callable[[str], None] = print) -> ContextPool:
     """The pool `serve` generates through: a supervised llama-server (supervise.py; auto: when
     built), llama.cpp contexts, one batched llama.cpp context (runtime/batched.py), or requests to
     an OpenAI-compatible backend (backend.py)."""
@@ -180,11 +237,16 @@ def make_pool(model, *, engine: str = "auto", backend: str | None = None, backen
         from .supervise import LlamaServer
 
         n_seq = parallel or 16
-        server = LlamaServer(path, ctx=ctx, parallel=n_seq, threads=threads or usable_cores(), say=say)
+        server = LlamaServer(path, ctx=ctx, parallel=n_seq, threads=threads or usable_cores(), kv_tokens=kv_tokens, say=say)
         pool = remote_pool(server.url, server.key, None, path, ctx, n_seq, max_queue, grammar=True)
         pool.server = server  # stopped with the front
-        say(f"generating on llama-server ({n_seq} slots of {ctx} tokens, pid {server.proc.pid if server.proc else '?'})")
+        pool.kv_budget = server.kv_tokens if server.shared_kv else None
+        kv = f"sharing {server.kv_tokens} KV tokens" if server.shared_kv else f"{server.kv_tokens} KV tokens, a window each"
+        say(f"generating on llama-server ({n_seq} slots of up to {ctx} tokens, {kv}; pid "
+            f"{server.proc.pid if server.proc else '?'})")
         return pool
+    if kv_tokens is not None:
+        raise PocketError(f"--kv-tokens sizes llama-server's KV pool, and it is not built here (engine {engine})")
     if engine == "batched":
         from ..runtime.batched import BatchedEngine, BatchedSlot
 

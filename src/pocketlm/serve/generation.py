@@ -75,6 +75,7 @@ async def chat_events(pool, kb, req: ChatRequest) -> AsyncIterator[Start | Text 
             params["response_format"] = {"type": "json_object"}
         n_prompt = await pool.run(model.count_chat_tokens, messages)
         max_tokens = check_fits(n_prompt, max_tokens, pool.n_ctx, "messages")
+        await pool.reserve(lease, n_prompt + max_tokens)
         yield Start(n_prompt)
         pieces, finish_reason = [], "stop"
         stream = _chunks(pool, lease, "stream_chat", messages, max_tokens=max_tokens, **params)
@@ -104,6 +105,7 @@ async def completion_events(pool, req: CompletionRequest) -> AsyncIterator[Start
         model = lease.model
         n_prompt = len(await pool.run(model.tokenize, prompt)) + 1  # + BOS
         max_tokens = check_fits(n_prompt, req.max_tokens, pool.n_ctx, "prompt")
+        await pool.reserve(lease, n_prompt + max_tokens)
         yield Start(n_prompt)
         pieces, finish_reason = [], "stop"
         params = req.llama_params()

@@ -30,6 +30,13 @@ from ..errors import PocketError
 
 BINARY = "llama-server"
 START_TIMEOUT = 300.0  # seconds for the model to load and /health to answer 200
+# The KV cache is one pool all slots share (llama-server's unified KV), this many full windows
+# big whatever the number of slots: with a window per slot its memory grew with --parallel (16
+# slots of 2048 tokens: 750 MB for SmolLM2, 4 GiB for an 8B model's 128 KB per token), although
+# chat turns rarely fill a window. When the pool runs out llama-server first frees idle slots'
+# cells, then ends every running request with an error (llama.cpp PR 16736), so the front starts
+# a request only when its tokens fit (engine.ContextPool.reserve).
+POOL_WINDOWS = 4
 
 
 def find_llama_server() -> Path | None:
@@ -51,10 +58,15 @@ def _free_port() -> int:
 
 
 class LlamaServer:
-    """One supervised llama-server process: `parallel` slots of `ctx` tokens each."""
+    """One supervised llama-server process: `parallel` slots of up to `ctx` tokens each, sharing
+    a KV cache of `kv_tokens` (default POOL_WINDOWS windows; 0: a window per slot, unshared)."""
 
-    def __init__(self, model_path: str | Path, *, ctx: int, parallel: int, threads: int, binary: Path | None = None,
-                 say=print):
+    def __init__(self, model_path: str | Path, *, ctx: int, parallel: int, threads: int, kv_tokens: int | None = None,
+                 binary: Path | None = None, say=print):
+        self.shared_kv = kv_tokens != 0
+        self.kv_tokens = (kv_tokens or POOL_WINDOWS * ctx) if self.shared_kv else ctx * parallel
+        if self.kv_tokens < ctx:
+            raise PocketError(f"--kv-tokens {self.kv_tokens} cannot hold one window of --ctx {ctx} tokens")
         self.binary = binary or find_llama_server()
         if self.binary is None:
             raise PocketError("llama-server is not built here (make setup builds it; or set POCKETLM_LLAMA_SERVER); "
@@ -68,8 +80,12 @@ class LlamaServer:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.command = [str(self.binary), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(self.port),
-                        "--api-key-file", str(self.key_file), "-np", str(parallel), "-c", str(ctx * parallel), "-t", str(threads),
-                        "-tb", str(threads), "--no-webui"]
+                        "--api-key-file", str(self.key_file), "-np", str(parallel), "-t", str(threads), "-tb", str(threads),
+                        "--no-webui"]
+        if self.shared_kv:
+            self.command += ["-c", str(self.kv_tokens), "-kvu", "--kv-unified-per-slot", str(ctx)]
+        else:
+            self.command += ["-c", str(self.kv_tokens), "--no-kv-unified"]
         self.say, self.restarts = say, 0
         self.log = Path(tempfile.mkstemp(prefix="pocketlm-llama-server-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
