@@ -405,10 +405,6 @@ def serve(model, db, host, port, api_key, ctx, parallel, kv_tokens, max_queue, u
         raise PocketError("--backend-key and --backend-model are for --backend")
     if backend is not None and (engine != "auto" or kv_tokens is not None):
         raise PocketError("--engine and --kv-tokens are how llama.cpp runs here; with --backend the backend generates")
-    if kv_tokens is not None and engine in ("batched", "contexts"):
-        raise PocketError("--kv-tokens sizes llama-server's KV pool: for --engine server")
-    if kv_tokens and kv_tokens < ctx:
-        raise PocketError(f"--kv-tokens {kv_tokens} cannot hold one window of --ctx {ctx} tokens")
     kb = KnowledgeBase(db, uploads) if db else None
     pool = make_pool(model, engine=engine, backend=backend, backend_key=backend_key, backend_model=backend_model, ctx=ctx,
                      parallel=parallel, max_queue=max_queue, threads=threads, kv_tokens=kv_tokens, say=click.echo)

@@ -117,7 +117,8 @@ class ContextPool:
                 self._admit()
             raise
         finally:
-            self._kv_line = collections.deque(x for x in self._kv_line if x[1] is not future)
+            if (tokens, future) in self._kv_line:
+                self._kv_line.remove((tokens, future))
         lease.reserved = tokens
 
     def _unreserve(self, lease: "Lease") -> None:
@@ -224,14 +225,20 @@ def make_pool(model, *, engine: str = "auto", backend: str | None = None, backen
         say(f"generating on {backend} (model {pool.models[0].model_name})")
         return pool
     from ..models.export_gguf import cached_gguf
+    from .supervise import find_llama_server, kv_pool
 
-    path = cached_gguf(model, "f16")
-    if engine == "auto":
-        from .supervise import find_llama_server
-
+    # the engine and its KV pool are settled before the model is exported (that can take minutes)
+    auto = engine == "auto"
+    if auto:
         engine = "server" if find_llama_server() else "batched"
-        if engine == "batched":
-            say("llama-server is not built here (make setup builds it): generating on the batched engine")
+    if kv_tokens is not None:
+        kv_pool(ctx, parallel or 16, kv_tokens)
+        if engine != "server":
+            raise PocketError("--kv-tokens sizes llama-server's KV pool: for --engine server"
+                              + (" (llama-server is not built here)" if auto else ""))
+    if auto and engine == "batched":
+        say("llama-server is not built here (make setup builds it): generating on the batched engine")
+    path = cached_gguf(model, "f16")
     if engine == "server":
         from .backend import remote_pool
         from .supervise import LlamaServer
@@ -245,8 +252,6 @@ def make_pool(model, *, engine: str = "auto", backend: str | None = None, backen
         say(f"generating on llama-server ({n_seq} slots of up to {ctx} tokens, {kv}; pid "
             f"{server.proc.pid if server.proc else '?'})")
         return pool
-    if kv_tokens is not None:
-        raise PocketError(f"--kv-tokens sizes llama-server's KV pool, and it is not built here (engine {engine})")
     if engine == "batched":
         from ..runtime.batched import BatchedEngine, BatchedSlot
 

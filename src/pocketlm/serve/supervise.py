@@ -39,6 +39,16 @@ START_TIMEOUT = 300.0  # seconds for the model to load and /health to answer 200
 POOL_WINDOWS = 4
 
 
+def kv_pool(ctx: int, parallel: int, kv_tokens: int | None) -> tuple[bool, int]:
+    """(whether the slots share one KV cache, its size in tokens) for --kv-tokens: None the
+    default pool, 0 a window per slot; a pool that cannot hold one window is refused."""
+    shared = kv_tokens != 0
+    tokens = (kv_tokens or POOL_WINDOWS * ctx) if shared else ctx * parallel
+    if tokens < ctx:
+        raise PocketError(f"--kv-tokens {tokens} cannot hold one window of --ctx {ctx} tokens")
+    return shared, tokens
+
+
 def find_llama_server() -> Path | None:
     """POCKETLM_LLAMA_SERVER, else the one setup built beside the environment's python, else PATH."""
     given = os.environ.get("POCKETLM_LLAMA_SERVER")
@@ -63,10 +73,7 @@ class LlamaServer:
 
     def __init__(self, model_path: str | Path, *, ctx: int, parallel: int, threads: int, kv_tokens: int | None = None,
                  binary: Path | None = None, say=print):
-        self.shared_kv = kv_tokens != 0
-        self.kv_tokens = (kv_tokens or POOL_WINDOWS * ctx) if self.shared_kv else ctx * parallel
-        if self.kv_tokens < ctx:
-            raise PocketError(f"--kv-tokens {self.kv_tokens} cannot hold one window of --ctx {ctx} tokens")
+        self.shared_kv, self.kv_tokens = kv_pool(ctx, parallel, kv_tokens)
         self.binary = binary or find_llama_server()
         if self.binary is None:
             raise PocketError("llama-server is not built here (make setup builds it; or set POCKETLM_LLAMA_SERVER); "
@@ -81,11 +88,8 @@ class LlamaServer:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.command = [str(self.binary), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(self.port),
                         "--api-key-file", str(self.key_file), "-np", str(parallel), "-t", str(threads), "-tb", str(threads),
-                        "--no-webui"]
-        if self.shared_kv:
-            self.command += ["-c", str(self.kv_tokens), "-kvu", "--kv-unified-per-slot", str(ctx)]
-        else:
-            self.command += ["-c", str(self.kv_tokens), "--no-kv-unified"]
+                        "--no-webui", "-c", str(self.kv_tokens)]
+        self.command += ["-kvu", "--kv-unified-per-slot", str(ctx)] if self.shared_kv else ["--no-kv-unified"]
         self.say, self.restarts = say, 0
         self.log = Path(tempfile.mkstemp(prefix="pocketlm-llama-server-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
