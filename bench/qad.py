@@ -48,8 +48,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=QadOptions.lr)
     ap.add_argument("--codes", default=QadOptions.codes, choices=list(CODES))
     ap.add_argument("--norms", action="store_true", help="the file's float32 norms train too")
-    ap.add_argument("--block-tokens", type=int, default=QadOptions.block_tokens,
-                    help="tokens of the layer-by-layer phase (the first of the training sequences, reused)")
+    ap.add_argument("--block-tokens", type=int, default=None,
+                    help="tokens of the layer-by-layer phase (the first of the training sequences, reused); "
+                         "default: by format, as quantize does (qad_options.layer_phase_tokens)")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--cached-only", action="store_true",
@@ -62,7 +63,7 @@ def main() -> None:
         calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
         ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
     qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {args.codes}" + (" norms" if args.norms else "") + \
-        (f" layers{args.block_tokens // 1024}k" if args.block_tokens != QadOptions.block_tokens else "")
+        (f" layers{args.block_tokens // 1024}k" if args.block_tokens is not None else "")
     results: dict = {}
     for preset in args.types.split(","):
         for variant in VARIANTS:
@@ -111,7 +112,7 @@ def other_qad_rows(work: Path, preset: str, name: str) -> list[dict]:
 def write_section(tag: str, args, results: dict, work: Path) -> None:
     lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/qad.py --model {args.model} --tag {tag} --types {args.types} "
              f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}{' --norms' if args.norms else ''}"
-             + (f" --block-tokens {args.block_tokens}" if args.block_tokens != QadOptions.block_tokens else "") + "`", "",
+             + (f" --block-tokens {args.block_tokens}" if args.block_tokens is not None else "") + "`", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp at 2 threads. Reference: the model in F32. "
              f"gptq and llama.cpp's imatrix calibrate on {args.calib_tokens} tokens of the first 80% of wiki.txt; qad "
              f"trains on pocketlm's bundled general text (wiki-first80 + c4) from the gptq file. Evaluation: "

@@ -221,3 +221,19 @@ def test_layer_phase_brings_each_layer_closer_to_the_original(tiny_hf, start_fil
     trained = reconstruct_blocks(build_student(teacher, start_file, free_codes=False)[0], teacher, windows, 0.05, 3,
                                  progress=False)
     assert len(trained) == 2 and all(t < u for t, u in zip(trained, untouched)), (untouched, trained)
+
+
+def test_layer_phase_runs_for_legacy_files_only(tiny_hf, start_file, tmp_path):
+    """By default the layer phase trains Q4_0-like files and skips k-quant ones (qad_options:
+    on the off-grid student's k-quants it measured worse than none)."""
+    from pocketlm.quantize.qad import _kquant_share
+    from pocketlm.quantize.qad_options import LEGACY_BLOCK_TOKENS, layer_phase_tokens
+
+    teacher = load(tiny_hf).model
+    legacy = tmp_path / "q4_0.gguf"
+    quantize_model(str(tiny_hf), legacy, QuantizeOptions(preset="Q4_0", method="rtn", progress=False))
+    k_share = _kquant_share(build_student(teacher, start_file, free_codes=False)[1])
+    legacy_share = _kquant_share(build_student(teacher, legacy, free_codes=False)[1])
+    assert k_share > 0.5 and legacy_share < 0.5
+    assert layer_phase_tokens(None, k_share) == 0 and layer_phase_tokens(None, legacy_share) == LEGACY_BLOCK_TOKENS
+    assert layer_phase_tokens(4096, k_share) == 4096

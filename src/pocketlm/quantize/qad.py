@@ -32,7 +32,7 @@ from ..util.cache import model_content_hash
 from .fakequant import FakeQuant, QuantLinear
 from .formats import REGISTRY
 from .formats import get as get_format
-from .qad_options import CODES, QadOptions
+from .qad_options import CODES, QadOptions, layer_phase_tokens
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,13 @@ def _max_difference(path: Path, trained: dict[str, FakeQuant], stored: dict[str,
     return worst
 
 
+def _kquant_share(trained: dict[str, FakeQuant]) -> float:
+    """The share of the trained weights stored as k-quants."""
+    sizes = {name: fq.shape[0] * fq.shape[1] for name, fq in trained.items()}
+    k = sum(n for name, n in sizes.items() if trained[name].kind in ("scale_min_k", "signed_k"))
+    return k / max(sum(sizes.values()), 1)
+
+
 def _run_key(settings: dict, start_gguf: Path) -> str:
     """A checkpoint is continued only by the run that made it: same start file, settings, data and code."""
     import hashlib
@@ -229,10 +236,11 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     else:
         # the start file's own divergence, measured as training measures it, before anything moves
         baseline = {"start": evaluate_student(student, seqs.held_out, signal, cfg), "block_errors": []}
-        if opts.block_tokens:
+        block_tokens = layer_phase_tokens(opts.block_tokens, _kquant_share(trained))
+        if block_tokens:
             from .qad_blocks import reconstruct_blocks
 
-            n = max(1, math.ceil(opts.block_tokens / (opts.seq - 1)))
+            n = max(1, math.ceil(block_tokens / (opts.seq - 1)))
             baseline["block_errors"] = reconstruct_blocks(student, teacher.model, list(seqs.train[:n]), opts.block_lr,
                                                           opts.block_epochs, opts.progress)
         ckpt.folder.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ class QadOptions:
     # the file's float32 norms train too (a per-input-channel freedom no block scale has, free in bytes). Off: on
     # the default model's Q4_0 at 100k tokens it measured no gain (KLD 0.0839 with, 0.0822 without, bench/results/qad.md)
     norms: bool = False
-    block_tokens: int = 8192  # the layer-by-layer phase first (qad_blocks.py), on this many tokens; 0: none
+    # the layer-by-layer phase first (qad_blocks.py), on this many tokens; 0: none; None: by format (layer_phase_tokens)
+    block_tokens: int | None = None
     block_epochs: int = 2
     block_lr: float = 0.05  # of 0.02 / 0.05 / 0.1 on the default model's Q4_0, 0.05 left the least KLD
     eval_every: int = 25
@@ -39,3 +40,19 @@ class QadOptions:
     resume: bool = False
     progress: bool = True
     say: Callable[[str], None] | None = None  # where to tell the user how training went
+
+
+LEGACY_BLOCK_TOKENS = 8192
+
+
+def layer_phase_tokens(block_tokens: int | None, kquant_share: float) -> int:
+    """The layer phase's tokens when not given: on for files whose trained weights are mostly legacy
+    formats, off for mostly k-quants. Measured (bench/results/qad.md): on the default model's Q4_0 the
+    phase takes training's KLD 0.128 -> 0.091 and the file ends at 0.60x gptq's; on the off-grid
+    student's k-quants it makes the file worse before end-to-end training starts (Q3_K_M 0.082 ->
+    0.097, Q2_K 0.297 -> 0.355), and the files end better without it (Q3_K_M 0.94x gptq's KLD
+    against 1.00x, Q2_K 0.86x against 0.92x). k-quants train only two scales per 256 weights, and
+    one layer's few calibration tokens overfit them."""
+    if block_tokens is not None:
+        return block_tokens
+    return 0 if kquant_share > 0.5 else LEGACY_BLOCK_TOKENS
