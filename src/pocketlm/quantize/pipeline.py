@@ -85,7 +85,9 @@ def _encode(values, type_name, method, stats, last_use: bool = False) -> tuple[n
     fmt = get_format(type_name)
     importance = stats.importance if stats is not None and method != "rtn" else None
     if method == "gptq" and stats is not None and stats.xtx is not None:
-        data = quantize_gptq(values, fmt, stats.take_hessian() if last_use else stats.hessian)
+        # given away in a list when this is its last use: gptq pops it, and its memory is freed as soon as gptq
+        # has its permuted copy (an argument held by this frame would live through the whole sweep)
+        data = quantize_gptq(values, fmt, [stats.take_hessian()] if last_use else stats.hessian)
     else:
         method = "imatrix" if importance is not None else "rtn"
         data = np.concatenate(map_rows(lambda part: quantize_rtn(part, fmt, importance), values))
@@ -208,8 +210,7 @@ def _calibrated_pass(src, ts, plans, method, opts, stream, reports):
     windows = calibration_windows(layers.tokenizer, layers.add_bos, opts.calib, opts.calib_tokens, opts.calib_ctx)
     names = ts.facts.name_map()
 
-    def on_layer(i, stats):
-        new_weights = {}
+    def on_layer(i, stats):  # a generator: each tensor's new weights are loaded before the next is made
         users = Counter(id(st) for st in stats.values())  # q/k/v and gate/up share their statistics
         for rel, st in stats.items():
             users[id(st)] -= 1
@@ -222,7 +223,7 @@ def _calibrated_pass(src, ts, plans, method, opts, stream, reports):
             heads = ts.facts.permuted_heads(tname)
             if heads:
                 deq = deinterleave_rotary_rows(deq, heads)
-            new_weights[rel] = torch.from_numpy(deq)
-        return new_weights
+            yield rel, torch.from_numpy(deq)
+            del deq  # not kept through the next tensor's quantization
 
     return calibrate_layerwise(layers.model, windows, method == "gptq", on_layer, opts.progress, stream=layers)

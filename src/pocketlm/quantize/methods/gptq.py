@@ -18,18 +18,22 @@ from .rtn import importance_weights
 LAZY_BATCH = 256  # columns updated together before the trailing matrix is touched
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1. Damps `h` in place (its callers are done with it): at 8B
-    an ffn_down Hessian is 0.8 GB, and a copy here was the largest avoidable allocation."""
+def _inverse_cholesky(box: list[torch.Tensor], damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, H popped from `box` (given away: damped in place, freed as
+    soon as its factor exists) and the factor then inverted and re-factored in its own storage.
+    At 8B an ffn_down Hessian is 0.8 GB: this holds two of them at most, where separate results
+    held four (the same LAPACK calls on the same values: the same bits)."""
+    h = box.pop()
     diag = torch.arange(h.shape[0])
     h[diag, diag] += damp * torch.mean(torch.diag(h))
     for attempt in range(5):  # near-singular Hessians (few tokens) need more damping
-        try:
-            lower = torch.linalg.cholesky(h)
-            inv = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(inv, upper=True)
-        except RuntimeError:
-            h[diag, diag] += damp * torch.mean(torch.diag(h)) * (10 ** attempt)
+        factor, info = torch.linalg.cholesky_ex(h)  # a new tensor: h stays whole for another try
+        if int(info) == 0:
+            del h
+            torch.cholesky_inverse(factor, out=factor)
+            return torch.linalg.cholesky(factor, upper=True, out=factor)
+        del factor
+        h[diag, diag] += damp * torch.mean(torch.diag(h)) * (10 ** attempt)
     raise RuntimeError("Hessian is not positive definite even after damping")
 
 
@@ -43,12 +47,16 @@ def _stack_params(parts: list[BlockParams], rows: int) -> BlockParams:
     return BlockParams(stack([p.scale for p in parts]), stack([p.offset for p in parts]), raw)
 
 
-def _prepare(values: np.ndarray, hessian: np.ndarray):
+def _prepare(values: np.ndarray, hessian):
     """Weights and Hessian as torch tensors, channels never activated zeroed out, and the
-    per-channel importance (diag H, normalised) that weights the block scale search."""
+    per-channel importance (diag H, normalised) that weights the block scale search.
+    `hessian`: an array (copied), or [tensor]: given away (LinearStats.take_hessian), popped
+    and changed in place, so that no caller's reference keeps it alive."""
     w = torch.from_numpy(np.array(values, dtype=np.float32))
-    # a torch Hessian is the caller's to give away (LinearStats.take_hessian); arrays are copied
-    h = hessian.float() if isinstance(hessian, torch.Tensor) else torch.from_numpy(np.array(hessian, dtype=np.float32))
+    if isinstance(hessian, list):
+        h = hessian.pop().float()
+    else:
+        h = torch.from_numpy(np.array(hessian, dtype=np.float32))
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -56,17 +64,20 @@ def _prepare(values: np.ndarray, hessian: np.ndarray):
     return w, h, importance
 
 
-def quantize_gptq(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, damp: float = 0.01,
+def quantize_gptq(values: np.ndarray, fmt: BlockFormat, hessian, damp: float = 0.01,
                   act_order: bool = True) -> np.ndarray:
     """act_order=True (default) sweeps by decreasing activation with static block scales;
     False sweeps in column order, choosing each block's scales when the sweep reaches it.
-    On SmolLM2 Q4_K_M act-order cut mean KLD from 0.035 to 0.026 (bench/results)."""
+    On SmolLM2 Q4_K_M act-order cut mean KLD from 0.035 to 0.026 (bench/results).
+    hessian: H = X^T X / n as an array, or [tensor] to give it away (see _prepare)."""
     if act_order:
         return _gptq_act_order(values, fmt, hessian, damp)
     rows, cols = values.shape
     bs, sub = fmt.block_size, fmt.sub_size
     w, h, importance = _prepare(values, hessian)
-    u = _inverse_cholesky(h, damp)
+    box = [h]
+    del h
+    u = _inverse_cholesky(box, damp)
 
     idx = np.empty((rows, cols), np.int64)
     parts: list[BlockParams] = []
@@ -115,18 +126,20 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
     perm = torch.argsort(torch.diag(h), descending=True)
     w = w[:, perm]
     h = h[perm]  # two steps, each freeing the last: the permuted copy costs one Hessian, not two
-    h = h[:, perm]
-    u = _inverse_cholesky(h, damp)
+    box = [h[:, perm]]
+    del h
+    u = _inverse_cholesky(box, damp)
     # Work on the transpose so each column is a contiguous row: the rank-1 updates then run
     # as in-place BLAS (addr_) ~20x faster than broadcasting over strided columns, and every
     # column's per-row scale/offset is gathered up front so the loop never leaves torch.
+    # Each batch's columns' per-row scale/offset are gathered when the batch starts (for a whole
+    # 8B ffn_down, three such (cols, rows) arrays took 0.7 GB).
     cols_blk, cols_sub = perm // bs, (perm % bs) // sub
-    col_scale = torch.from_numpy(np.ascontiguousarray(scale))[:, cols_blk, cols_sub].T.contiguous()
-    col_offset = torch.from_numpy(np.ascontiguousarray(offset))[:, cols_blk, cols_sub].T.contiguous()
-    safe_scale = torch.where(col_scale == 0, torch.ones_like(col_scale), col_scale)
+    scale_t, offset_t = torch.from_numpy(np.ascontiguousarray(scale)), torch.from_numpy(np.ascontiguousarray(offset))
     assign = torch_assign(fmt)
     levels = torch.from_numpy(np.asarray(fmt.levels, dtype=np.float32))
     wt = w.T.contiguous()
+    del w
     # level indices held in one byte (every format has at most 256 levels), not eight: two copies of
     # them per tensor are the sweep's largest arrays after the weights
     small = len(fmt.levels) <= 256
@@ -135,10 +148,13 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
         b1 = min(b0 + LAZY_BATCH, cols)
         w1 = wt[b0:b1].clone()
         err = torch.empty_like(w1)
+        col_scale = scale_t[:, cols_blk[b0:b1], cols_sub[b0:b1]].T.contiguous()
+        col_offset = offset_t[:, cols_blk[b0:b1], cols_sub[b0:b1]].T.contiguous()
+        safe_scale = torch.where(col_scale == 0, torch.ones_like(col_scale), col_scale)
         for j in range(b1 - b0):
             c = b0 + j
-            sc, off = col_scale[c], col_offset[c]
-            q = assign((w1[j] - off) / safe_scale[c], sc == 0)
+            sc, off = col_scale[j], col_offset[j]
+            q = assign((w1[j] - off) / safe_scale[j], sc == 0)
             idx_sorted[c] = q
             e = (w1[j] - (levels[q] * sc + off)) / u[c, c]
             w1[j:].addr_(u[c, c:b1], e, alpha=-1)
@@ -146,7 +162,7 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
         wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)
     idx = np.empty((rows, cols), np.uint8 if small else np.int64)
     idx[:, perm.numpy()] = idx_sorted.T.numpy()
-    del idx_sorted, wt, w
+    del idx_sorted, wt
     per_row = cols // bs
     packed = []
     for r0 in range(0, rows, _rows_per_block(cols)):
