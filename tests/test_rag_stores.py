@@ -43,6 +43,16 @@ def unit(rows):
     return m / np.linalg.norm(m, axis=1, keepdims=True)
 
 
+def assert_lexicon_counted(store):
+    """PostgreSQL's document frequencies, kept by each writer, equal a count from scratch."""
+    if not hasattr(store, "_count_terms"):
+        return
+    kept = dict(store.db.execute("SELECT lexeme, df FROM pocketlm_terms WHERE df <> 0").fetchall())
+    counted = dict(store.db.execute("SELECT word, ndoc FROM ts_stat('SELECT tsv FROM pocketlm_chunks')").fetchall())
+    counted[""] = store.counts()[1]
+    assert kept == counted
+
+
 def test_documents_are_replaced_whole_and_searched_exactly(db):
     store = open_store(db, create=True)
     rng = np.random.default_rng(0)
@@ -62,6 +72,7 @@ def test_documents_are_replaced_whole_and_searched_exactly(db):
     assert {row.path for row in found.values()} == {"/d/a.md", "/d/b.md"}
     store.delete_document("/d/b.md")
     assert store.counts() == (1, 5) and store.search_text("number", 50) and len(store.search(query, 50)) == 5
+    assert_lexicon_counted(store)
     store.set_meta(embedder="x", chunk_tokens=256)
     assert store.meta("chunk_tokens") == "256" and store.meta("missing", "d") == "d"
     store.close()
@@ -101,6 +112,34 @@ def test_two_index_runs_at_once_lose_nothing(db, tmp_path):
     assert store.counts() == (24, 24)
     texts = {row.text for row in store.chunks([cid for cid, _ in store.search_text("number written", 100)]).values()}
     assert len(texts) == 24
+    assert_lexicon_counted(store)
+
+
+def test_rare_words_outrank_common_ones(db):
+    """Inverse document frequency: one chunk holding the query's rare word beats many holding its
+    common word twice (PostgreSQL's own ts_rank_cd ranks those first)."""
+    store = open_store(db, create=True)
+    texts = [f"the river flows past river town {i}" for i in range(30)] + ["an otter swims here"]
+    chunks = [Chunk(i, "", None, t) for i, t in enumerate(texts)]
+    store.add_document("/d/a.md", "h", "A", chunks, unit(np.eye(31, 8, dtype=np.float32) + 0.1), False)
+    best = store.search_text("otter river", 5)
+    assert store.chunks([best[0][0]])[best[0][0]].text == "an otter swims here"
+    assert len(best) == 5  # the common word's chunks still come after it
+
+
+def test_an_index_from_before_the_lexicon_is_counted_by_index(postgres):
+    server = postgres
+    server.psql("CREATE DATABASE oldlex;")
+    db = server.get_uri("oldlex")
+    store = open_store(db, create=True)
+    store.add_document("/d/a.md", "h", "A", [Chunk(i, "", None, f"word{i % 3} shared") for i in range(9)],
+                       unit(np.eye(9, 4, dtype=np.float32) + 0.1), False)
+    store.db.execute("DROP TABLE pocketlm_terms")
+    store.db.execute("DELETE FROM pocketlm_meta WHERE key = 'lexicon'")
+    store.close()
+    old = open_store(db)
+    assert len(old.search_text("word1", 9)) == 3  # still searchable, ranked as before the lexicon
+    assert_lexicon_counted(open_store(db, create=True))
 
 
 def test_a_wrong_database_is_named_without_its_password(postgres):
