@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..util.machine import return_freed_memory
+
 
 @dataclass
 class LinearStats:
@@ -153,6 +155,7 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
         hidden = _run_layer(layer, hidden, kwargs_by_layer[i])
         if stream is not None:
             stream.unload(layer)
+            return_freed_memory()
     if stream is not None:
         stream.load(inner.norm)
     final = LinearStats(torch.zeros(hidden[0].shape[-1], dtype=torch.float64, device=hidden[0].device), None)

@@ -78,7 +78,9 @@ def _check_requant(ts, plans: dict[str, TensorPlan], allow: bool) -> None:
 
 def _encode(values, type_name, method, stats, last_use: bool = False) -> tuple[np.ndarray, str, np.ndarray, np.ndarray | None]:
     """(bytes to write, the method used, the values the bytes decode to, the importance).
-    last_use: no other tensor needs these statistics, so gptq may consume their X^T X."""
+    last_use: no other tensor needs these statistics, so gptq may consume their X^T X.
+    values: an array, or [array] given away to gptq (which works in its storage)."""
+    shape = (values[0] if isinstance(values, list) else values).shape
     if type_name in FLOAT_TYPES:
         data = values.astype(np.float16) if type_name == "F16" else values
         return data, "float", data.astype(np.float32), None
@@ -91,7 +93,7 @@ def _encode(values, type_name, method, stats, last_use: bool = False) -> tuple[n
     else:
         method = "imatrix" if importance is not None else "rtn"
         data = np.concatenate(map_rows(lambda part: quantize_rtn(part, fmt, importance), values))
-    deq = fmt.dequantize(data.reshape(-1, fmt.type_size)).reshape(values.shape)
+    deq = fmt.dequantize(data.reshape(-1, fmt.type_size)).reshape(shape)
     return data, method, deq, importance
 
 
@@ -107,7 +109,13 @@ def quantize_tensor(ts, name: str, type_name: str, method: str, stats, out, whol
     all_rows = method == "gptq" and stats is not None and stats.xtx is not None and type_name not in FLOAT_TYPES
     for rows in row_blocks(shape, all_rows):
         values = ts.values(name, rows)
-        data, used, deq, importance = _encode(values, type_name, method, stats, last_use)
+        if all_rows:  # gptq works in the values' own storage (0.2 GB at 8B); the error below reads them again
+            box = [values]
+            del values
+            data, used, deq, importance = _encode(box, type_name, method, stats, last_use)
+            values = ts.values(name, rows)
+        else:
+            data, used, deq, importance = _encode(values, type_name, method, stats, last_use)
         out.write(name, data, at)
         at += data.nbytes
         if whole:

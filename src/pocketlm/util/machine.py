@@ -50,3 +50,21 @@ def machine_name() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} GPU (host: {cpu_name()})"
     return cpu_name()
+
+
+def return_freed_memory() -> None:
+    """Hand memory the process has freed back to the system (glibc's malloc_trim; elsewhere nothing).
+    Layer-by-layer work frees ~1 GB per 8B layer, much of it in blocks glibc keeps for reuse: measured
+    on the 8B shapes cut to 4 layers, gptq's peak resident size was 4.30 GiB without this after each
+    layer and 3.96 GiB with it (bench/results/scale.md)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)

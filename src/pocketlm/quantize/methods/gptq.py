@@ -51,8 +51,15 @@ def _prepare(values: np.ndarray, hessian):
     """Weights and Hessian as torch tensors, channels never activated zeroed out, and the
     per-channel importance (diag H, normalised) that weights the block scale search.
     `hessian`: an array (copied), or [tensor]: given away (LinearStats.take_hessian), popped
-    and changed in place, so that no caller's reference keeps it alive."""
-    w = torch.from_numpy(np.array(values, dtype=np.float32))
+    and changed in place, so that no caller's reference keeps it alive. `values` likewise: an
+    array (copied), or [array] given away, whose storage then becomes the working weights."""
+    if isinstance(values, list):
+        v = values.pop()
+        given = v.dtype == np.float32 and v.flags.writeable and v.flags.c_contiguous
+        w = torch.from_numpy(v if given else np.array(v, dtype=np.float32))
+        del v
+    else:
+        w = torch.from_numpy(np.array(values, dtype=np.float32))
     if isinstance(hessian, list):
         h = hessian.pop().float()
     else:
@@ -64,17 +71,18 @@ def _prepare(values: np.ndarray, hessian):
     return w, h, importance
 
 
-def quantize_gptq(values: np.ndarray, fmt: BlockFormat, hessian, damp: float = 0.01,
+def quantize_gptq(values, fmt: BlockFormat, hessian, damp: float = 0.01,
                   act_order: bool = True) -> np.ndarray:
     """act_order=True (default) sweeps by decreasing activation with static block scales;
     False sweeps in column order, choosing each block's scales when the sweep reaches it.
     On SmolLM2 Q4_K_M act-order cut mean KLD from 0.035 to 0.026 (bench/results).
-    hessian: H = X^T X / n as an array, or [tensor] to give it away (see _prepare)."""
+    values, hessian: the weights and H = X^T X / n as arrays, or each in a list to give it away
+    (see _prepare)."""
     if act_order:
         return _gptq_act_order(values, fmt, hessian, damp)
-    rows, cols = values.shape
-    bs, sub = fmt.block_size, fmt.sub_size
     w, h, importance = _prepare(values, hessian)
+    rows, cols = w.shape
+    bs, sub = fmt.block_size, fmt.sub_size
     box = [h]
     del h
     u = _inverse_cholesky(box, damp)
@@ -107,7 +115,7 @@ def quantize_gptq(values: np.ndarray, fmt: BlockFormat, hessian, damp: float = 0
     return data.reshape(rows, -1)
 
 
-def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, damp: float) -> np.ndarray:
+def _gptq_act_order(values, fmt: BlockFormat, hessian, damp: float) -> np.ndarray:
     """GPTQ sweeping columns from the most to the least activated input channel.
 
     Block scales cannot then be chosen when the sweep reaches a block (its columns arrive out
@@ -115,9 +123,9 @@ def _gptq_act_order(values: np.ndarray, fmt: BlockFormat, hessian: np.ndarray, d
     groups"); the sweep decides every value within them with error feedback. Quantizing the
     channels that matter most while the most compensating freedom remains is the point.
     """
-    rows, cols = values.shape
-    bs, sub = fmt.block_size, fmt.sub_size
     w, h, importance = _prepare(values, hessian)
+    rows, cols = w.shape
+    bs, sub = fmt.block_size, fmt.sub_size
     params = _in_row_blocks(w.numpy(), lambda part: fmt.choose(
         part.reshape(-1, bs), importance_weights(part, importance, bs).reshape(-1, bs)))
     n_blk = cols // bs
