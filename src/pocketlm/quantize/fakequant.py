@@ -105,6 +105,7 @@ class FakeQuant(torch.nn.Module):
                  free_codes: bool = True, sub_codes: bool = False):
         super().__init__()
         self.fmt, self.kind = fmt, family(fmt)
+        self.is_kquant = self.kind in ("scale_min_k", "signed_k")  # a super-block scale over integer sub-block codes
         rows = data.shape[0]
         data = np.ascontiguousarray(data, dtype=np.uint8).reshape(rows, -1)
         self.blocks_per_row = data.shape[1] // fmt.type_size
@@ -123,7 +124,7 @@ class FakeQuant(torch.nn.Module):
         self.register_buffer("s0", rows_of(params.scale.astype(np.float32), ns), persistent=False)
         self.register_buffer("o0", rows_of(params.offset.astype(np.float32), ns), persistent=False)
         per_scale = ns  # how many trained scales a row has: one per sub-block, or per super-block (k-quants)
-        if self.kind in ("scale_min_k", "signed_k"):
+        if self.is_kquant:
             per_scale = self.blocks_per_row
             self.register_buffer("d", rows_of(params.raw["d"].astype(np.float32), per_scale), persistent=False)
             self.register_buffer("sc", rows_of(params.raw["sc"].astype(np.float32), ns), persistent=False)
@@ -140,8 +141,7 @@ class FakeQuant(torch.nn.Module):
         self.c = torch.nn.Parameter(torch.zeros(self.shape)) if free_codes else None
         # the k-quants' sub-block codes: the only freedom those formats have per 16 or 32 weights (without
         # them Q2_K trains 2 numbers per 256 weights)
-        k = self.kind in ("scale_min_k", "signed_k")
-        self.e = torch.nn.Parameter(torch.zeros(rows, ns)) if sub_codes and k else None
+        self.e = torch.nn.Parameter(torch.zeros(rows, ns)) if sub_codes and self.is_kquant else None
         self.f = torch.nn.Parameter(torch.zeros(rows, ns)) if sub_codes and self.kind == "scale_min_k" else None
         bits = int(getattr(fmt, "scale_bits", 0))
         self.code_range = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if self.kind == "signed_k" else (0, 2 ** bits - 1)
@@ -258,7 +258,7 @@ class FakeQuant(torch.nn.Module):
         params = BlockParams(file_rows(scale).reshape(per_block),
                              np.zeros(per_block, np.float32) if offset is None else file_rows(offset).reshape(per_block),
                              {k: file_rows(v).reshape(-1) for k, v in raw.items()})
-        if self.kind in ("scale_min_k", "signed_k"):
+        if self.is_kquant:
             with torch.no_grad():
                 for key, code in self.sub_codes().items():
                     params.raw[key] = file_rows(code).reshape(per_block).astype(np.int64)

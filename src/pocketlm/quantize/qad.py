@@ -182,9 +182,8 @@ def _max_difference(path: Path, trained: dict[str, FakeQuant], stored: dict[str,
 
 def _kquant_share(trained: dict[str, FakeQuant]) -> float:
     """The share of the trained weights stored as k-quants."""
-    sizes = {name: fq.shape[0] * fq.shape[1] for name, fq in trained.items()}
-    k = sum(n for name, n in sizes.items() if trained[name].kind in ("scale_min_k", "signed_k"))
-    return k / max(sum(sizes.values()), 1)
+    k = sum(fq.shape[0] * fq.shape[1] for fq in trained.values() if fq.is_kquant)
+    return k / max(sum(fq.shape[0] * fq.shape[1] for fq in trained.values()), 1)
 
 
 def _run_key(settings: dict, start_gguf: Path) -> str:

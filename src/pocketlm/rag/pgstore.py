@@ -128,6 +128,10 @@ class PgStore:
             self.db.execute("INSERT INTO pocketlm_meta(key, value) VALUES ('lexicon', %s) "
                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (LEXICON,))
 
+    def _terms_at(self, path: str) -> dict[str, int]:
+        """_terms_of the document indexed from `path`, if any."""
+        return self._terms_of(self._one("SELECT id FROM pocketlm_documents WHERE path = %s", (path,)))
+
     def _terms_of(self, doc_id) -> dict[str, int]:
         """Chunk-level document frequencies of one document's lexemes (and its chunk count)."""
         if doc_id is None:
@@ -172,7 +176,7 @@ class PgStore:
                 self.db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 self.db.execute(CHUNKS.format(dim=int(vectors.shape[1])))
             self.db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (path,))
-            before = self._terms_of(self._one("SELECT id FROM pocketlm_documents WHERE path = %s", (path,)))
+            before = self._terms_at(path)
             self.db.execute("DELETE FROM pocketlm_documents WHERE path = %s", (path,))
             doc_id = self._one("INSERT INTO pocketlm_documents(path, sha256, title, indexed_at) VALUES (%s, %s, %s, %s) "
                                "RETURNING id", (path, sha256, title, time.time()))
@@ -186,8 +190,7 @@ class PgStore:
         with self.db.transaction():
             self.db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (path,))
             if self._has_chunks():
-                self._change_terms(self._terms_of(self._one("SELECT id FROM pocketlm_documents WHERE path = %s",
-                                                            (path,))), {})
+                self._change_terms(self._terms_at(path), {})
             self.db.execute("DELETE FROM pocketlm_documents WHERE path = %s", (path,))
 
     def forget_vectors(self) -> None:

@@ -1,6 +1,7 @@
 """What machine a measurement was taken on, for reports that must name it."""
 from __future__ import annotations
 
+import functools
 import platform
 
 
@@ -57,14 +58,17 @@ def return_freed_memory() -> None:
     Layer-by-layer work frees ~1 GB per 8B layer, much of it in blocks glibc keeps for reuse: measured
     on the 8B shapes cut to 4 layers, gptq's peak resident size was 4.30 GiB without this after each
     layer and 3.96 GiB with it (bench/results/scale.md)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
-    except OSError:
-        return
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """Looked up once, among the symbols the process already has (no library search each layer)."""
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # TypeError: Windows cannot open the process itself this way
+        return None

@@ -138,10 +138,9 @@ def _gptq_act_order(values, fmt: BlockFormat, hessian, damp: float) -> np.ndarra
     del h
     u = _inverse_cholesky(box, damp)
     # Work on the transpose so each column is a contiguous row: the rank-1 updates then run
-    # as in-place BLAS (addr_) ~20x faster than broadcasting over strided columns, and every
-    # column's per-row scale/offset is gathered up front so the loop never leaves torch.
-    # Each batch's columns' per-row scale/offset are gathered when the batch starts (for a whole
-    # 8B ffn_down, three such (cols, rows) arrays took 0.7 GB).
+    # as in-place BLAS (addr_) ~20x faster than broadcasting over strided columns, and each
+    # batch's columns' per-row scale/offset are gathered when the batch starts, so the loop never
+    # leaves torch (gathered for the whole tensor, an 8B ffn_down's three such arrays took 0.7 GB).
     cols_blk, cols_sub = perm // bs, (perm % bs) // sub
     scale_t, offset_t = torch.from_numpy(np.ascontiguousarray(scale)), torch.from_numpy(np.ascontiguousarray(offset))
     assign = torch_assign(fmt)
