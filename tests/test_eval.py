@@ -99,6 +99,30 @@ def test_reference_pass_is_cached(tiny_gguf_f32, tiny_hf, sample_text, monkeypat
     assert len(calls) == 2  # other windows: another entry
 
 
+
+def test_reference_from_other_code_is_replaced_not_kept(tiny_gguf_f32, tiny_hf, sample_text, monkeypatch):
+    """An entry keyed by older code can never be read again: the new one takes its place on
+    disk (each is the whole vocabulary per token, 4 GB for the default model's bench), while
+    the entry for other windows of the same model stays."""
+    from pocketlm.eval import reference
+    from pocketlm.util.cache import cache_dir
+
+    def run(ctx):
+        evaluate(str(tiny_gguf_f32), EvalOptions(texts=[sample_text], ctx=ctx, reference=str(tiny_hf), progress=False))
+        return sorted(p.name for p in (cache_dir() / "reference").iterdir())
+
+    legacy = cache_dir() / "reference" / ("0" * 32)  # the key before it named its code
+    legacy.mkdir(parents=True)
+    first = run(64)
+    assert not legacy.exists()
+    both = run(32)
+    assert len(first) == 1 and len(both) == 2 and first[0] in both
+    monkeypatch.setattr(reference, "code_version", lambda *parts: "0123456789abcdef")
+    after = run(64)
+    assert len(after) == 2 and first[0] not in after
+    assert [n for n in after if n.endswith("-0123456789abcdef")] == [first[0].split("-")[0] + "-0123456789abcdef"]
+
+
 def test_mmlu_scoring_by_hand(tiny_gguf_f32, tmp_path):
     from pocketlm.eval.mmlu import LETTERS, letter_ids, prompt_for
     from pocketlm.runtime.llama_cpp_backend import LlamaCppModel

@@ -100,3 +100,18 @@ def test_second_gguf_load_comes_from_the_cache_and_is_identical(tiny_gguf_f32):
         assert torch.equal(first.model(ids).logits, second.model(ids).logits)
     assert first.add_bos == second.add_bos and first.gguf_tokenizer == second.gguf_tokenizer
     assert first.tokenizer("hello world").input_ids == second.tokenizer("hello world").input_ids
+
+
+def test_float_copy_from_other_code_is_replaced(tiny_hf, monkeypatch):
+    """A HF folder's float GGUF copy is keyed by the code that wrote it; once that code moves on
+    the old copy (a whole model in float) is removed, not kept beside the new one, and the other
+    float type's copy stays."""
+    from pocketlm.models import export_gguf as eg
+    from pocketlm.util import cache
+
+    f32 = eg.cached_gguf(str(tiny_hf), "f32")
+    f16 = eg.cached_gguf(str(tiny_hf), "f16")
+    monkeypatch.setattr(cache, "code_version", lambda *parts: "0123456789abcdef")
+    newer = eg.cached_gguf(str(tiny_hf), "f32")
+    assert newer != f32 and newer.exists() and not f32.exists() and f16.exists()
+    assert sorted(p.name for p in newer.parent.iterdir()) == sorted([newer.name, f16.name])

@@ -8,6 +8,7 @@ per 1k tokens for a 49k vocabulary, with a log-prob step of ~1e-3 that moves KLD
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..models.source import ModelSource
 from ..util.atomic import atomic_path
-from ..util.cache import cache_dir, code_version, model_content_hash
+from ..util.cache import cache_dir, code_version, drop_superseded, model_content_hash
 from ..util.hashing import array_sha256
 
 FLOOR = 40.0  # log-probs below (max - FLOOR) are stored as the floor: p < 5e-18 adds nothing
@@ -50,8 +51,10 @@ class ReferenceLogits:
 
 
 def reference_key(src: ModelSource, inputs: np.ndarray, backend: str) -> str:
-    code = code_version("eval/reference", "runtime", "models")
-    return array_sha256(np.frombuffer(f"{model_content_hash(src)}|{backend}|{code}".encode(), dtype=np.uint8), inputs)[:32]
+    """"<what is scored>-<code>": the same model, backend and tokens scored by other code is
+    the same entry superseded (removed when the new one is written, see drop_superseded)."""
+    source = array_sha256(np.frombuffer(f"{model_content_hash(src)}|{backend}".encode(), dtype=np.uint8), inputs)[:32]
+    return f"{source}-{code_version('eval/reference', 'runtime', 'models')}"
 
 
 def _entry(key: str) -> Path:
@@ -91,6 +94,10 @@ class ReferenceWriter:
         np.savez(self.tmp / "side.npz", lo=self.lo, nll=self.nll, argmax=self.argmax)
         (self.tmp / "about.json").write_text(json.dumps(self.about, indent=2))
         self._ctx.__exit__(None, None, None)
+        drop_superseded(_entry(self.key))
+        for old in _entry(self.key).parent.iterdir():  # keys from before "<source>-<code>": unreachable
+            if "-" not in old.name and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
         done = load_cached(self.key)
         if done is None:
             raise RuntimeError(f"the reference just written for {self.key} cannot be read back")

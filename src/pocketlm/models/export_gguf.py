@@ -89,7 +89,7 @@ def _float_type(dtype: str, shape) -> str:
 def cached_gguf(source, dtype: str) -> Path:
     """A GGUF path for any source: GGUF files as they are, HF folders converted once to
     `dtype` and cached by content (so an edited folder gets a fresh conversion)."""
-    from ..util.cache import cache_dir, code_version, model_content_hash
+    from ..util.cache import cache_dir, code_version, drop_superseded, model_content_hash
 
     src = resolve(source)
     if src.is_gguf:
@@ -98,6 +98,7 @@ def cached_gguf(source, dtype: str) -> Path:
     if not path.exists():
         log.info("converting %s to GGUF (cached at %s)", src.path, path)
         export_gguf(src, path, dtype, progress=False)
+        drop_superseded(path, suffix=f".{dtype}.gguf")
     return path
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import PocketError
+from ..util.cache import drop_superseded
 from .gguf_file import fast_gguf_for_transformers, field_value, open_gguf
 from .gguf_tokenizer import SIDECAR, match_llamacpp_pre_tokenizer, sidecar_from_reader
 from .hf_arch import ARCHS, SUPPORTED_GGUF_ARCHS
@@ -79,15 +79,6 @@ def _gguf_cache_folder(src: ModelSource) -> Path:
     return cache_dir() / "hf-from-gguf" / f"{model_content_hash(src)[:24]}-{code}"
 
 
-def _drop_superseded(folder: Path) -> None:
-    """A conversion of the same file by other code (another key suffix) can never be read again:
-    each is a float32 copy of the whole model, so they are removed rather than left to fill the disk."""
-    content = folder.name.split("-")[0]  # a fixed-length hex digest: no other key starts with it
-    for old in folder.parent.glob(f"{content}*"):
-        if old != folder and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def hf_folder(source) -> Path:
     """A HF folder holding the model: the folder itself, or for a GGUF its cached HF copy."""
     src = resolve(source)
@@ -141,7 +132,7 @@ def _build_gguf_cache(src: ModelSource, folder: Path) -> LoadedModel:
         tokenizer.save_pretrained(tmp)
         (tmp / SIDECAR).write_text(json.dumps(sidecar))
         (tmp / LOAD_META).write_text(json.dumps(meta))
-    _drop_superseded(folder)
+    drop_superseded(folder)
     model.eval()
     return LoadedModel(src, model, tokenizer, sidecar, meta)
 

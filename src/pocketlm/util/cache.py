@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -52,3 +53,24 @@ def library_versions(names) -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def drop_superseded(entry: Path, suffix: str = "") -> int:
+    """Removes the entries beside `entry` made from the same source by other code.
+
+    Entries are named "<source digest>-<code version><suffix>" (the digest a fixed-length hex
+    string, so no other source's name starts with it). Once the code version in the key has
+    moved on, an older entry can never be read again, and each may be a whole model's float
+    copy or gigabytes of reference log-probs: left alone they filled 34 GB here in a day.
+    Returns how many were removed."""
+    source = entry.name.split("-")[0]
+    removed = 0
+    for old in entry.parent.glob(f"{source}*{suffix}"):
+        if old == entry or old.name.startswith("."):
+            continue
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+        removed += 1
+    return removed
