@@ -114,6 +114,40 @@ def test_row_blocks_and_codec_threads_change_no_byte(models, tmp_path, sample_te
     assert sha(make(models, "qwen2", "Q4_K_M-gptq", tmp_path / "g.gguf", sample_text)) == PINNED["qwen2/Q4_K_M-gptq"]
 
 
+
+def test_hidden_states_spilled_to_disk_come_back_bit_exact(monkeypatch):
+    from pocketlm.errors import PocketError
+    from pocketlm.quantize.hidden import HiddenStates, memory_limit
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(1, 7 + i, 16, generator=gen) for i in range(5)]
+    tensors.append(torch.randn(1, 3, 16, generator=gen).to(torch.bfloat16))
+    store = HiddenStates.of(tensors, limit=7 * 16 * 4)  # the first window fits, the rest spill
+    assert store.spilled_bytes == sum(t.numel() * t.element_size() for t in tensors[1:])
+    assert len(store) == 6 and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(store, tensors))
+    assert [t.shape for t in store[2:4]] == [t.shape for t in tensors[2:4]]
+    monkeypatch.setenv("POCKETLM_CALIB_MEMORY", "lots")
+    with pytest.raises(PocketError, match="POCKETLM_CALIB_MEMORY"):
+        memory_limit()
+
+
+def test_spilling_hidden_states_changes_no_byte(models, tmp_path, sample_text, monkeypatch):
+    """gptq and imatrix with every calibration window's hidden states in the temporary file."""
+    import pocketlm.quantize.hidden as hidden
+
+    spilled = []
+    real = hidden.HiddenStates.append
+
+    def append(self, t):
+        real(self, t)
+        spilled.append(self.spilled_bytes)
+
+    monkeypatch.setattr(hidden.HiddenStates, "append", append)
+    monkeypatch.setenv("POCKETLM_CALIB_MEMORY", "1B")
+    assert sha(make(models, "qwen2", "Q4_K_M-gptq", tmp_path / "g.gguf", sample_text)) == PINNED["qwen2/Q4_K_M-gptq"]
+    assert sha(make(models, "llama_untied", "Q4_K_M-imatrix", tmp_path / "q.gguf", sample_text)) == PINNED["llama_untied/Q4_K_M-imatrix"]
+    assert spilled and max(spilled) > 0
+
 @pytest.mark.real_model
 def test_default_model_q4_k_m_is_byte_identical(tmp_path):
     """rtn: the calibrated paths are pinned on the tiny models above (and were checked on this

@@ -5,10 +5,12 @@ run over them with hooks on its Linear modules (collecting mean x^2 per input ch
 H = X^T X), handed to a callback that quantizes it, and run again with the callback's
 dequantized weights to produce the next layer's inputs (GPTQ's sequential scheme: later
 layers calibrate on what the quantized earlier layers really produce). Peak memory is the
-model plus one layer's statistics plus the hidden states of the calibration windows.
+model plus one layer's statistics plus the hidden states of the calibration windows (those
+beyond a memory limit in a temporary file: quantize/hidden.py).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..util.machine import return_freed_memory
+from .hidden import HiddenStates
 
 
 @dataclass
@@ -61,7 +64,7 @@ def _capture_layer_inputs(model, windows: list[torch.Tensor]):
     are bypassed while this runs, so they need not hold weights yet."""
     inner, layers = _decoder_layers(model)
     kwargs_by_layer: list[dict | None] = [None] * len(layers)
-    inputs: list[torch.Tensor] = []
+    inputs = HiddenStates()
 
     def record(i):
         def hook(module, args, kwargs):
@@ -110,9 +113,16 @@ def layer_output(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return res[0] if isinstance(res, tuple) else res
 
 
-def _run_layer(layer, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+def _run_layer(layer, hidden: Sequence[torch.Tensor], kwargs: dict) -> HiddenStates:
     with torch.inference_mode():
-        return [layer_output(layer, hs, kwargs) for hs in hidden]
+        return HiddenStates.of(layer_output(layer, hs, kwargs) for hs in hidden)
+
+
+def _run_for_hooks(layer, hidden: Sequence[torch.Tensor], kwargs: dict) -> None:
+    """The layer over every window for what its hooks collect: no second set of hidden states."""
+    with torch.inference_mode():
+        for hs in hidden:
+            layer_output(layer, hs, kwargs)
 
 
 def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
@@ -140,7 +150,7 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
             if isinstance(mod, torch.nn.Linear):
                 handles.append(mod.register_forward_hook(_accumulator(stats, name, mod.in_features, want_hessian, last_input)))
         try:
-            _run_layer(layer, hidden, kwargs_by_layer[i])
+            _run_for_hooks(layer, hidden, kwargs_by_layer[i])
         finally:
             for h in handles:
                 h.remove()

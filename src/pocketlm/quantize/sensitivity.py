@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,7 +202,7 @@ class _GainSets:
 
     def __init__(self, kinds: list[str]):
         self.kinds = kinds
-        self.sets: dict[str, list[torch.Tensor]] = {}
+        self.sets: dict[str, Sequence[torch.Tensor]] = {}
         self.probes: dict[str, tuple[str, torch.Tensor]] = {}  # module name in layer -> (kind, probe weights)
 
     def visit(self, i, layer, kwargs, hidden):
@@ -219,7 +220,7 @@ class _GainSets:
                 for rel, w in saved.items():
                     layer.get_submodule(rel).weight.copy_(w)
 
-    def kld(self, layers, head: _HeadRows, embed_final: list, tied: bool) -> dict[str, float]:
+    def kld(self, layers, head: _HeadRows, embed_final: Sequence[torch.Tensor], tied: bool) -> dict[str, float]:
         """Mean KLD against the reference over the gain windows, per kind: each layer kind's
         set; the embedding's sweep (with the probed head too when tied); the probed head alone."""
         norm = layers.inner.norm
@@ -246,7 +247,7 @@ class _GainSets:
         return {k: v / max(count, 1) for k, v in totals.items()}
 
 
-def _probe_embedding_sweep(layers, windows, embed: _HeadRows, progress: bool) -> list[torch.Tensor]:
+def _probe_embedding_sweep(layers, windows, embed: _HeadRows, progress: bool) -> Sequence[torch.Tensor]:
     """The gain windows through every layer with the token embedding at its probe type."""
     from .calibrate import _capture_layer_inputs, _run_layer
 
