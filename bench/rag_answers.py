@@ -6,13 +6,16 @@ when the documents hold no answer? Side by side in one run, with the default mod
    by retrieval mode, k and the lexical weight of extract.score_sentences (the reranking step);
 2. refusal threshold: the best sentence's score on answerable questions against questions
    about SQuAD articles left out of the index, at several thresholds;
-3. SQuAD v1.1 dev, 200 fixed questions (seed 0): EM/F1 of `ask` (extract, the default),
-   the older `write` style with one and three sources, and closed-book;
+3. SQuAD v1.1 dev, 200 fixed questions (seed 0): EM/F1 of `ask` (extract, the default, with
+   its span picked by the model's likelihood of each admitted span or generated greedily under
+   the span grammar), the older `write` style with one and three sources, and closed-book;
 4. 50 unanswerable questions (5 held-out articles): "not in your documents" rate;
 5. the Python FAQ headings as questions over the whole Python 3.11 docs (376 files, not
    Wikipedia): is the cited section the one that answers?
 
-  .venv/bin/python bench/rag_answers.py [--e2e 200] [--sentences 400]
+  .venv/bin/python bench/rag_answers.py [--e2e 200] [--sentences 400] [--seed 0] [--extract-only]
+  .venv/bin/python bench/rag_answers.py --e2e 100 --seed 1 --quick   # choosing settings: other questions,
+                                                                     # the end-to-end table only, not saved
 
 Results: bench/results/rag_answers.md (and stdout). Needs ../shared/data (SQuAD, python-docs).
 """
@@ -111,13 +114,12 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=400)
     ap.add_argument("--unanswerable", type=int, default=50)
     ap.add_argument("--extract-only", action="store_true", help="leave out the write style's rows (session time)")
+    ap.add_argument("--seed", type=int, default=0, help="which questions (settings are chosen on another seed than "
+                                                          "the one reported)")
+    ap.add_argument("--quick", action="store_true", help="the end-to-end table only, printed, results file untouched")
     args = ap.parse_args()
     if not SQUAD.exists() or not DOCS.exists():
         sys.exit(f"needs {SQUAD} and {DOCS}")
-    from pocketlm.models.registry import DEFAULT_MODEL
-    from pocketlm.models.source import resolve
-    from pocketlm.runtime.llama_cpp_backend import LlamaCppModel
-
     paragraphs, questions = load_squad()
     articles = sorted({t for t, _ in paragraphs}, key=[t for t, _ in paragraphs].index)
     held = set(articles[-HELD_OUT:])
@@ -129,26 +131,44 @@ def main() -> None:
     build_index(paragraphs, keep, WORK / "docs-heldout", WORK / "squad-heldout.db", emb)
     partial = Retriever(Store(WORK / "squad-heldout.db"), emb)
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     sample = [questions[i] for i in sorted(rng.choice(len(questions), size=args.e2e, replace=False))]
     wide = [questions[i] for i in sorted(rng.choice(len(questions), size=args.sentences, replace=False))]
     absent = [q for q in questions if paragraphs[q[1]][0] in held]
     absent = [absent[i] for i in sorted(rng.choice(len(absent), size=args.unanswerable, replace=False))]
     out: dict = {"started": time.strftime("%Y-%m-%d %H:%M")}
-    out["sentences"] = sentence_table(wide, full, cached, args.sentences)
+    if not args.quick:
+        out["sentences"] = sentence_table(wide, full, cached, args.sentences)
+        thresholds(out, sample, absent, full, partial, cached)
+    e2e(out, args, sample, full)
+    if args.quick:
+        print(out["e2e"])
+        return
+    out["unanswerable"] = unanswerable(absent, partial, out["model"])
+    out["faq"] = faq_section(emb, out.pop("model"))
+    write_results(out, args)
 
+
+def thresholds(out, sample, absent, full, partial, cached) -> None:
     answerable_scores = [best_score(q, full, cached) for q, _, _ in tqdm(sample, desc="scores (answerable)")]
     absent_scores = [best_score(q, partial, cached) for q, _, _ in tqdm(absent, desc="scores (absent)")]
     out["thresholds"] = [(t, float(np.mean([s < t for s in answerable_scores])), float(np.mean([s < t for s in absent_scores])))
                          for t in (0.35, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8)]
 
-    model = LlamaCppModel(resolve(DEFAULT_MODEL).path, n_ctx=2048)
+
+def e2e(out, args, sample, full) -> None:
+    from pocketlm.models.registry import DEFAULT_MODEL
+    from pocketlm.models.source import resolve
+    from pocketlm.runtime.llama_cpp_backend import LlamaCppModel
+
+    model = out["model"] = LlamaCppModel(resolve(DEFAULT_MODEL).path, n_ctx=2048)
     example_q = rag_answer.EXAMPLE[0]["content"].rsplit("\n\n", 1)[1]
     closed_prefix = [{"role": "system", "content": "Answer the question in a few words."},
                      {"role": "user", "content": example_q},
                      {"role": "assistant", "content": re.sub(r"\s*\[\d+\]", "", rag_answer.EXAMPLE[1]["content"])}]
-    settings = {"extract, hybrid k=5 (default)": dict(style="extract", k=5), "write, k=1": dict(style="write", k=1),
-                "write, k=3": dict(style="write", k=3)}
+    settings = {f"extract, spans {c}, hybrid k=5{' (default)' if c == rag_answer.SPAN_CHOICE else ''}":
+                dict(style="extract", k=5, span_choice=c) for c in rag_answer.SPAN_CHOICES}
+    settings |= {"write, k=1": dict(style="write", k=1), "write, k=3": dict(style="write", k=3)}
     if args.extract_only:
         settings = {k: v for k, v in settings.items() if k.startswith("extract")}
     scores: dict[str, list] = {name: [[], [], 0.0] for name in [*settings, "closed-book"]}
@@ -168,15 +188,15 @@ def main() -> None:
         scores["closed-book"][1].append(max(f1(pred, g) for g in answers))
     out["e2e"] = {name: (float(np.mean(v[0])), float(np.mean(v[1])), v[2] / len(sample)) for name, v in scores.items()}
 
+
+def unanswerable(absent, partial, model) -> tuple[float, list]:
     refused, examples = 0, []
     for q, _, _ in tqdm(absent, desc="unanswerable"):
         a = rag_answer.ask(q, partial, model, max_tokens=32)
         refused += not a.grounded
         if a.grounded and len(examples) < 3:
             examples.append((q, a.short, a.citations[0]["snippet"][:160]))
-    out["unanswerable"] = (refused / len(absent), examples)
-    out["faq"] = faq_section(emb, model)
-    write_results(out, args)
+    return refused / len(absent), examples
 
 
 def faq_questions() -> list[tuple[str, str]]:
@@ -217,10 +237,10 @@ def faq_section(emb, model) -> dict:
 def write_results(out, args) -> None:
     e2e, (unans, examples), faq = out["e2e"], out["unanswerable"], out["faq"]
     closed = e2e["closed-book"][1]
-    main_em, main_f1, _ = e2e["extract, hybrid k=5 (default)"]
+    main_em, main_f1, _ = next(v for k, v in e2e.items() if k.endswith("(default)"))
     lines = ["# Answers from documents", "",
              f"Command: `.venv/bin/python bench/rag_answers.py --e2e {args.e2e} --sentences {args.sentences}"
-             f"{' --extract-only' if args.extract_only else ''}` on "
+             f"{f' --seed {args.seed}' if args.seed else ''}{' --extract-only' if args.extract_only else ''}` on "
              f"{cpu_name()} ({os.cpu_count()} cores), started {out['started']}, alone on the machine. Answer model: "
              "SmolLM2-135M-Instruct Q4_1 on llama.cpp, greedy; embedder all-MiniLM-L6-v2 (bf16). SQuAD v1.1 dev: "
              "2067 paragraphs as documents, SQuAD's normalisation for EM/F1.", "",
@@ -233,10 +253,10 @@ def write_results(out, args) -> None:
              "- never a citation of a source that does not hold the claim: the short answer is a run of words of the "
              "quoted sentence by construction (a grammar while generating, checked again after), and the quote is "
              "the cited chunk's own text -> **met** by construction (tests/test_rag_extract.py)", "",
-             f"## SQuAD end to end ({args.e2e} questions, seed 0, 32 tokens at most)", "",
+             f"## SQuAD end to end ({args.e2e} questions, seed {args.seed}, 32 tokens at most)", "",
              "| setting | EM | F1 | seconds per question |", "|---|---|---|---|"]
     lines += [f"| {name} | {em:.3f} | {f:.3f} | {s:.2f} |" for name, (em, f, s) in e2e.items()]
-    lines += ["", f"## Which sentence ({args.sentences} questions, seed 0): the best-scored sentence holds a gold answer",
+    lines += ["", f"## Which sentence ({args.sentences} questions, seed {args.seed}): the best-scored sentence holds a gold answer",
               "", "| retrieval, sentence scoring | holds the answer |", "|---|---|"]
     lines += [f"| {name} | {v:.3f} |" for name, v in out["sentences"]]
     lines += ["", f"## Refusal threshold (best sentence's score; {args.e2e} answerable, {args.unanswerable} absent)", "",

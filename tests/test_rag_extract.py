@@ -8,11 +8,13 @@ from pocketlm.rag.answer import NOTHING_FOUND, SPAN_WORDS, ask
 from pocketlm.rag.embedder import Embedder
 from pocketlm.rag.extract import (
     answer_start,
+    best_span,
     checked_span,
     content_words,
     is_span,
     score_sentences,
     sentences,
+    span_candidates,
     span_grammar,
 )
 from pocketlm.rag.index import index_paths
@@ -141,3 +143,83 @@ def test_make_runs_question_is_answered_from_its_faq_entry(tmp_path):
     assert a.short and is_span(a.short, cite["snippet"]) and a.text.startswith(a.short)
     absent = ask("Who painted the Mona Lisa?", retriever, model, max_tokens=32)
     assert absent.text == NOTHING_FOUND and absent.citations == []
+
+
+def test_span_candidates_are_the_runs_the_rule_admits():
+    """Against a brute force over every (first, last) word pair: the same question-word, length and
+    first-word rules span_grammar is built from."""
+    quote = "In 1889, the engineer Gustave Eiffel built the tower (for the World's Fair) in Paris."
+    question = "Who built the tower in Paris?"
+    avoid, starts = content_words(question), answer_start(question)
+    words = quote.split()
+    free = [not (content_words(w) & avoid) for w in words]
+    want = []
+    for i in range(len(words)):
+        if not (free[i] and starts(words[i])):
+            continue
+        for j in range(i, min(i + 4, len(words))):
+            if all(free[i:j + 1]):
+                last = words[j].rstrip(".,;:!?\"')]") or words[j]
+                want += [(i, " ".join(words[i:j] + [w])) for w in dict.fromkeys((last, words[j]))]
+    got = span_candidates(quote, avoid, 4, starts)
+    assert sorted(got) == sorted(want) and ("Gustave Eiffel" in [t for _, t in got])
+    assert all(is_span(t, quote) for _, t in got)
+    assert "(for" not in [t for _, t in got]  # "(for" does not start with a capital: not a name
+
+
+def test_best_span_scores_each_span_inside_its_run():
+    """Prefix sharing gives each candidate its own tokens' log-probs and its own end: the same
+    totals as scoring it alone, with the likeliest returned."""
+    vocab: dict[str, int] = {}
+
+    def tokenize(text):
+        return [vocab.setdefault(w, len(vocab)) for w in text.replace(",", " ,").split()]
+
+    import numpy as np
+
+    def score_runs(runs):  # token t costs -t/10; ending after n tokens costs -1/(n+1)
+        return -np.arange(20) / 10, [(-np.array(r, float) / 10, -1 / (np.arange(len(r) + 1) + 1)) for r in runs]
+
+    def alone(text):
+        tokens, ends = score_runs([tokenize(text)])[1][0]
+        return float(tokens.sum() + ends[-1])
+
+    cands = [(0, "alpha"), (0, "alpha beta"), (0, "alpha beta,"), (2, "gamma"), (2, "gamma delta"), (3, "delta")]
+    text, total = best_span(cands, tokenize, score_runs)
+    totals = {t: alone(t) for _, t in cands}
+    assert text == max(totals, key=totals.get) == "alpha beta" and total == pytest.approx(totals[text])
+    # one first word kept: the one whose first token is likeliest (here the lowest id, "alpha" = 0)
+    assert best_span(cands[3:], tokenize, score_runs, max_starts=1) == ("gamma", pytest.approx(totals["gamma"]))
+
+
+@pytest.mark.real_model
+def test_scored_span_is_the_likeliest_whole_answer():
+    """The span `ask` picks by likelihood, against each candidate scored on its own by llama.cpp's
+    logits for the whole sequence (prompt, answer, end of turn)."""
+    import numpy as np
+
+    from pocketlm.models.registry import DEFAULT_MODEL
+    from pocketlm.models.source import resolve
+    from pocketlm.runtime.llama_cpp_backend import LlamaCppModel
+
+    path = resolve(DEFAULT_MODEL).path
+    model = LlamaCppModel(path, n_ctx=512)
+    quote = "The tower was built in 1889 by the company of the engineer Gustave Eiffel for the World's Fair."
+    question = "Who built the tower?"
+    messages = [{"role": "user", "content": f'Source: "{quote}"\nQuestion: {question}'}]
+    cands = span_candidates(quote, content_words(question), 3, answer_start(question))
+    text, total = best_span(cands, model.tokenize, model.continuation_scorer(messages))
+    pruned = best_span(cands, model.tokenize, model.continuation_scorer(messages), max_starts=1)
+    assert pruned[1] <= total + 1e-9
+    whole = LlamaCppModel(path, n_ctx=512, logits_all=True)
+    prefix, _ = whole.chat_prompt(messages)
+    end = whole.llm.token_eos()
+    alone = {}
+    for _, t in cands:
+        ids = whole.tokenize(t)
+        logits = whole.logits(prefix + ids)
+        lp = logits - np.logaddexp.reduce(logits.astype(np.float64), axis=1, keepdims=True)
+        alone[t] = float(sum(lp[len(prefix) - 1 + k, tok] for k, tok in enumerate(ids)) + lp[-1, end])
+    assert total == pytest.approx(alone[text], abs=0.05)
+    assert max(alone.values()) - alone[text] < 0.05  # the likeliest, up to batch rounding
+    assert text in {t for _, t in cands} and len(cands) > 5

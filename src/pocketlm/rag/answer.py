@@ -17,11 +17,19 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import PocketError
-from .extract import answer_start, checked_span, content_words, score_sentences, span_grammar
+from .extract import answer_start, best_span, checked_span, content_words, score_sentences, span_candidates, span_grammar
 from .index import inner_heading
 from .retrieve import Hit, Retriever
 
 STYLES = ("extract", "write")
+# How style extract picks its span: "scored" asks the model how likely each admitted span is as
+# the whole answer (the likeliest wins; a local llama.cpp model only), "greedy" lets it generate
+# under the span grammar, one token at a time. Default from bench/results/rag_answers.md.
+SPAN_CHOICES = ("scored", "greedy")
+SPAN_CHOICE = "scored"
+# Scored: only the first words whose first token the model finds likeliest are scored further
+# (None: all; each costs a decode of up to SPAN_WORDS words). Chosen in bench/results/rag_answers.md.
+SPAN_STARTS: int | None = None
 SYSTEM = ("You answer questions using only the numbered sources given. Cite the sources you use "
           "with their numbers in square brackets, like [1]. If the sources do not contain the "
           "answer, say that you do not know.")
@@ -124,6 +132,7 @@ class Prompt:
     retrieval_ms: float
     quote: str = ""
     grammar: str | None = None
+    spans: list[tuple[int, str]] = field(default_factory=list)  # what the grammar admits
 
     def params(self) -> dict:
         """Sampling parameters this prompt needs beside the caller's."""
@@ -167,10 +176,9 @@ def prepare(question: str, retriever: Retriever, model, k: int = 5, mode: str = 
     quote = " ".join(best.text.split()[:QUOTE_WORDS])
     while not fits(span_chat(quote)) and len(quote.split()) > 8:  # a small context: a shorter quote
         quote = " ".join(quote.split()[: len(quote.split()) // 2])
-    messages = span_chat(quote)
-    return Prompt(messages, [hits[best.hit]], retriever.last_ms, quote,
-                  span_grammar(quote, avoid=content_words(question), max_words=SPAN_WORDS,
-                               starts=answer_start(question)))
+    avoid, starts = content_words(question), answer_start(question)
+    return Prompt(span_chat(quote), [hits[best.hit]], retriever.last_ms, quote, span_grammar(quote, avoid, SPAN_WORDS, starts),
+                  span_candidates(quote, avoid, SPAN_WORDS, starts))
 
 
 def finish(raw: str, prompt: Prompt) -> tuple[str, list[dict], str]:
@@ -190,20 +198,28 @@ def finish(raw: str, prompt: Prompt) -> tuple[str, list[dict], str]:
 
 
 def ask(question: str, retriever: Retriever, model, k: int = 5, mode: str = "hybrid", max_tokens: int = 256,
-        on_text: Callable[[str], None] | None = None, style: str = "extract") -> Answer:
+        on_text: Callable[[str], None] | None = None, style: str = "extract", span_choice: str = SPAN_CHOICE) -> Answer:
+    if span_choice not in SPAN_CHOICES:
+        raise PocketError(f"unknown span choice {span_choice!r} (choose one of {', '.join(SPAN_CHOICES)})")
     prompt = prepare(question, retriever, model, k, mode, max_tokens, style)
     if not prompt.hits:
         if on_text:
             on_text(NOTHING_FOUND)
         return Answer(NOTHING_FOUND, [], prompt.retrieval_ms, 0.0, 0, grounded=False)
     t0 = time.perf_counter()
-    pieces = []
-    for piece in model.chat(prompt.messages, max_tokens=max_tokens, temperature=0.0, seed=0, **prompt.params()):
-        pieces.append(piece)
-        if on_text and prompt.grammar is None:
-            on_text(piece)
+    scorer = None
+    if prompt.spans and span_choice == "scored" and hasattr(model, "continuation_scorer"):
+        scorer = model.continuation_scorer(prompt.messages)  # None: no chat template, generate instead
+    if scorer is not None:
+        raw = best_span(prompt.spans, model.tokenize, scorer, SPAN_STARTS)[0]
+    else:
+        pieces = []
+        for piece in model.chat(prompt.messages, max_tokens=max_tokens, temperature=0.0, seed=0, **prompt.params()):
+            pieces.append(piece)
+            if on_text and prompt.grammar is None:
+                on_text(piece)
+        raw = "".join(pieces)
     generation_ms = 1000 * (time.perf_counter() - t0)
-    raw = "".join(pieces)
     text, citations, short = finish(raw, prompt)
     if on_text and prompt.grammar is not None:  # the span is checked before it is shown
         on_text(text)

@@ -104,6 +104,21 @@ def _literal(text: str) -> str:
     return '"' + re.sub(r"[\x00-\x1f]", lambda m: f"\\x{ord(m.group()):02x}", escaped) + '"'
 
 
+_PUNCT = ".,;:!?\"')]"
+
+
+def _span_plan(words: list[str], avoid, max_words: int, starts) -> tuple[list[bool], int, list[int]]:
+    """(which words a span may hold, the most words it may have, the words it may begin at): the
+    one rule behind both span_grammar and span_candidates."""
+    usable = [not (content_words(w) & set(avoid)) for w in words]
+    if not any(usable):  # every word is a question word: any run rather than none
+        usable = [True] * len(words)
+    cap = max_words or len(words)
+    first = [i for i in range(len(words)) if usable[i] and (starts is None or starts(words[i]))]
+    first = first or [i for i in range(len(words)) if usable[i]]  # no word of the wanted kind: any start
+    return usable, cap, first
+
+
 def span_grammar(quote: str, avoid: set[str] | frozenset[str] = frozenset(), max_words: int = 0,
                  starts: Callable[[str], bool] | None = None) -> str:
     """GBNF that admits exactly the contiguous runs of whole words of `quote` (a word's trailing
@@ -115,12 +130,7 @@ def span_grammar(quote: str, avoid: set[str] | frozenset[str] = frozenset(), max
     words = quote.split()
     if not words:
         raise ValueError("an empty quote has no spans")
-    usable = [not (content_words(w) & set(avoid)) for w in words]
-    if not any(usable):  # every word is a question word: any run rather than none
-        usable = [True] * len(words)
-    cap = max_words or len(words)
-    first = [i for i in range(len(words)) if usable[i] and (starts is None or starts(words[i]))]
-    first = first or [i for i in range(len(words)) if usable[i]]  # no word of the wanted kind: any start
+    usable, cap, first = _span_plan(words, avoid, max_words, starts)
     rules = ["root ::= " + " | ".join(f"w{i}-{cap}" for i in first)]
     todo, made = [(i, cap) for i in first], set()
     while todo:
@@ -129,7 +139,7 @@ def span_grammar(quote: str, avoid: set[str] | frozenset[str] = frozenset(), max
             continue
         made.add((i, k))
         word = words[i]
-        core = word.rstrip(".,;:!?\"')]") or word
+        core = word.rstrip(_PUNCT) or word
         tail = word[len(core):]
         if k > 1 and i + 1 < len(words) and usable[i + 1]:
             rules.append(f"w{i}-{k} ::= {_literal(core)} ({_literal(tail + ' ')} w{i + 1}-{k - 1})?")
@@ -137,6 +147,60 @@ def span_grammar(quote: str, avoid: set[str] | frozenset[str] = frozenset(), max
         else:
             rules.append(f"w{i}-{k} ::= {_literal(core)}" + (f" {_literal(tail)}?" if tail else ""))
     return "\n".join(rules) + "\n"
+
+
+def span_candidates(quote: str, avoid: set[str] | frozenset[str] = frozenset(), max_words: int = 0,
+                    starts: Callable[[str], bool] | None = None) -> list[tuple[int, str]]:
+    """Every text span_grammar admits for the same arguments, as (first word's index, text)."""
+    words = quote.split()
+    usable, cap, first = _span_plan(words, avoid, max_words, starts)
+    out = []
+    for i in first:
+        j = i
+        while j < len(words) and j - i < cap and (j == i or usable[j]):
+            head = " ".join(words[i:j])
+            core = words[j].rstrip(_PUNCT) or words[j]
+            for last in dict.fromkeys((core, words[j])):  # the final word with and without its punctuation
+                out.append((i, f"{head} {last}" if head else last))
+            j += 1
+    return out
+
+
+def best_span(candidates: list[tuple[int, str]], tokenize: Callable[[str], list[int]], score_runs: Callable,
+              max_starts: int | None = None) -> tuple[str, float]:
+    """The candidate the model finds likeliest as the whole answer: the log-prob of its tokens plus
+    that of the answer ending after them (so a span that stops mid-phrase pays for it). Spans from
+    one first word share a decode: each is scored inside the longest run from that word whenever
+    its tokens are a prefix of the run's (true at word boundaries for BPE vocabularies); any other
+    is decoded on its own. `score_runs(runs)` -> (first-token log-probs, per run (token log-probs,
+    end log-probs)), as LlamaCppModel.score_runs gives them for a fixed prompt. max_starts: only
+    the first words whose first token the model finds likeliest are scored (each first word
+    costs a decode of up to SPAN_WORDS words)."""
+    longest: dict[int, str] = {}
+    for i, text in candidates:
+        if len(text) > len(longest.get(i, "")):
+            longest[i] = text
+    runs = {i: tokenize(t) for i, t in longest.items()}
+    if max_starts is not None and len(runs) > max_starts:
+        first, _ = score_runs([])
+        keep = sorted(runs, key=lambda i: -first[runs[i][0]])[:max_starts]
+        runs = {i: runs[i] for i in sorted(keep)}
+        candidates = [c for c in candidates if c[0] in runs]
+    order = list(runs)
+    placed = []
+    extra: list[list[int]] = []
+    for i, text in candidates:
+        tokens = tokenize(text)
+        run = runs[i]
+        if tokens and run[:len(tokens)] == tokens:
+            placed.append((order.index(i), len(tokens)))
+        else:
+            extra.append(tokens)
+            placed.append((len(order) + len(extra) - 1, len(tokens)))
+    _, scored = score_runs([runs[i] for i in order] + extra)
+    totals = [float(scored[r][0][:n].sum() + scored[r][1][n]) for r, n in placed]
+    k = max(range(len(candidates)), key=totals.__getitem__)
+    return candidates[k][1], totals[k]
 
 
 def is_span(answer: str, quote: str) -> bool:
