@@ -166,26 +166,20 @@ def span_candidates(quote: str, avoid: set[str] | frozenset[str] = frozenset(), 
     return out
 
 
-def best_span(candidates: list[tuple[int, str]], tokenize: Callable[[str], list[int]], score_runs: Callable,
-              max_starts: int | None = None) -> tuple[str, float]:
+def best_span(candidates: list[tuple[int, str]], tokenize: Callable[[str], list[int]],
+              score_runs: Callable) -> tuple[str, float]:
     """The candidate the model finds likeliest as the whole answer: the log-prob of its tokens plus
     that of the answer ending after them (so a span that stops mid-phrase pays for it). Spans from
     one first word share a decode: each is scored inside the longest run from that word whenever
     its tokens are a prefix of the run's (true at word boundaries for BPE vocabularies); any other
     is decoded on its own. `score_runs(runs)` -> (first-token log-probs, per run (token log-probs,
-    end log-probs)), as LlamaCppModel.score_runs gives them for a fixed prompt. max_starts: only
-    the first words whose first token the model finds likeliest are scored (each first word
-    costs a decode of up to SPAN_WORDS words)."""
+    end log-probs)), as LlamaCppModel.score_runs gives them for a fixed prompt. (Scoring only the
+    8 first words whose first token is likeliest saved no time on SQuAD: few quotes have more.)"""
     longest: dict[int, str] = {}
     for i, text in candidates:
         if len(text) > len(longest.get(i, "")):
             longest[i] = text
     runs = {i: tokenize(t) for i, t in longest.items()}
-    if max_starts is not None and len(runs) > max_starts:
-        first, _ = score_runs([])
-        keep = sorted(runs, key=lambda i: -first[runs[i][0]])[:max_starts]
-        runs = {i: runs[i] for i in sorted(keep)}
-        candidates = [c for c in candidates if c[0] in runs]
     order = list(runs)
     placed = []
     extra: list[list[int]] = []
