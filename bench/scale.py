@@ -310,6 +310,16 @@ NOTES = [
     "(rank-1 updates inside 32 columns, a matrix product for the rest of the 256) and a Cholesky of the reversed "
     "Hessian with a triangular inverse (half the flops; torch has no trtri): both change the float rounding, so "
     "every gptq pin would move.",
+    "- The whole 8B gptq row (2026-12-01 23:18 to 12-02 01:19, AVX-512; code of commit 220549c, before the "
+    "hidden-state spill and the statistics pass that keeps no outputs): it finishes, and llama.cpp loads the file "
+    "and generates. Peak RSS 4.51 GiB: NOT within 4 GiB (the cut runs' 3.58 / 3.73 / 3.96 GiB at 1 / 2 / 4 layers "
+    "kept rising, ~0.02 GiB a layer after the fourth; what grows was not found this session). Not alone for all of "
+    "it: a 60-question SQuAD run on one thread beside it from 00:51 to 01:03, and `make test` from 01:10 to its end; "
+    "so its 7,119 s is some minutes too long (178 s per layer from the cut runs gives ~5,800 s), and its extra-disk "
+    "figure (7.36 GB) counts pytest's temporary files too (the filesystem's free space is what is measured): the cut "
+    "runs, alone, took no more disk than their output. Either way gptq takes 4-5x llama.cpp's imatrix + quantize "
+    "(projected 1,393 s at 8B): the 2.5x target is not met. The 1B gptq row (1,451 s per billion parameters) is from "
+    "older code on an AVX2 day, so the gptq per-billion spread above compares unlike runs.",
     "- `bench/device_check.sh` runs the 1B and 8B gptq rows on a lent GPU machine (the per-layer work on CUDA, "
     "rows to a separate scale-device.md). It is written and its CPU-side steps were tried (`--prepare`, "
     "`python -m pocketlm quantize` importing nothing the GPU image lacks but gguf), but it has never run: no "
