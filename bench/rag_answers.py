@@ -242,7 +242,8 @@ def write_results(out, args) -> None:
              f"Command: `.venv/bin/python bench/rag_answers.py --e2e {args.e2e} --sentences {args.sentences}"
              f"{f' --seed {args.seed}' if args.seed else ''}{' --extract-only' if args.extract_only else ''}` on "
              f"{cpu_name()} ({os.cpu_count()} cores), started {out['started']}, alone on the machine. Answer model: "
-             "SmolLM2-135M-Instruct Q4_1 on llama.cpp, greedy; embedder all-MiniLM-L6-v2 (bf16). SQuAD v1.1 dev: "
+             "SmolLM2-135M-Instruct Q4_1 on llama.cpp (greedy where it generates; spans scored by its likelihood); "
+             "embedder all-MiniLM-L6-v2 (bf16). SQuAD v1.1 dev: "
              "2067 paragraphs as documents, SQuAD's normalisation for EM/F1.", "",
              "## Goals", "",
              f"- F1 >= 3x closed-book on {args.e2e} fixed SQuAD dev questions: {main_f1:.3f} vs {closed:.3f} "
@@ -251,7 +252,8 @@ def write_results(out, args) -> None:
              f"- unanswerable (articles absent from the index), 'not in your documents' in >= 90% of "
              f"{args.unanswerable}: {unans:.0%} -> " + ("**met**" if unans >= 0.9 else "**not met**"),
              "- never a citation of a source that does not hold the claim: the short answer is a run of words of the "
-             "quoted sentence by construction (a grammar while generating, checked again after), and the quote is "
+             "quoted sentence by construction (chosen among the quote's own runs of words, or generated under a "
+             "grammar admitting only those, and checked again after), and the quote is "
              "the cited chunk's own text -> **met** by construction (tests/test_rag_extract.py)", "",
              f"## SQuAD end to end ({args.e2e} questions, seed {args.seed}, 32 tokens at most)", "",
              "| setting | EM | F1 | seconds per question |", "|---|---|---|---|"]
