@@ -178,10 +178,10 @@ def test_best_span_scores_each_span_inside_its_run():
     import numpy as np
 
     def score_runs(runs):  # token t costs -t/10; ending after n tokens costs -1/(n+1)
-        return -np.arange(20) / 10, [(-np.array(r, float) / 10, -1 / (np.arange(len(r) + 1) + 1)) for r in runs]
+        return [(-np.array(r, float) / 10, -1 / (np.arange(len(r) + 1) + 1)) for r in runs]
 
     def alone(text):
-        tokens, ends = score_runs([tokenize(text)])[1][0]
+        tokens, ends = score_runs([tokenize(text)])[0]
         return float(tokens.sum() + ends[-1])
 
     cands = [(0, "alpha"), (0, "alpha beta"), (0, "alpha beta,"), (2, "gamma"), (2, "gamma delta"), (3, "delta")]

@@ -172,26 +172,24 @@ def best_span(candidates: list[tuple[int, str]], tokenize: Callable[[str], list[
     that of the answer ending after them (so a span that stops mid-phrase pays for it). Spans from
     one first word share a decode: each is scored inside the longest run from that word whenever
     its tokens are a prefix of the run's (true at word boundaries for BPE vocabularies); any other
-    is decoded on its own. `score_runs(runs)` -> (first-token log-probs, per run (token log-probs,
-    end log-probs)), as LlamaCppModel.score_runs gives them for a fixed prompt. (Scoring only the
-    8 first words whose first token is likeliest saved no time on SQuAD: few quotes have more.)"""
+    is decoded on its own. `score_runs(runs)` -> per run (token log-probs, end log-probs), as
+    LlamaCppModel.score_runs gives them for a fixed prompt. (Scoring only the 8 first words whose
+    first token is likeliest saved no time on SQuAD: few quotes have more.)"""
     longest: dict[int, str] = {}
     for i, text in candidates:
         if len(text) > len(longest.get(i, "")):
             longest[i] = text
-    runs = {i: tokenize(t) for i, t in longest.items()}
-    order = list(runs)
-    placed = []
-    extra: list[list[int]] = []
+    runs = [tokenize(t) for t in longest.values()]
+    slot = {i: n for n, i in enumerate(longest)}
+    placed = []  # (run, tokens of it) per candidate
     for i, text in candidates:
         tokens = tokenize(text)
-        run = runs[i]
-        if tokens and run[:len(tokens)] == tokens:
-            placed.append((order.index(i), len(tokens)))
+        if tokens and runs[slot[i]][:len(tokens)] == tokens:
+            placed.append((slot[i], len(tokens)))
         else:
-            extra.append(tokens)
-            placed.append((len(order) + len(extra) - 1, len(tokens)))
-    _, scored = score_runs([runs[i] for i in order] + extra)
+            placed.append((len(runs), len(tokens)))
+            runs.append(tokens)
+    scored = score_runs(runs)
     totals = [float(scored[r][0][:n].sum() + scored[r][1][n]) for r, n in placed]
     k = max(range(len(candidates)), key=totals.__getitem__)
     return candidates[k][1], totals[k]

@@ -74,23 +74,23 @@ class LlamaCppModel:
                 ends.add(ids[0])
         return lambda runs: self.score_runs(prefix, runs, sorted(ends))
 
-    def score_runs(self, prefix: list[int], runs: list[list[int]],
-                   ends: list[int]) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-        """How likely each run of tokens is as the continuation of `prefix`: the log-probs of the
-        first token after the prefix (n_vocab,), and per run the log-prob of each of its tokens
-        (len(run),) and the log-prob that the text ends there (any of `ends`) before each token
-        and after the last (len(run) + 1,). The prefix is decoded
+    def score_runs(self, prefix: list[int], runs: list[list[int]], ends: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """How likely each run of tokens is as the continuation of `prefix`: per run, the log-prob
+        of each of its tokens (len(run),) and the log-prob that the text ends there (any of
+        `ends`) before each token and after the last (len(run) + 1,). The prefix is decoded
         once; each run is then decoded after it in one batch asking logits at every position
         (llama-cpp-python keeps all logits only with logits_all, a (n_ctx, n_vocab) array a chat
         model should not carry; so this talks to its context and batch directly)."""
         if not prefix or len(prefix) + max((len(r) for r in runs), default=0) > self.n_ctx:
             raise PocketError(f"the prompt and its continuations do not fit the context of {self.n_ctx}")
+        from ..eval.metrics import log_softmax
+
         llm, ctx, batch = self.llm, self.llm._ctx, self.llm._batch
         n_vocab = llm.n_vocab()
         try:
             llm.reset()
             llm.eval(prefix)
-            first = _log_softmax(np.ctypeslib.as_array(ctx.get_logits_ith(-1), shape=(n_vocab,)).copy()[None])[0]
+            first = log_softmax(np.ctypeslib.as_array(ctx.get_logits_ith(-1), shape=(n_vocab,))[None])[0]
             n0 = len(prefix)
             out = []
             for run in runs:
@@ -102,12 +102,12 @@ class LlamaCppModel:
                 ctx.kv_cache_seq_rm(-1, n0, -1)
                 batch.set_batch(batch=run, n_past=n0, logits_all=True)
                 ctx.decode(batch)
-                rows = _log_softmax(np.ctypeslib.as_array(ctx.get_logits(), shape=(len(run) * n_vocab,)).reshape(len(run), n_vocab))
+                rows = log_softmax(np.ctypeslib.as_array(ctx.get_logits(), shape=(len(run) * n_vocab,)).reshape(len(run), n_vocab))
                 lp = np.vstack([first[None], rows])  # row t: the distribution of the token after run[:t]
                 tokens = lp[np.arange(len(run)), run]
                 ending = np.logaddexp.reduce(lp[:, ends], axis=1)
                 out.append((tokens, ending))
-            return first, out
+            return out
         finally:
             llm.reset()  # the context's tokens no longer match what llama-cpp-python thinks it holds
 
@@ -176,9 +176,3 @@ class LlamaCppModel:
         for chunk in cast(Iterator[dict], self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature,
                                                                       stream=True)):
             yield chunk["choices"][0]["text"]
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
