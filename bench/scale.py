@@ -149,23 +149,30 @@ def _copy_tokenizer(dest: Path) -> None:
             shutil.copy(src / name, dest / name)
 
 
-def measure(cmd: list[str], disk_dir: Path) -> dict:
-    """Wall seconds, peak RSS of the whole process tree, and the most disk space it took."""
+def measure(cmd: list[str], disk_dir: Path, trace: Path | None = None) -> dict:
+    """Wall seconds, peak RSS of the whole process tree, and the most disk space it took.
+    trace: a file for the RSS and disk samples over time (where in a run memory peaks, and
+    whether it grows layer after layer)."""
     import psutil
 
     free0 = shutil.disk_usage(disk_dir).free
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
-    peak_rss, min_free = 0, free0
+    peak_rss, min_free, samples = 0, free0, []
     while proc.poll() is None:
+        rss = 0
         try:
             rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
             peak_rss = max(peak_rss, rss)
         except psutil.Error:
             pass
-        min_free = min(min_free, shutil.disk_usage(disk_dir).free)
+        free = shutil.disk_usage(disk_dir).free
+        min_free = min(min_free, free)
+        samples.append(f"{time.time() - t0:.1f}\t{rss / 2**30:.3f}\t{(free0 - free) / 1e9:.3f}")
         time.sleep(0.2)
+    if trace is not None:
+        trace.write_text("seconds\trss_gib\tdisk_gb\n" + "\n".join(samples) + "\n")
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-2000:]}")
@@ -206,7 +213,7 @@ def run_job(shape: str, job: str, ckpt: Path, calib: Path, tools: Path | None) -
         cmd = ["bash", "-c", script]
     else:
         raise ValueError(job)
-    row = measure(cmd, work)
+    row = measure(cmd, work, trace=work / f"{job}.rss.tsv")
     path = f16 if job == "f16" else out
     row.update(shape=shape, job=job, output_gb=round(path.stat().st_size / 1e9, 3), loads_and_generates=generates(path))
     return row

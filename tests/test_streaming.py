@@ -159,12 +159,14 @@ def test_default_model_q4_k_m_is_byte_identical(tmp_path):
 
 def test_one_decoder_layer_in_memory_at_a_time(models, tmp_path, sample_text, monkeypatch):
     from pocketlm.models.layers import LayerStream
+    from pocketlm.quantize import pipeline
 
-    live, most, real_params = set(), [0], []
-    load, unload = LayerStream.load, LayerStream.unload
+    live, most, real_params, streams, held = set(), [0], [], [], []
+    load, unload, quantize_tensor = LayerStream.load, LayerStream.unload, pipeline.quantize_tensor
 
-    def counting_load(self, module):
-        load(self, module)
+    def counting_load(self, module, given=None):
+        load(self, module, given)
+        streams.append(self)
         if module in list(self.layers):
             live.add(id(module))
             most[0] = max(most[0], len(live))
@@ -174,10 +176,18 @@ def test_one_decoder_layer_in_memory_at_a_time(models, tmp_path, sample_text, mo
         live.discard(id(module))
         unload(module)
 
+    def watched_quantize(*args, **kwargs):  # what of the decoder layers is real while a tensor is quantized
+        if streams:
+            held.append(sum(p.numel() for p in streams[0].layers.parameters() if p.device.type != "meta"))
+        return quantize_tensor(*args, **kwargs)
+
     monkeypatch.setattr(LayerStream, "load", counting_load)
     monkeypatch.setattr(LayerStream, "unload", staticmethod(counting_unload))
+    monkeypatch.setattr(pipeline, "quantize_tensor", watched_quantize)
     make(models, "llama_untied", "Q4_K_M-gptq", tmp_path / "q.gguf", sample_text)
-    assert most[0] == 1 and len(real_params) == 2
+    # each layer is loaded to calibrate, dropped while its tensors are quantized, then rebuilt from them
+    assert most[0] == 1 and len(real_params) == 4
+    assert held and max(held) == 0
     # what is real while a layer works: that layer plus the calibration tokens' embedding rows
     layer_params = 4 * 256 * 256 // 2 * 2 + 256 * 128 * 2 + 3 * 256 * 512 + 2 * 256  # q,o + k,v + mlp + norms
     assert max(real_params) < layer_params + 400 * 256

@@ -64,10 +64,17 @@ class LayerStream:
             return name.replace("model.language_model.", "model.", 1)
         return name
 
-    def load(self, module: torch.nn.Module) -> None:
-        """Give a module of the skeleton its weights from the checkpoint (float32, on the device)."""
+    def load(self, module: torch.nn.Module, given: dict[str, torch.Tensor] | None = None) -> None:
+        """Give a module of the skeleton its weights (float32, on the device): those in `given`
+        (by name within the module, e.g. a layer's quantized-and-decoded weights), the rest
+        from the checkpoint."""
         prefix = self._names[id(module)]
-        state = {k: self._read(f"{prefix}.{k}").to(self.device) for k in module.state_dict()}
+        given = dict(given or {})
+        names = list(module.state_dict())
+        unknown = set(given) - set(names)
+        if unknown:
+            raise ValueError(f"{prefix} has no {', '.join(sorted(unknown))}")
+        state = {k: (given.pop(k) if k in given else self._read(f"{prefix}.{k}")).to(self.device) for k in names}
         module.load_state_dict(state, strict=True, assign=True)
 
     @staticmethod

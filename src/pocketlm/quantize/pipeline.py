@@ -220,7 +220,10 @@ def _calibrated_pass(src, ts, plans, method, opts, stream, reports):
 
     def on_layer(i, stats):  # a generator: each tensor's new weights are loaded before the next is made
         users = Counter(id(st) for st in stats.values())  # q/k/v and gate/up share their statistics
-        for rel, st in stats.items():
+        # the widest input first: its gptq (two 14336^2 Hessians at 8B) then runs while no other
+        # decoded weight of the layer is held (each tensor is written at its own place in the file,
+        # and its statistics were all taken before any tensor changed: the order changes no byte)
+        for rel, st in sorted(stats.items(), key=lambda item: -item[1].sq_sum.shape[0]):
             users[id(st)] -= 1
             gname = names.get_name(f"model.layers.{i}.{rel}")
             if gname is None or f"{gname}.weight" not in ts.entries:
@@ -234,4 +237,5 @@ def _calibrated_pass(src, ts, plans, method, opts, stream, reports):
             yield rel, torch.from_numpy(deq)
             del deq  # not kept through the next tensor's quantization
 
-    return calibrate_layerwise(layers.model, windows, method == "gptq", on_layer, opts.progress, stream=layers)
+    return calibrate_layerwise(layers.model, windows, method == "gptq", on_layer, opts.progress, stream=layers,
+                               release=True)
