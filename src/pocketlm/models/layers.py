@@ -69,12 +69,12 @@ class LayerStream:
         (by name within the module, e.g. a layer's quantized-and-decoded weights), the rest
         from the checkpoint."""
         prefix = self._names[id(module)]
-        given = dict(given or {})
+        given = given or {}
         names = list(module.state_dict())
         unknown = set(given) - set(names)
         if unknown:
             raise ValueError(f"{prefix} has no {', '.join(sorted(unknown))}")
-        state = {k: (given.pop(k) if k in given else self._read(f"{prefix}.{k}")).to(self.device) for k in names}
+        state = {k: (given[k] if k in given else self._read(f"{prefix}.{k}")).to(self.device) for k in names}
         module.load_state_dict(state, strict=True, assign=True)
 
     @staticmethod

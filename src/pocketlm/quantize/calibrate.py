@@ -139,8 +139,7 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
                         progress: bool = True, stream=None, visit=None, release: bool = False) -> LinearStats:
     """Calls on_layer(i, {module name within layer: stats}) for each layer; it returns new
     weights {module name: tensor} to load before the layer's outputs are propagated, or yields
-    (module name, tensor) pairs, each loaded as it comes (a layer's worth of new weights is
-    then never held beside the layer: 0.9 GB at 8B).
+    (module name, tensor) pairs, each loaded as it comes.
     Returns the statistics of the final normed hidden states (the output projection's input).
     With a LayerStream (models/layers.py) `model` is its weightless skeleton: each layer is
     loaded for its turn and dropped after it, so only one is ever in memory. visit(i, layer,

@@ -218,7 +218,7 @@ def _calibrated_pass(src, ts, plans, method, opts, stream, reports):
     windows = calibration_windows(layers.tokenizer, layers.add_bos, opts.calib, opts.calib_tokens, opts.calib_ctx)
     names = ts.facts.name_map()
 
-    def on_layer(i, stats):  # a generator: each tensor's new weights are loaded before the next is made
+    def on_layer(i, stats):  # a generator: each tensor's decoded weights are handed over before the next is made
         users = Counter(id(st) for st in stats.values())  # q/k/v and gate/up share their statistics
         # the widest input first: its gptq (two 14336^2 Hessians at 8B) then runs while no other
         # decoded weight of the layer is held (each tensor is written at its own place in the file,
@@ -235,7 +235,7 @@ def _calibrated_pass(src, ts, plans, method, opts, stream, reports):
             if heads:
                 deq = deinterleave_rotary_rows(deq, heads)
             yield rel, torch.from_numpy(deq)
-            del deq  # not kept through the next tensor's quantization
+            del deq  # the layer rebuilt from these holds them; this frame need not
 
     return calibrate_layerwise(layers.model, windows, method == "gptq", on_layer, opts.progress, stream=layers,
                                release=True)
