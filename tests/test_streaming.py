@@ -303,6 +303,48 @@ def test_streamed_sensitivity_equals_the_whole_model_measure(models, sample_text
         int(torch.tensor(s).prod()) for s in [i["shape"] for i in sens.tensors.values()] + list(sens.fixed.values()))
 
 
+@pytest.mark.parametrize("model", ["llama", "llama_untied"])
+def test_a_head_too_big_to_hold_whole_measures_as_a_whole_one(models, sample_text, tmp_path, monkeypatch, model):
+    """Past HEAD_BLOCK the head is examined in row blocks, keeps only a bf16 probe, reads its
+    weights again for each use and takes the KLD in one pass over its blocks; an untied embedding
+    keeps only the calibration tokens' probe rows (blocks of 37 rows here, so those rows fall in
+    every block). Errors equal the whole head's up to float32 summation order; so do the gains of
+    the layers' kinds (measured 2e-7 apart; a KLD pass that forgot to rescale its sums as the
+    maximum grows was 50% off); the vocabulary kinds' gains differ by the bf16 probe (1e-3)."""
+    from pocketlm.quantize import sensitivity
+
+    whole = sensitivity.measure(str(models[model]), [str(sample_text)], 1024, progress=False, calib_ctx=128)
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "another-cache"))  # the key does not name the block sizes
+    monkeypatch.setattr(sensitivity, "HEAD_BLOCK", 1000)
+    monkeypatch.setattr(sensitivity, "EXAMINE_BLOCK", 256 * 37)
+    blocked = sensitivity.measure(str(models[model]), [str(sample_text)], 1024, progress=False, calib_ctx=128)
+    assert blocked.tensors.keys() == whole.tensors.keys()
+    for name, info in whole.tensors.items():
+        assert blocked.tensors[name]["errors"] == pytest.approx(info["errors"], rel=1e-5), name
+    vocab = {"output", "token_embd"}
+    assert {k: v for k, v in blocked.gains.items() if k not in vocab} == pytest.approx(
+        {k: v for k, v in whole.gains.items() if k not in vocab}, rel=1e-5)
+    assert {k: blocked.gains[k] for k in vocab & set(whole.gains)} == pytest.approx(
+        {k: whole.gains[k] for k in vocab & set(whole.gains)}, rel=0.01)
+
+
+def test_a_blocked_head_keeps_the_rows_asked_for(models, monkeypatch):
+    """The kept probe rows of a blocked embedding are the whole one's, rounded to bf16, whichever
+    block they fall in."""
+    from pocketlm.models.layers import LayerStream
+    from pocketlm.models.source import resolve
+    from pocketlm.quantize import sensitivity
+
+    layers = LayerStream(resolve(str(models["llama_untied"])))
+    whole = sensitivity._HeadRows(layers, "token_embd.weight", None, 99.0)
+    ids = torch.tensor([0, 5, 36, 37, 38, 150, 399])  # both sides of block edges (37 rows a block), the last row
+    monkeypatch.setattr(sensitivity, "HEAD_BLOCK", 1000)
+    monkeypatch.setattr(sensitivity, "EXAMINE_BLOCK", 256 * 37)
+    blocked = sensitivity._HeadRows(layers, "token_embd.weight", None, 99.0, keep=ids)
+    assert blocked.errors == pytest.approx(whole.errors, rel=1e-5)
+    assert torch.equal(blocked.rows_of(ids), whole.rows_of(ids).bfloat16().float())
+
+
 @pytest.mark.real_model
 def test_sigterm_cleans_up_like_ctrl_c_and_a_rerun_sweeps_a_killed_writers_file(tmp_path):
     import signal

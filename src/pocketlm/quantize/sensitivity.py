@@ -126,7 +126,8 @@ def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, c
     tensors[head_name] = {"shape": shapes[head_name], "errors": head.errors}
     embed = head  # tied: the embedding's probe is the head's
     if head_name == "output.weight":  # an untied embedding: a lookup, every column alike
-        embed = _HeadRows(layers, "token_embd.weight", None, source_bpw["token_embd.weight"])
+        ids = torch.unique(torch.cat([w.reshape(-1) for w in windows[:GAIN_WINDOWS]]))
+        embed = _HeadRows(layers, "token_embd.weight", None, source_bpw["token_embd.weight"], keep=ids)
         tensors["token_embd.weight"] = {"shape": shapes["token_embd.weight"], "errors": embed.errors}
     embed_final = _probe_embedding_sweep(layers, windows[:GAIN_WINDOWS], embed, progress)
     gains = gain.kld(layers, head, embed_final, tied=head is embed)
@@ -145,9 +146,12 @@ def _probe_type(info: dict) -> str:
     return next(p for p in PROBES if p in info["errors"])
 
 
-HEAD_BLOCK = 1 << 26  # head values handled at once; SmolLM2's whole head fits one block, so small models
-# compute exactly as a whole-model forward would. Bigger heads keep their probe in bf16 (an
+HEAD_BLOCK = 1 << 26  # head values handled whole; SmolLM2's head fits, so small models compute
+# exactly as a whole-model forward would. Bigger heads are handled in row blocks of EXAMINE_BLOCK
+# values: a candidate type's quantize and decode make ~8 float32-sized temporaries of a block
+# (3B's head in 64M-value blocks peaked near 5 GB), and their probe is kept in bf16 (an
 # approximation of the proxy's gain only; the errors stay exact).
+EXAMINE_BLOCK = 1 << 23
 
 
 def _examine(errors: dict, weight: np.ndarray, importance: np.ndarray | None, source_bpw: float) -> np.ndarray:
@@ -171,29 +175,46 @@ def _examine(errors: dict, weight: np.ndarray, importance: np.ndarray | None, so
 
 class _HeadRows:
     """The output projection (or the embedding), read in row blocks of the checkpoint: its
-    errors per type, and its weights and probe weights kept for the gain windows' logits."""
+    errors per type, and what the gain windows need of it. A head that fits HEAD_BLOCK is kept
+    whole, weights and probe in float32. A bigger one keeps only its probe, in bf16, and its
+    weights are read from the checkpoint again, block by block, once per gain window
+    (_streamed_kld): holding both would take 1.6 GB at 3B's vocabulary (2.1 at 8B's). `keep`
+    (sorted token ids) keeps only those rows of the probe: all an untied embedding's probe is
+    needed for."""
 
-    def __init__(self, layers, gguf_name: str, importance, source_bpw: float):
-        hf_name = layers.hf_name_of(gguf_name)
+    def __init__(self, layers, gguf_name: str, importance, source_bpw: float, keep: torch.Tensor | None = None):
+        self.layers, self.hf_name = layers, layers.hf_name_of(gguf_name)
         rows, cols = layers.tensors.entries[gguf_name].shape
-        self.step = step = max(1, HEAD_BLOCK // cols)
+        self.rows = rows
+        self.whole = rows * cols <= HEAD_BLOCK
+        self.step = step = rows if self.whole else max(1, EXAMINE_BLOCK // cols)
+        self.keep = keep
         self.errors: dict = {}
         self.weight, self.probe = [], []
         for r0 in range(0, rows, step):
-            stored = layers.tensors.hf_tensor(hf_name, slice(r0, min(r0 + step, rows)))
-            block = stored.float()
+            block = self._stored(r0).float()
             probe = torch.from_numpy(_examine(self.errors, block.numpy(), importance, source_bpw))
-            self.weight.append(block if step >= rows else stored)
-            self.probe.append(probe if step >= rows else probe.to(torch.bfloat16))
+            if keep is not None:
+                probe = probe[keep[(keep >= r0) & (keep < r0 + step)] - r0]
+            if self.whole and keep is None:  # a kept-rows embedding is never the head
+                self.weight.append(block)
+            self.probe.append(probe if self.whole else probe.to(torch.bfloat16))
+
+    def _stored(self, r0: int) -> torch.Tensor:
+        return self.layers.tensors.hf_tensor(self.hf_name, slice(r0, min(r0 + self.step, self.rows)))
 
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (sorted) of the probe weights, float32: the probed embedding of those tokens."""
+        if self.keep is not None:
+            if not torch.equal(ids, self.keep):
+                raise ValueError("rows_of: only the rows kept can be asked for")
+            return torch.cat(self.probe).float()
         return torch.cat([self.probe[b][ids[ids // self.step == b] - b * self.step].float()
                           for b in range(len(self.probe))])
 
     def logits(self, h: torch.Tensor, probe: bool) -> torch.Tensor:
-        parts = self.probe if probe else self.weight
-        return torch.cat([torch.nn.functional.linear(h, w.float()) for w in parts], dim=-1)
+        """A whole head's logits (a head in blocks is read by _streamed_kld, block by block)."""
+        return torch.nn.functional.linear(h, self.probe[0] if probe else self.weight[0])
 
 
 class _GainSets:
@@ -228,10 +249,7 @@ class _GainSets:
 
         def log_probs(hs, probe):
             with torch.inference_mode():
-                z = head.logits(norm(hs)[0], probe)
-                if cap:
-                    z = torch.tanh(z / cap) * cap
-                return torch.log_softmax(z.float(), -1)
+                return torch.log_softmax(_capped(head.logits(norm(hs)[0], probe), cap).float(), -1)
 
         cases = {k: (self.sets[k], False) for k in self.kinds}  # kind -> (final hidden states, probed head?)
         cases["token_embd"] = (embed_final, tied)
@@ -239,12 +257,49 @@ class _GainSets:
             cases["output"] = (self.sets[""], True)
         totals, count = {k: 0.0 for k in sorted(cases)}, 0
         for w, ref_hs in enumerate(self.sets[""]):
+            if not head.whole:  # a head in blocks: one pass over them for every case
+                with torch.inference_mode():
+                    sums = _streamed_kld(head, norm(ref_hs)[0], {k: (norm(f[w])[0], pr) for k, (f, pr) in cases.items()}, cap)
+                count += int(ref_hs.shape[-2])
+                totals = {k: totals[k] + sums[k] for k in totals}
+                continue
             p = log_probs(ref_hs, False)
             count += p.shape[0]
             for kind in totals:
                 finals, probe = cases[kind]
                 totals[kind] += float((p.exp() * (p - log_probs(finals[w], probe))).sum())
         return {k: v / max(count, 1) for k, v in totals.items()}
+
+
+def _capped(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return torch.tanh(z / cap) * cap if cap else z
+
+
+def _streamed_kld(head: _HeadRows, ref: torch.Tensor, others: dict[str, tuple[torch.Tensor, bool]],
+                  cap: float | None) -> dict[str, float]:
+    """Sum over ref's tokens of KL(softmax(ref's logits) || softmax(each other's)), in one pass
+    over the head's row blocks (its probe where an other's flag says so). Whole (tokens,
+    vocabulary) arrays, several alive at once, held ~1.7 GB at 3B's vocabulary. Uses
+    KL = sum p (z - y) - log s_z + log s_y, every s a sum of exp(logit - m) against one running
+    maximum m over all cases (rescaled as m grows, as online softmax does), so no two large
+    log-sum-exps are subtracted."""
+    f64 = torch.float64
+    m = torch.full((ref.shape[0],), -torch.inf, dtype=f64)
+    s_ref = torch.zeros_like(m)
+    s, a = {k: torch.zeros_like(m) for k in others}, {k: torch.zeros_like(m) for k in others}
+    for b, r0 in enumerate(range(0, head.rows, head.step)):
+        weight, probe = head._stored(r0).float(), head.probe[b].float()
+        z = _capped(torch.nn.functional.linear(ref, weight), cap)
+        y = {k: _capped(torch.nn.functional.linear(h, probe if p else weight), cap) for k, (h, p) in others.items()}
+        m_new = torch.maximum(m, torch.stack([z.amax(1), *(v.amax(1) for v in y.values())]).amax(0).to(f64))
+        rescale, shift = torch.exp(m - m_new), m_new.float()[:, None]
+        e = torch.exp(z - shift)
+        s_ref = s_ref * rescale + e.sum(1, dtype=f64)
+        for k, v in y.items():
+            s[k] = s[k] * rescale + torch.exp(v - shift).sum(1, dtype=f64)
+            a[k] = a[k] * rescale + (e * (z - v)).sum(1, dtype=f64)
+        m = m_new
+    return {k: float((a[k] / s_ref - torch.log(s_ref) + torch.log(s[k])).sum()) for k in others}
 
 
 def _probe_embedding_sweep(layers, windows, embed: _HeadRows, progress: bool) -> Sequence[torch.Tensor]:
