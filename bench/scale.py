@@ -289,9 +289,12 @@ NOTES = [
     "byte-identical to the numpy codec's (cmp of both files); tests/test_codec_compiled.py pins every search and "
     "format byte for byte against the numpy reference. Peak RSS stays under 0.8 GiB at 8B: one tensor's row blocks "
     "at a time.",
-    "- imatrix on the compiled codec: 1B 751 s (959 s on numpy), 3B 1832 s; 607 and 570 s per billion "
-    "parameters. The time is the calibration forward passes in torch (8192 tokens through each layer), not the "
-    "codec; llama.cpp's llama-imatrix + llama-quantize took 842 s at 1B (pocketlm 0.9x).",
+    "- imatrix, 2026-12-02 (AVX-512, code of 4a7b405, each alone): 1B 321 s / 1.25 GiB, 3B 897 s / 1.68 GiB "
+    "(11-30/12-01, AVX2 and the code before the statistics pass stopped early and layers were released: 751 s and "
+    "1832 s); 260 and 279 s per billion parameters. 8B cut to 1 and 4 layers: 145 and 344 s, 66 s a decoder "
+    "layer, ~2,204 s projected for the whole (274 s per billion; not run whole), 2.19 GiB. The time is the "
+    "calibration forward passes in torch, not the codec. llama.cpp's llama-imatrix + llama-quantize took 842 s "
+    "at 1B on 11-30 (AVX2; not rerun).",
     "- gptq at 1B: 756 s, 1.45 GiB (2026-12-02, AVX-512, code of a793cf4, alone; the same code as the whole 8B "
     "run). Before: 1794 s and 3.31 GiB on 11-30's AVX2 host with the layer held while quantizing (2143 s and "
     "3.61 GiB on the numpy codec; 2501 s and 3.92 GiB before pread and one-byte level indices).",
@@ -303,7 +306,7 @@ NOTES = [
     "vocabulary tensors (rtn/imatrix) are 21% of 1B's parameters against 13% of 8B's. Measured: 611 and 786 s per "
     "billion, 1.28x. Bit-exact savings left (sharing the inverse factor between q/k/v and gate/up) are ~2% at 8B "
     "and ~1% at 1B: they cannot bring 28% under 25%.",
-    "- Not run (time): 1B and whole-3B --target-size, 3B gptq, 8B imatrix, 3B/8B llama-imatrix. The 3B and 8B "
+    "- Not run (time): 1B and whole-3B --target-size, 3B gptq, whole 8B imatrix, 3B/8B llama-imatrix. The 3B and 8B "
     "checkpoints are made by the script (6.4 and 16 GB). The 8B f16 export (16 GB) and llama.cpp's file were "
     "deleted after their rows to free the disk.",
     "- llama.cpp's RSS also counts its mmap of the input (the f16 file): 1.69 GiB for llama-quantize on a 2.5 GB "
@@ -357,11 +360,10 @@ NOTES = [
     "sensitivity measure, then gptq. First run: 4.99 GiB peak, 1,482 s. The head (the tied 128256 x 3072 "
     "embedding) was examined in 64M-value blocks, each of its ten candidate types quantized and decoded with "
     "~1 GB of temporaries, while its weights and probe were both kept (1.6 GB in bf16); then the gain windows' "
-    "KLD held whole 512 x 128256 float32 logit arrays several at a time (~3.9 GiB). A second run with only the "
-    "examination in 8M-value blocks and the weights re-read peaked at 4.95 GiB in the KLD. Now a head beyond "
-    "64M values is examined in 8M-value blocks, keeps only its bf16 probe (an untied embedding only the "
-    "calibration tokens' rows), and the KLD of every case is taken in one pass over the head's blocks per "
-    "gain window (log-sum-exps against one running maximum): **peak 2.88 GiB**, 1,304 s (the 4 layers' "
+    "KLD held whole 512 x 128256 float32 logit arrays several at a time (~3.9 GiB; 4.95 GiB once only the "
+    "examination was blocked). Now a head beyond 64M values is examined in 8M-value blocks, keeps only its bf16 "
+    "probe (an untied embedding only the calibration tokens' rows), and the KLD of every case is taken in one "
+    "pass over the head's blocks per gain window (log-sum-exps against one running maximum): **peak 2.88 GiB**, 1,304 s (the 4 layers' "
     "sensitivity sweep ~9 minutes, the head ~4, the KLD ~3.5, gptq ~5). On the tiny models a head forced into "
     "blocks gives the whole path's gains to 2e-7 for the layers' kinds and 1e-3 for the vocabulary's (the "
     "bf16 probe; tests/test_streaming.py); heads that fit 64M values (SmolLM2's) take the unchanged whole "
@@ -461,7 +463,7 @@ def projected_8b(rows: list[dict]) -> tuple[list[str], dict[str, float]]:
         out.append(f"- 8B {job}, PROJECTED from the 8B shapes cut to {l0} and {l1} decoder layers (not a full run): "
                    f"{per_layer:.0f} s per decoder layer, ~{total:.0f} s ({total / 3600:.1f} h) for all {n_full}; "
                    f"peak RSS {rss} GiB, extra disk {r1['disk_gb']} GB for a {r1['output_gb']} GB file (cut).")
-    if len(totals) == 2:
+    if "gptq" in totals and "llama-imatrix" in totals:
         ratio = totals["gptq"] / totals["llama-imatrix"]
         out.append(f"- 8B gptq against llama.cpp's imatrix + quantize, both projected: {ratio:.1f}x (target 2.5x): "
                    f"{'met' if ratio <= 2.5 else 'NOT met'} (projected).")
