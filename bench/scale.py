@@ -417,18 +417,19 @@ def goals(rows: list[dict]) -> list[str]:
                    + f": {'MET' if met else 'NOT MET'}.")
     for job in ("rtn", "imatrix", "gptq"):
         per = {s: by[(s, job)]["seconds"] / params[s] for s in SHAPES if (s, job) in by}
-        if "8B" not in per and job in totals:  # the cut runs' projection, said so
-            per["8B (projected)"] = totals[job] / params["8B"]
+        projected = "8B" not in per and job in totals  # the cut runs' projection stands in, said so
+        if projected:
+            per["8B"] = totals[job] / params["8B"]
         if len(per) < 2:
             out.append(f"- seconds per billion parameters flat from 1B to 8B ({job}): NOT MEASURED (shapes: {', '.join(per) or 'none'}).")
         else:
             spread = max(per.values()) / min(per.values()) - 1
-            missing = [s for s in SHAPES if s not in per and f"{s} (projected)" not in per]
-            projected = any("projected" in k for k in per)
+            missing = [s for s in SHAPES if s not in per]
             verdict = ("NOT MET" if spread > 0.25 else f"within the goal so far, NOT MEASURED at {', '.join(missing)}"
                        if missing else "met with 8B projected from cut runs, not measured whole" if projected else "MET")
-            out.append(f"- seconds per billion parameters ({job}): " + ", ".join(f"{s} {v:.0f}" for s, v in per.items())
-                       + f" (spread {spread:.0%}, goal 25%): {verdict}.")
+            out.append(f"- seconds per billion parameters ({job}): " + ", ".join(
+                f"{s}{' (projected)' if projected and s == '8B' else ''} {v:.0f}" for s, v in per.items())
+                + f" (spread {spread:.0%}, goal 25%): {verdict}.")
     t = by.get(("3B", "target"))
     cut = sorted((r for r in rows if r["shape"].startswith("3B-") and r["job"] == "target"), key=lambda r: r["shape"])
     if t:

@@ -125,11 +125,11 @@ def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, c
     head = _HeadRows(layers, head_name, final.importance, source_bpw[head_name])
     tensors[head_name] = {"shape": shapes[head_name], "errors": head.errors}
     embed = head  # tied: the embedding's probe is the head's
+    gain_ids = torch.unique(torch.cat([w.reshape(-1) for w in windows[:GAIN_WINDOWS]]))  # the tokens the gain windows read
     if head_name == "output.weight":  # an untied embedding: a lookup, every column alike
-        ids = torch.unique(torch.cat([w.reshape(-1) for w in windows[:GAIN_WINDOWS]]))
-        embed = _HeadRows(layers, "token_embd.weight", None, source_bpw["token_embd.weight"], keep=ids)
+        embed = _HeadRows(layers, "token_embd.weight", None, source_bpw["token_embd.weight"], keep=gain_ids)
         tensors["token_embd.weight"] = {"shape": shapes["token_embd.weight"], "errors": embed.errors}
-    embed_final = _probe_embedding_sweep(layers, windows[:GAIN_WINDOWS], embed, progress)
+    embed_final = _probe_embedding_sweep(layers, windows[:GAIN_WINDOWS], gain_ids, embed, progress)
     gains = gain.kld(layers, head, embed_final, tied=head is embed)
     for kind in gains:
         members = [n for n in tensors if kind_of(n) == kind]
@@ -302,12 +302,12 @@ def _streamed_kld(head: _HeadRows, ref: torch.Tensor, others: dict[str, tuple[to
     return {k: float((a[k] / s_ref - torch.log(s_ref) + torch.log(s[k])).sum()) for k in others}
 
 
-def _probe_embedding_sweep(layers, windows, embed: _HeadRows, progress: bool) -> Sequence[torch.Tensor]:
-    """The gain windows through every layer with the token embedding at its probe type."""
+def _probe_embedding_sweep(layers, windows, ids: torch.Tensor, embed: _HeadRows, progress: bool) -> Sequence[torch.Tensor]:
+    """The gain windows through every layer with the token embedding at its probe type; `ids`
+    are the windows' distinct tokens, sorted (the rows embed_only renumbers them into)."""
     from .calibrate import _capture_layer_inputs, _run_layer
 
     remapped = layers.embed_only(windows)
-    ids = torch.unique(torch.cat([w.reshape(-1) for w in windows]))
     emb = layers.model.get_input_embeddings()
     emb.weight = torch.nn.Parameter(embed.rows_of(ids), requires_grad=False)
     hidden, kwargs_by_layer = _capture_layer_inputs(layers.model, remapped)
