@@ -39,13 +39,16 @@ def check_settings(store: AnyStore, embedder: Embedder, chunk_tokens: int, overl
     """An index holds vectors of one embedder and chunks of one size: refuse to mix."""
     wanted = {"embedder": embedder.identity, "chunk_tokens": str(chunk_tokens), "overlap": str(overlap),
               "vectors": "int8" if int8 else "float32"}
-    have = {k: store.meta(k) for k in wanted}
+    # One read of all settings: read one by one, a second index run setting them meanwhile (in
+    # one transaction) could be seen half-set and refused as a mismatch.
+    stored = store.meta_items()
+    have = {k: stored.get(k) for k in wanted}
     if all(v is None for v in have.values()):
         store.set_meta(**wanted, embedder_name=embedder.name)
         return
     for key, value in wanted.items():
         if have[key] != value:
-            shown = store.meta("embedder_name") if key == "embedder" else have[key]
+            shown = stored.get("embedder_name") if key == "embedder" else have[key]
             raise PocketError(f"{store.path} was built with {key} {shown}, not {value if key != 'embedder' else embedder.name}: "
                               f"one index cannot mix them; rebuild it (delete {store.path} or use another --db) or "
                               f"index with the same settings")

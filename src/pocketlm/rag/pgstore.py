@@ -156,6 +156,10 @@ class PgStore:
         value = self._one("SELECT value FROM pocketlm_meta WHERE key = %s", (key,))
         return default if value is None else value
 
+    def meta_items(self) -> dict[str, str]:
+        """Every setting, read in one statement: one snapshot even while another writer sets them."""
+        return dict(self.db.execute("SELECT key, value FROM pocketlm_meta").fetchall())
+
     def set_meta(self, **values) -> None:
         with self.db.transaction():
             for k, v in values.items():

@@ -76,6 +76,10 @@ class Store:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else default
 
+    def meta_items(self) -> dict[str, str]:
+        """Every setting, read in one statement."""
+        return dict(self.db.execute("SELECT key, value FROM meta"))
+
     def set_meta(self, **values) -> None:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
