@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from quant_vs_llamacpp import seed_work  # noqa: E402
 from results_file import put_section  # noqa: E402
 
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
@@ -61,6 +62,7 @@ def main() -> None:
     work = CACHE / "quant" / args.tag
     if not (work / "ref-f32.gguf").exists():
         sys.exit(f"run bench/quant_vs_llamacpp.py --tag {args.tag} first (needs its {work}/ref-f32.gguf)")
+    seed_work(work, args.tag)  # the committed rtn rows, for the 'vs F32 reference' column
     rows = []
     for spec in args.file:
         label, _, path = spec.partition("=")
