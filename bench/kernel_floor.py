@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from quant_vs_llamacpp import seed_work  # noqa: E402
+from quant_vs_llamacpp import CACHE, seed_work  # noqa: E402
 from results_file import put_section  # noqa: E402
 
 from pocketlm.eval.runner import EvalOptions, evaluate  # noqa: E402
@@ -31,7 +31,6 @@ from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model  # noqa: 
 from pocketlm.util.atomic import write_json  # noqa: E402
 from pocketlm.util.machine import cpu_name  # noqa: E402
 
-CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench"))
 RESULTS = ROOT / "bench" / "results" / "kernel_floor.md"
 
 

@@ -155,7 +155,9 @@ def commit_work(tag: str, work: Path, results: dict) -> None:
     kept = committed.setdefault(tag, {})
     for (preset, variant), r in results.items():
         if r is not None:
-            kept[row_path(work, preset, variant).name] = r
+            # per-tensor types (bench/budget_vs_presets.py adds them to llama.cpp's rows it makes) are
+            # not committed: a few hundred lines a row, and that script derives them from the preset's plan
+            kept[row_path(work, preset, variant).name] = {k: v for k, v in r.items() if k != "types"}
     for name in KEPT_FILES:
         if (work / name).exists():
             text = (work / name).read_text()
