@@ -58,6 +58,8 @@ def test_budgets_are_met_and_more_bytes_buy_less_kld(tiny_hf, tiny_gguf_f32, sam
     assert set(sensitivity.gains) >= {"attn_q", "attn_v", "ffn_down", "token_embd"}
     # measured, not defaulted: the code clamps negative gains to 0, so only > 0 shows a measurement
     assert all(g > 0 for g in sensitivity.gains.values()), sensitivity.gains
+    # every matmul's runtime rounding measured too (the tied embedding is the head: a matmul)
+    assert set(sensitivity.act_gains) == set(sensitivity.gains) and all(g > 0 for g in sensitivity.act_gains.values())
     small = min(sum(min(o.bytes for o in opts) for opts in sensitivity.options().values()), 10**12)
     opts = EvalOptions(texts=[sample_text], ctx=64, reference=str(tiny_gguf_f32), progress=False)
     results = []
@@ -122,3 +124,32 @@ def test_a_codec_whose_output_changes_never_meets_its_old_results(tiny_hf, sampl
     assert changed.tensors[name]["errors"]["Q4_K"] != first.tensors[name]["errors"]["Q4_K"]
     assert key_of("plan", "same inputs") != keys["plan"] and key_of("quantize", "same inputs") != keys["quantize"]
     assert key_of("distill", "same inputs") == keys["distill"]
+
+
+def test_activation_rounding_is_llamacpps_q8_0_and_counted_per_type(sensitivity):
+    """The runtime term: a matmul's input rounded as llama.cpp's Q8_0 rounds it (gguf-py's
+    reference, up to the f16 scale it stores), 256-value blocks rounding coarser than 32-value
+    ones, and each type's loss counting the rounding of its own activation block."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, quants
+
+    from pocketlm.quantize.calibrate import activation_rounding, round_activations
+    from pocketlm.quantize.sensitivity import kind_of
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 512)).astype(np.float32)
+    x[:, 7] *= 40  # an outlier channel, as real activations have
+    ours = round_activations(torch.from_numpy(x), 32).numpy()
+    ref = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+    d = np.abs(x.reshape(-1, 32)).max(1, keepdims=True) / 127
+    assert np.all(np.abs(ours - ref).reshape(-1, 32) <= 127 * d * 2.0 ** -11)  # f16 d: 11 significant bits
+    assert np.all(np.abs(ours - x).reshape(-1, 32) <= d / 2 * (1 + 1e-6))
+    fine, coarse = (activation_rounding(torch.from_numpy(x), b).sum().item() for b in (32, 256))
+    assert coarse > 4 * fine  # the outlier's scale spreads over 8x as many values
+    name = next(n for n in sensitivity.tensors if n.startswith("blk.") and "Q4_K" in sensitivity.tensors[n]["errors"])
+    info, kind = sensitivity.tensors[name], kind_of(name)
+    for t, block in (("Q4_K", "256"), ("Q4_0", "32")):
+        expected = sensitivity.gains[kind] * info["errors"][t] + sensitivity.act_gains[kind] * info["act_errors"][block]
+        assert sensitivity.loss(name, t) == pytest.approx(expected, rel=1e-12)
+    assert info["act_errors"]["256"] > info["act_errors"]["32"] > 0

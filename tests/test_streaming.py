@@ -321,6 +321,10 @@ def test_a_head_too_big_to_hold_whole_measures_as_a_whole_one(models, sample_tex
     assert blocked.tensors.keys() == whole.tensors.keys()
     for name, info in whole.tensors.items():
         assert blocked.tensors[name]["errors"] == pytest.approx(info["errors"], rel=1e-5), name
+        assert blocked.tensors[name].get("act_errors", {}) == pytest.approx(info.get("act_errors", {}), rel=1e-5), name
+    # the same, up to the blocked KLD pass's summation order: these KLDs are ~100x smaller than
+    # the weight probes', so that order shows at ~1e-4 (measured up to 1.3e-4)
+    assert blocked.act_gains == pytest.approx(whole.act_gains, rel=1e-3)
     vocab = {"output", "token_embd"}
     assert {k: v for k, v in blocked.gains.items() if k not in vocab} == pytest.approx(
         {k: v for k, v in whole.gains.items() if k not in vocab}, rel=1e-5)

@@ -11,7 +11,7 @@ beyond a memory limit in a temporary file: quantize/hidden.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -27,10 +27,26 @@ class LinearStats:
     sq_sum: torch.Tensor  # (in,) sum of x^2 over tokens
     xtx: torch.Tensor | None  # (in, in) sum of x x^T, when a Hessian is wanted
     tokens: int = 0
+    act_err: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (in,) summed activation_rounding
 
     @property
     def importance(self) -> np.ndarray:
         return (self.sq_sum / max(self.tokens, 1)).cpu().numpy()
+
+    def activation_error(self) -> dict[int, np.ndarray]:
+        """Mean squared 8-bit rounding error per input channel, by activation block size."""
+        return {b: (e / max(self.tokens, 1)).cpu().numpy() for b, e in self.act_err.items()}
+
+    def add(self, x: torch.Tensor, want_hessian: bool, act_blocks: Sequence[int]) -> None:
+        """Accumulates the inputs x (tokens, in) into every statistic wanted."""
+        self.sq_sum += (x * x).sum(0)
+        if want_hessian:
+            self._xtx().addmm_(x.T, x)
+        for b in act_blocks:
+            if x.shape[1] % b == 0:
+                e = activation_rounding(x, b)
+                self.act_err[b] = self.act_err[b] + e if b in self.act_err else e
+        self.tokens += x.shape[0]
 
     def _xtx(self) -> torch.Tensor:
         if self.xtx is None:
@@ -46,6 +62,23 @@ class LinearStats:
         tensor that uses these statistics, no copy of the Hessian is made."""
         xtx, self.xtx = self._xtx(), None
         return xtx.div_(max(self.tokens, 1)).cpu()
+
+
+def activation_rounding(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per column of x (tokens, width), the summed squared error of rounding each row to 8 bits
+    in blocks of `block` values with one scale max|x|/127 per block: what llama.cpp's quantized
+    dot products do to their input (Q8_0 with 32-value blocks, Q8_K with 256). Outlier channels
+    make the 256-value blocks' error several times the 32-value ones'."""
+    err = x - round_activations(x, block)
+    return (err * err).sum(0)
+
+
+def round_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x rounded to 8 bits in blocks of `block` values along its last axis, one scale
+    max|x|/127 per block."""
+    rows = x.reshape(-1, block)
+    d = rows.abs().amax(1, keepdim=True) / 127
+    return (torch.round(rows / torch.where(d > 0, d, 1)) * d).reshape(x.shape)
 
 
 class _StopForward(Exception):
@@ -136,7 +169,8 @@ def _run_for_hooks(layer, hidden: Sequence[torch.Tensor], kwargs: dict, seen: di
 
 def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
                         on_layer: Callable[[int, dict[str, LinearStats]], dict[str, torch.Tensor]],
-                        progress: bool = True, stream=None, visit=None, release: bool = False) -> LinearStats:
+                        progress: bool = True, stream=None, visit=None, release: bool = False,
+                        act_blocks: Sequence[int] = ()) -> LinearStats:
     """Calls on_layer(i, {module name within layer: stats}) for each layer; it returns new
     weights {module name: tensor} to load before the layer's outputs are propagated, or yields
     (module name, tensor) pairs, each loaded as it comes.
@@ -147,7 +181,8 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
     release (with a stream, for an on_layer that reads no weight from the layer): the layer's
     weights are dropped while on_layer runs and the layer is rebuilt from the new weights and
     the checkpoint's other tensors after it, so quantizing a layer never holds the layer too
-    (0.9 GB of float32 at 8B, beside gptq's two ffn_down Hessians)."""
+    (0.9 GB of float32 at 8B, beside gptq's two ffn_down Hessians).
+    act_blocks: also gather each input's activation_rounding error for these block sizes."""
     if stream is not None:
         windows = stream.embed_only(windows)
     hidden, kwargs_by_layer = _capture_layer_inputs(model, windows)
@@ -162,7 +197,7 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
         for name, mod in layer.named_modules():
             if isinstance(mod, torch.nn.Linear):
                 handles.append(mod.register_forward_pre_hook(
-                    _accumulator(stats, name, mod.in_features, want_hessian, last_input, seen)))
+                    _accumulator(stats, name, mod.in_features, want_hessian, last_input, seen, act_blocks)))
         try:
             _run_for_hooks(layer, hidden, kwargs_by_layer[i], seen)
         finally:
@@ -192,13 +227,13 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
     with torch.inference_mode():
         for hs in hidden:
             x = inner.norm(hs).reshape(-1, hs.shape[-1]).double()
-            final.sq_sum += (x * x).sum(0)
-            final.tokens += x.shape[0]
+            final.add(x, False, act_blocks)
     final.sq_sum = final.sq_sum.float()
     return final
 
 
-def _accumulator(stats: dict, name: str, width: int, want_hessian: bool, last: dict, seen: dict):
+def _accumulator(stats: dict, name: str, width: int, want_hessian: bool, last: dict, seen: dict,
+                 act_blocks: Sequence[int] = ()):
     """Linears fed the same tensor (q/k/v, gate/up) share one LinearStats: X^T X is the
     costliest part of calibration, so it is computed once per distinct input. `last` holds the
     previous hook's input by reference (not address, which a freed tensor's successor reuses).
@@ -222,9 +257,6 @@ def _accumulator(stats: dict, name: str, width: int, want_hessian: bool, last: d
             with torch.inference_mode(False):  # ordinary tensors, so gptq may later reuse X^T X in place
                 st = stats[name] = LinearStats(torch.zeros(width, device=dev),
                                                torch.zeros(width, width, device=dev) if want_hessian else None)
-        st.sq_sum += (x * x).sum(0)
-        if want_hessian:
-            st.xtx.addmm_(x.T, x)
-        st.tokens += x.shape[0]
+        st.add(x, want_hessian, act_blocks)
         last["input"], last["stats"] = args[0], st
     return hook

@@ -10,6 +10,18 @@ squared error of the tensor's output on calibration inputs, under a diagonal app
 and gain[kind] converts that error into KLD for each kind of tensor (attn_q, ffn_down, ...):
 it is measured by quantizing all tensors of one kind to a coarse probe type and running the
 model. bench/budget_vs_presets.py checks that the proxy ranks real files as their KLD does.
+
+A file's error is not the weights' alone: llama.cpp rounds each quantized matmul's input to 8
+bits, one scale per 32 values for the legacy types and per 256 for the k-quants (their Q8_K
+blocks). On the 256-aligned student that runtime floor is 0.005 KLD for a Q8_0 file and 0.026
+for a Q6_K one (bench/results/kernel_floor.md), as large as a 5-bit weight error, and the weight
+term alone made budgets buy k-quants that measured worse than legacy types. So each tensor's
+loss adds   gain[kind] * sum_j ||W_:,j||^2 * E[(x_j - q8(x)_j)^2]   for its type's activation
+block (calibrate.activation_rounding), the same output-error measure as the weight term, with
+its own gain per kind: per-token rounding noise costs far less KLD than a weight error of equal
+size (attention averages it over tokens; the softmax ignores what moves every logit alike: with
+the weight term's gains the aligned student's Q8_K floor was predicted 2-5x too high), so each
+kind's inputs are also rounded alone in the gain windows, at the widest block that fits them.
 Results are cached by model bytes + calibration tokens.
 """
 from __future__ import annotations
@@ -18,7 +30,7 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +40,7 @@ from ..errors import PocketError
 from ..util.atomic import write_json
 from ..util.cache import cache_dir, code_version, model_content_hash
 from .budget import CANDIDATES, Option, candidates, source_bpw_of
+from .calibrate import round_activations
 from .formats import get as get_format
 from .formats.base import codec_fingerprint
 from .methods.rtn import quantize_rtn
@@ -45,14 +58,18 @@ def kind_of(gguf_name: str) -> str:
 
 @dataclass
 class Sensitivity:
-    tensors: dict  # GGUF name -> {"shape": [...], "errors": {type: weighted squared error}}
+    tensors: dict  # GGUF name -> {"shape": [...], "errors": {type: weighted squared error},
+    #                 "act_errors": {activation block: its output error}} (absent: a lookup, no matmul)
     gains: dict  # kind -> KLD per unit of weighted error
     fixed: dict  # GGUF name -> shape, for tensors kept in F32 (norms, biases)
     overhead: int  # header, metadata and alignment bytes
     n_params: int
+    act_gains: dict = field(default_factory=dict)  # kind -> KLD per unit of activation rounding error
 
     def loss(self, name: str, type_name: str) -> float:
-        return self.gains[kind_of(name)] * self.tensors[name]["errors"][type_name]
+        info, kind = self.tensors[name], kind_of(name)
+        runtime = info.get("act_errors", {}).get(str(get_format(type_name).activation_block), 0.0)
+        return self.gains[kind] * info["errors"][type_name] + self.act_gains.get(kind, 0.0) * runtime
 
     def options(self) -> dict[str, list[Option]]:
         return {name: [Option(t, tensor_bytes(t, info["shape"]), self.loss(name, t)) for t in info["errors"]]
@@ -70,7 +87,7 @@ class Sensitivity:
 
     def to_json(self) -> dict:
         return {"tensors": self.tensors, "gains": self.gains, "fixed": self.fixed,
-                "overhead": self.overhead, "n_params": self.n_params}
+                "overhead": self.overhead, "n_params": self.n_params, "act_gains": self.act_gains}
 
 
 def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, calib_ctx: int = 512) -> Sensitivity:
@@ -97,7 +114,7 @@ def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, c
     path = cache_dir() / "sensitivity" / f"{key}.json"
     if path.exists():
         d = json.loads(path.read_text())
-        return Sensitivity(d["tensors"], d["gains"], d["fixed"], d["overhead"], d["n_params"])
+        return Sensitivity(d["tensors"], d["gains"], d["fixed"], d["overhead"], d["n_params"], d["act_gains"])
 
     names = ts.facts.name_map()
     shapes = {n: list(ts.shape(n)) for n in ts.names}
@@ -116,30 +133,57 @@ def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, c
             if gname and f"{gname}.weight" in shapes:
                 gname = f"{gname}.weight"
                 weight = layers.layers[i].get_submodule(rel).weight.detach().float().numpy()
-                tensors[gname] = {"shape": shapes[gname], "errors": {}}
+                tensors[gname] = {"shape": shapes[gname], "errors": {},
+                                  "act_errors": _activation_errors((weight * weight).sum(0), st)}
                 probe = _examine(tensors[gname]["errors"], weight, st.importance, source_bpw[gname])
                 gain.probes[rel] = (kind_of(gname), torch.from_numpy(probe))
         return {}  # measure only: the model stays float
 
-    final = calibrate_layerwise(layers.model, windows, False, on_layer, progress, stream=layers, visit=gain.visit)
+    final = calibrate_layerwise(layers.model, windows, False, on_layer, progress, stream=layers, visit=gain.visit,
+                                act_blocks=ACTIVATION_BLOCKS)
     head = _HeadRows(layers, head_name, final.importance, source_bpw[head_name])
-    tensors[head_name] = {"shape": shapes[head_name], "errors": head.errors}
+    tensors[head_name] = {"shape": shapes[head_name], "errors": head.errors,
+                          "act_errors": _activation_errors(head.col_sq, final)}
     embed = head  # tied: the embedding's probe is the head's
     gain_ids = torch.unique(torch.cat([w.reshape(-1) for w in windows[:GAIN_WINDOWS]]))  # the tokens the gain windows read
     if head_name == "output.weight":  # an untied embedding: a lookup, every column alike
         embed = _HeadRows(layers, "token_embd.weight", None, source_bpw["token_embd.weight"], keep=gain_ids)
         tensors["token_embd.weight"] = {"shape": shapes["token_embd.weight"], "errors": embed.errors}
     embed_final = _probe_embedding_sweep(layers, windows[:GAIN_WINDOWS], gain_ids, embed, progress)
-    gains = gain.kld(layers, head, embed_final, tied=head is embed)
-    for kind in gains:
+    head_block = _act_block(shapes[head_name][-1])
+    gain.act_blocks[kind_of(head_name)] = head_block
+    klds = gain.kld(layers, head, embed_final, tied=head is embed, head_block=head_block)
+    gains: dict[str, float] = {}
+    act_gains: dict[str, float] = {}
+    for kind, kld in klds.items():
+        act = kind.startswith("act:")
+        kind = kind.removeprefix("act:")
         members = [n for n in tensors if kind_of(n) == kind]
-        error = sum(tensors[n]["errors"][_probe_type(tensors[n])] for n in members)
-        gains[kind] = max(gains[kind], 0.0) / error if error > 0 else 0.0
+        if act:
+            error = sum(tensors[n]["act_errors"].get(str(gain.act_blocks[kind]), 0.0) for n in members)
+        else:
+            error = sum(tensors[n]["errors"][_probe_type(tensors[n])] for n in members)
+        (act_gains if act else gains)[kind] = max(kld, 0.0) / error if error > 0 else 0.0
     fixed = {n: s for n, s in shapes.items() if n not in tensors}
     sens = Sensitivity(tensors, gains, fixed, header_bytes(ts) + 32 * len(shapes),
-                       sum(int(np.prod(s)) for s in shapes.values()))
+                       sum(int(np.prod(s)) for s in shapes.values()), act_gains)
     write_json(path, sens.to_json())
     return sens
+
+
+ACTIVATION_BLOCKS = tuple(sorted({get_format(t).activation_block for t in CANDIDATES}))
+
+
+def _act_block(width: int) -> int:
+    """The activation block a kind's gain is measured at: the widest that splits its inputs
+    (the k-quants' 256 on aligned models, where the choice between families is made)."""
+    return max(b for b in ACTIVATION_BLOCKS if width % b == 0)
+
+
+def _activation_errors(col_sq: np.ndarray, stats) -> dict[str, float]:
+    """The output error of rounding this tensor's input to 8 bits, per activation block size:
+    sum_j ||W_:,j||^2 E[dx_j^2], as the weight term is sum_j E[x_j^2] ||dW_:,j||^2."""
+    return {str(b): float((col_sq.astype(np.float64) * e).sum()) for b, e in stats.activation_error().items()}
 
 
 def _probe_type(info: dict) -> str:
@@ -191,8 +235,10 @@ class _HeadRows:
         self.keep = keep
         self.errors: dict = {}
         self.weight, self.probe = [], []
+        self.col_sq = np.zeros(cols, np.float64)
         for r0 in range(0, rows, step):
             block = self._stored(r0).float()
+            self.col_sq += (block.double() ** 2).sum(0).numpy()
             probe = torch.from_numpy(_examine(self.errors, block.numpy(), importance, source_bpw))
             if keep is not None:
                 probe = probe[keep[(keep >= r0) & (keep < r0 + step)] - r0]
@@ -225,49 +271,72 @@ class _GainSets:
         self.kinds = kinds
         self.sets: dict[str, Sequence[torch.Tensor]] = {}
         self.probes: dict[str, tuple[str, torch.Tensor]] = {}  # module name in layer -> (kind, probe weights)
+        self.act_blocks: dict[str, int] = {}  # kind -> the activation block its "act:" set rounds at
 
     def visit(self, i, layer, kwargs, hidden):
         from .calibrate import _run_layer
 
         if i == 0:
-            self.sets = {k: hidden[:GAIN_WINDOWS] for k in ["", *self.kinds]}
-        for kind in list(self.sets):
+            self.sets = {k: hidden[:GAIN_WINDOWS] for k in ["", *self.kinds, *(f"act:{k}" for k in self.kinds)]}
+        for key in list(self.sets):
+            kind = key.removeprefix("act:")
             members = {rel: w for rel, (k, w) in self.probes.items() if k == kind}
+            if key.startswith("act:"):  # the kind's inputs rounded as llama.cpp rounds them, weights exact
+                handles = [self._round_inputs(layer.get_submodule(rel), kind) for rel in members]
+                try:
+                    self.sets[key] = _run_layer(layer, self.sets[key], kwargs)
+                finally:
+                    for h in handles:
+                        h.remove()
+                continue
             saved = {rel: layer.get_submodule(rel).weight.detach().clone() for rel in members}
             with torch.no_grad():
                 for rel, w in members.items():
                     layer.get_submodule(rel).weight.copy_(w)
-                self.sets[kind] = _run_layer(layer, self.sets[kind], kwargs)
+                self.sets[key] = _run_layer(layer, self.sets[key], kwargs)
                 for rel, w in saved.items():
                     layer.get_submodule(rel).weight.copy_(w)
 
-    def kld(self, layers, head: _HeadRows, embed_final: Sequence[torch.Tensor], tied: bool) -> dict[str, float]:
+    def _round_inputs(self, module, kind: str):
+        block = self.act_blocks.setdefault(kind, _act_block(module.in_features))
+        return module.register_forward_pre_hook(lambda mod, args: (round_activations(args[0], block), *args[1:]))
+
+    def kld(self, layers, head: _HeadRows, embed_final: Sequence[torch.Tensor], tied: bool,
+            head_block: int) -> dict[str, float]:
         """Mean KLD against the reference over the gain windows, per kind: each layer kind's
-        set; the embedding's sweep (with the probed head too when tied); the probed head alone."""
+        set; the embedding's sweep (with the probed head too when tied); the probed head alone;
+        and for every kind that is a matmul, its inputs rounded to 8 bits ("act:" + kind)."""
         norm = layers.inner.norm
         cap = getattr(layers.text_config, "final_logit_softcapping", None)
 
-        def log_probs(hs, probe):
+        def normed(hs, rounded=False):
             with torch.inference_mode():
-                return torch.log_softmax(_capped(head.logits(norm(hs)[0], probe), cap).float(), -1)
+                h = norm(hs)[0]
+                return round_activations(h, head_block) if rounded else h
 
-        cases = {k: (self.sets[k], False) for k in self.kinds}  # kind -> (final hidden states, probed head?)
-        cases["token_embd"] = (embed_final, tied)
+        def log_probs(h, probe):
+            with torch.inference_mode():
+                return torch.log_softmax(_capped(head.logits(h, probe), cap).float(), -1)
+
+        # kind -> (final hidden states, probed head?, head input rounded?)
+        cases = {k: (self.sets[k], False, False) for k in self.sets if k}
+        cases["token_embd"] = (embed_final, tied, False)
         if not tied:
-            cases["output"] = (self.sets[""], True)
+            cases["output"] = (self.sets[""], True, False)
+        cases["act:" + ("token_embd" if tied else "output")] = (self.sets[""], False, True)
         totals, count = {k: 0.0 for k in sorted(cases)}, 0
         for w, ref_hs in enumerate(self.sets[""]):
             if not head.whole:  # a head in blocks: one pass over them for every case
                 with torch.inference_mode():
-                    sums = _streamed_kld(head, norm(ref_hs)[0], {k: (norm(f[w])[0], pr) for k, (f, pr) in cases.items()}, cap)
+                    sums = _streamed_kld(head, normed(ref_hs), {k: (normed(f[w], r), pr) for k, (f, pr, r) in cases.items()}, cap)
                 count += int(ref_hs.shape[-2])
                 totals = {k: totals[k] + sums[k] for k in totals}
                 continue
-            p = log_probs(ref_hs, False)
+            p = log_probs(normed(ref_hs), False)
             count += p.shape[0]
             for kind in totals:
-                finals, probe = cases[kind]
-                totals[kind] += float((p.exp() * (p - log_probs(finals[w], probe))).sum())
+                finals, probe, rounded = cases[kind]
+                totals[kind] += float((p.exp() * (p - log_probs(normed(finals[w], rounded), probe))).sum())
         return {k: v / max(count, 1) for k, v in totals.items()}
 
 

@@ -30,6 +30,11 @@ class BlockFormat:
     type_size: int
     sub_size: int
     levels: np.ndarray  # grid of integer-coded values, ascending
+    # llama.cpp's CPU dot product for this type rounds its input activations to 8 bits, one
+    # scale per this many values (ggml-cpu's vec_dot_type: Q8_0/Q8_1 blocks of 32 for the
+    # legacy types, Q8_K blocks of 256 for the k-quants). Part of the file's error that no
+    # weight quantizer sees: the size budget counts it (quantize/sensitivity.py).
+    activation_block: int = 32
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

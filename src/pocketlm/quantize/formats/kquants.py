@@ -62,7 +62,7 @@ def _unpack_scale_min_6bit(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class _ScaleMinK(BlockFormat):
     """value = d*sc*q - dmin*mn per sub-block (Q2_K, Q4_K, Q5_K)."""
-    block_size = QK
+    block_size = activation_block = QK
     scale_bits: int
 
     def choose(self, x, w):
@@ -127,7 +127,7 @@ class Q5_K(_ScaleMinK):
 
 class _SignedScaleK(BlockFormat):
     """value = d*sc*level with signed sub-block scales, 16-element sub-blocks (Q3_K, Q6_K)."""
-    block_size, sub_size = QK, 16
+    block_size, sub_size, activation_block = QK, 16, QK
     scale_bits: int
     code_reach: int  # how far refine_signed_codes searches: all codes where that is affordable
 
