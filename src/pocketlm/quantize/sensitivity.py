@@ -150,9 +150,7 @@ def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, c
         embed = _HeadRows(layers, "token_embd.weight", None, source_bpw["token_embd.weight"], keep=gain_ids)
         tensors["token_embd.weight"] = {"shape": shapes["token_embd.weight"], "errors": embed.errors}
     embed_final = _probe_embedding_sweep(layers, windows[:GAIN_WINDOWS], gain_ids, embed, progress)
-    head_block = _act_block(shapes[head_name][-1])
-    gain.act_blocks[kind_of(head_name)] = head_block
-    klds = gain.kld(layers, head, embed_final, tied=head is embed, head_block=head_block)
+    klds = gain.kld(layers, head, embed_final, tied=head is embed, head_block=_act_block(shapes[head_name][-1]))
     gains: dict[str, float] = {}
     act_gains: dict[str, float] = {}
     for kind, kld in klds.items():
@@ -160,7 +158,7 @@ def measure(source, calib=(), calib_tokens: int = 8192, progress: bool = True, c
         kind = kind.removeprefix("act:")
         members = [n for n in tensors if kind_of(n) == kind]
         if act:
-            error = sum(tensors[n]["act_errors"].get(str(gain.act_blocks[kind]), 0.0) for n in members)
+            error = sum(tensors[n]["act_errors"][str(_act_block(tensors[n]["shape"][-1]))] for n in members)
         else:
             error = sum(tensors[n]["errors"][_probe_type(tensors[n])] for n in members)
         (act_gains if act else gains)[kind] = max(kld, 0.0) / error if error > 0 else 0.0
@@ -271,7 +269,6 @@ class _GainSets:
         self.kinds = kinds
         self.sets: dict[str, Sequence[torch.Tensor]] = {}
         self.probes: dict[str, tuple[str, torch.Tensor]] = {}  # module name in layer -> (kind, probe weights)
-        self.act_blocks: dict[str, int] = {}  # kind -> the activation block its "act:" set rounds at
 
     def visit(self, i, layer, kwargs, hidden):
         from .calibrate import _run_layer
@@ -282,7 +279,7 @@ class _GainSets:
             kind = key.removeprefix("act:")
             members = {rel: w for rel, (k, w) in self.probes.items() if k == kind}
             if key.startswith("act:"):  # the kind's inputs rounded as llama.cpp rounds them, weights exact
-                handles = [self._round_inputs(layer.get_submodule(rel), kind) for rel in members]
+                handles = [self._round_inputs(layer.get_submodule(rel)) for rel in members]
                 try:
                     self.sets[key] = _run_layer(layer, self.sets[key], kwargs)
                 finally:
@@ -297,8 +294,9 @@ class _GainSets:
                 for rel, w in saved.items():
                     layer.get_submodule(rel).weight.copy_(w)
 
-    def _round_inputs(self, module, kind: str):
-        block = self.act_blocks.setdefault(kind, _act_block(module.in_features))
+    @staticmethod
+    def _round_inputs(module):
+        block = _act_block(module.in_features)
         return module.register_forward_pre_hook(lambda mod, args: (round_activations(args[0], block), *args[1:]))
 
     def kld(self, layers, head: _HeadRows, embed_final: Sequence[torch.Tensor], tied: bool,
