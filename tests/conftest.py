@@ -54,6 +54,34 @@ def make_tiny_llama(folder: Path, *, seed: int = 0, tied: bool = True, vocab_siz
     return folder
 
 
+def make_tiny_gemma(folder: Path) -> Path:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(folder, 400, CORPUS)
+    cfg = Gemma3TextConfig(vocab_size=400, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                           sliding_window=32, bos_token_id=0, eos_token_id=1, pad_token_id=1, initializer_range=0.08)
+    torch.manual_seed(3)
+    Gemma3ForCausalLM(cfg).eval().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_qwen(folder: Path) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(folder, 400, CORPUS)
+    cfg = Qwen2Config(vocab_size=400, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                      bos_token_id=0, eos_token_id=1, initializer_range=0.08)
+    torch.manual_seed(4)
+    Qwen2ForCausalLM(cfg).eval().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def interrupt_once_started(args: list[str], env: dict, marker: str, wait: float = 0.5) -> tuple[int, str]:
     """Run a command, press Ctrl-C `wait` seconds after `marker` appears in its output (its
     training loop has started); returns its exit status and the rest of its output."""
