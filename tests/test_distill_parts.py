@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny_llama
 
 from pocketlm.distill.importance import measure
-from pocketlm.distill.loss_spec import check_targets
+from pocketlm.distill.loss_spec import check_targets, resolve_ce_weight
 from pocketlm.distill.losses import bucket_logprobs, distill_loss, divergence, parse_loss, tail_sample_term
 from pocketlm.distill.prune import prune
 from pocketlm.distill.shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
@@ -255,6 +255,9 @@ def test_ce_weight_adds_the_datas_cross_entropy_to_a_divergence():
     for loss, weight in (("ce", 0.2), ("fkl", -1.0)):
         with pytest.raises(PocketError, match="--ce-weight"):
             check_targets(loss, "bucket", "full", weight)
+    # not given: 1 with fkl (what measured best), 0 with the rest; given, even as 0, it is kept
+    assert resolve_ce_weight("fkl", None) == 1.0 and resolve_ce_weight("fkl", 0.0) == 0.0
+    assert resolve_ce_weight("rkl", None) == resolve_ce_weight("ce", None) == 0.0
 
 
 def test_hidden_loss_is_the_cosine_distance_on_the_kept_channels(teacher):

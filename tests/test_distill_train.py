@@ -80,7 +80,9 @@ def _distill_args(teacher, out, data, *extra):
 
 def test_distill_command_heals_the_pruned_student(tiny_teacher, corpus, tmp_path):
     out = tmp_path / "student"
-    res = CliRunner().invoke(cli, _distill_args(tiny_teacher, out, corpus, "--fp32"))
+    # KD alone: the tiny teacher's random predictions owe nothing to the corpus, so the data's
+    # cross-entropy (the default mixture) would pull the student away from it
+    res = CliRunner().invoke(cli, _distill_args(tiny_teacher, out, corpus, "--fp32", "--ce-weight", "0"))
     assert res.exit_code == 0, res.output
     assert "non-embedding parameters" in res.output and "predicted GGUF sizes" in res.output
     manifest = json.loads((out / "distill.json").read_text())
@@ -122,11 +124,12 @@ def test_two_processes_train_the_same_model_as_one(tiny_teacher, corpus, tmp_pat
     """torchrun with 2 CPU processes (gloo) on the same global batch = 1 process."""
     exe = Path(sys.executable).with_name("pocketlm")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "POCKETLM_CACHE": str(tmp_path / "cache")}
-    one = subprocess.run([str(exe), *_distill_args(tiny_teacher, tmp_path / "one", corpus, "--fp32")],
+    kd = ("--fp32", "--ce-weight", "0")  # KD alone, so that "it trained" shows in the KLD (see the test above)
+    one = subprocess.run([str(exe), *_distill_args(tiny_teacher, tmp_path / "one", corpus, *kd)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(exe), *_distill_args(tiny_teacher, tmp_path / "two", corpus, "--fp32")],
+                          str(exe), *_distill_args(tiny_teacher, tmp_path / "two", corpus, *kd)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
@@ -164,6 +167,7 @@ def test_a_finished_run_continues_with_more_tokens(tiny_teacher, corpus, tmp_pat
     assert runner.invoke(cli, _distill_args(tiny_teacher, out, corpus, "--fp32")).exit_code == 0
     first = json.loads((out / "distill.json").read_text())
     assert first["targets"] == "full"  # a tiny teacher runs beside its student by default
+    assert (first["loss"], first["ce_weight"]) == ("fkl", 1.0)  # and the default mixture is recorded as a number
     for extra, words in ((["--lr", "1e-3"], "other settings: lr"), ([], "larger --tokens"), (["--no-resume"], "exists")):
         args = _distill_args(tiny_teacher, out, corpus, "--fp32", *([] if extra == ["--no-resume"] else ["--resume"]),
                              *([] if extra == ["--no-resume"] else extra))

@@ -297,8 +297,9 @@ def plan_cmd(model, target_size, target_bpw, target_memory, ctx, calib, calib_to
 @click.option("--targets", default="auto", show_default=True, type=click.Choice(["auto", "full", "sampled", "topk"]),
               help="The teacher's signal: its whole distribution computed beside the student (full), draws from it "
                    "cached once (sampled), or its cached top-k (topk). auto: full for teachers up to 1B parameters.")
-@click.option("--ce-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="Add this much of the data's cross-entropy to the divergence (e.g. 0.2).")
+@click.option("--ce-weight", default=None, type=click.FloatRange(min=0),
+              help="Add this much of the data's cross-entropy to the divergence. Default: 1 with --loss fkl "
+                   "(it measured better than fkl alone on held-out perplexity), 0 otherwise.")
 @click.option("--hidden-weight", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Add this much of the final hidden state's cosine distance to the teacher's (needs --targets full).")
 @click.option("--samples", default=12, show_default=True, type=POSITIVE, help="Draws per position (--targets sampled).")
@@ -318,10 +319,10 @@ def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_h
             targets, ce_weight, hidden_weight, samples, topk, lr, batch, micro_batch, eval_every, save_every, fp32, seed,
             resume, force):
     """Prune TEACHER into a smaller student and heal it with knowledge distillation."""
-    from .distill.loss_spec import check_targets, parse_loss
+    from .distill.loss_spec import check_targets, parse_loss, resolve_ce_weight
 
     # before torch is imported: a typo costs a fraction of a second
-    check_targets(parse_loss(loss)[0], tail, targets, ce_weight, hidden_weight)
+    check_targets(parse_loss(loss)[0], tail, targets, resolve_ce_weight(parse_loss(loss)[0], ce_weight), hidden_weight)
     check_files(data, "--data")
     from .distill.run import DistillOptions
     from .distill.run import distill as run_distill

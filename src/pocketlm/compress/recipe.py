@@ -25,7 +25,7 @@ class DistillStep(_Step):
     tokens: int = Field(200_000, ge=1)
     loss: str = "fkl"
     targets: Literal["auto", "full", "sampled", "topk"] = "auto"  # the teacher's signal: distill/signals.py
-    ce_weight: float = Field(0.0, ge=0)  # of the data's cross-entropy, added to the divergence
+    ce_weight: Optional[float] = Field(None, ge=0)  # of the data's cross-entropy, added to the divergence; None: 1 with fkl
     hidden_weight: float = Field(0.0, ge=0)  # of the final hidden state's cosine distance (targets full)
     data: list[str] = []  # text files or folders; default: the bundled general text (+ --domain)
     fraction: Optional[float] = Field(None, gt=0, lt=1)  # of the teacher's non-embedding parameters; default: chosen by pilots
@@ -46,10 +46,11 @@ class DistillStep(_Step):
 
     @model_validator(mode="after")
     def _loss_and_targets(self):
-        from ..distill.loss_spec import check_targets, parse_loss
+        from ..distill.loss_spec import check_targets, parse_loss, resolve_ce_weight
 
         try:
-            check_targets(parse_loss(self.loss)[0], "bucket", self.targets, self.ce_weight, self.hidden_weight)
+            loss = parse_loss(self.loss)[0]
+            check_targets(loss, "bucket", self.targets, resolve_ce_weight(loss, self.ce_weight), self.hidden_weight)
         except PocketError as exc:
             raise ValueError(str(exc).replace("--loss", "loss").replace("--targets", "targets")
                              .replace("--ce-weight", "ce_weight").replace("--hidden-weight", "hidden_weight")) from None

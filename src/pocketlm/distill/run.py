@@ -5,7 +5,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +18,7 @@ from ..util.hashing import array_sha256
 from ..util.machine import compute_device
 from .data import load_sequences
 from .importance import measure
-from .loss_spec import check_targets, parse_loss
+from .loss_spec import check_targets, parse_loss, resolve_ce_weight
 from .prune import check_prunable, kept_channels, prune
 from .shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
 from .signals import OnlineTeacher, choose
@@ -45,7 +45,7 @@ class DistillOptions:
     prune_from: str | None = None  # prune this student of the teacher instead of the teacher (distill/stages.py)
     loss: str = "fkl"
     tail: str = "bucket"  # "sample": see distill/losses.py
-    ce_weight: float = 0.0  # loss = divergence + ce_weight * cross-entropy on the data
+    ce_weight: float | None = None  # loss = divergence + ce_weight * cross-entropy on the data; None: loss_spec's default
     hidden_weight: float = 0.0  # + hidden_weight * the final hidden state's cosine distance (losses.hidden_loss)
     targets: str = "auto"  # the teacher's signal: full | sampled | topk (signals.py); auto picks by teacher size
     topk: int = 64
@@ -157,6 +157,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     if out.exists() and not opts.force and not opts.resume:
         raise PocketError(f"{out} exists; pass --force to replace it, or --resume with a larger --tokens to train it further")
     loss, beta = parse_loss(opts.loss)
+    opts = replace(opts, ce_weight=resolve_ce_weight(loss, opts.ce_weight))  # a number from here on, as recorded
     # before loading anything, so a bad pair fails in a second
     check_targets(loss, opts.tail, opts.targets, opts.ce_weight, opts.hidden_weight)
     if opts.hidden_weight and opts.student:
