@@ -157,9 +157,10 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     if out.exists() and not opts.force and not opts.resume:
         raise PocketError(f"{out} exists; pass --force to replace it, or --resume with a larger --tokens to train it further")
     loss, beta = parse_loss(opts.loss)
-    opts = replace(opts, ce_weight=resolve_ce_weight(loss, opts.ce_weight))  # a number from here on, as recorded
+    ce_weight = resolve_ce_weight(loss, opts.ce_weight)
+    opts = replace(opts, ce_weight=ce_weight)  # a number from here on, as recorded
     # before loading anything, so a bad pair fails in a second
-    check_targets(loss, opts.tail, opts.targets, opts.ce_weight, opts.hidden_weight)
+    check_targets(loss, opts.tail, opts.targets, ce_weight, opts.hidden_weight)
     if opts.hidden_weight and opts.student:
         raise PocketError("--hidden-weight compares the student's hidden channels with the teacher's it was cut from: "
                           "it needs a student pruned by distill, not --student")
@@ -174,11 +175,11 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     seqs = load_sequences(teacher.tokenizer, opts.data, opts.seq, teacher.add_bos, max_train_tokens=opts.tokens or None)
     steps = max(0, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))  # 0: prune only
     kind = choose(opts.targets, sum(p.numel() for p in teacher.model.parameters()))
-    check_targets(loss, opts.tail, kind, opts.ce_weight, opts.hidden_weight)  # auto has become full or sampled
+    check_targets(loss, opts.tail, kind, ce_weight, opts.hidden_weight)  # auto has become full or sampled
     teacher_hash = model_content_hash(src)
     settings = _settings(opts, teacher_hash, seqs, kind)
     finished = _finished_run(out, settings, steps) if out.exists() and opts.resume and not opts.force else None
-    cfg = TrainConfig(loss=loss, beta=beta, tail=opts.tail, ce_weight=opts.ce_weight, hidden_weight=opts.hidden_weight,
+    cfg = TrainConfig(loss=loss, beta=beta, tail=opts.tail, ce_weight=ce_weight, hidden_weight=opts.hidden_weight,
                       steps=steps, batch=opts.batch,
                       micro_batch=opts.micro_batch, lr=opts.lr,
                       warmup=opts.warmup if opts.warmup is not None else max(1, steps // 20),
