@@ -31,17 +31,14 @@ PINNED = {
     "llama/export-bf16": "4659f30ad27ad2b7a6e85d9e00b7828d5084dc1c251efc68b0a2e8ceb67d2b48",
     "llama/Q4_K_M-rtn": "d550787c8b4262832d6765cae0bcb7bdb92986c865867ce0274ea2aa7f2970b0",
     "llama/Q4_K_M-imatrix": "053544f27fca45f10dfa1515a7e90b2367a7747718c45d26168aa19e2be65796",
-    "llama/Q4_K_M-gptq": "a5715907c56d26f131c84075be13b129afeada2019f5528a1b65cd302b40d7e3",
     "llama/Q8_0-rtn": "65812f5fc80f586c4b48aa870390cb9480fd6a8f7f7d82b9971f0bc724530189",
     "llama_untied/export-f32": "5d5eae076139ffa34c0a28324cf3ec8d57bb036ef44fbf5ef3a346d8c2e80f81",
     "llama_untied/Q4_K_M-imatrix": "2877ade17f1e9c11eceffa8a803c82612b20c848f1b78a75c05bba7b1318d323",
-    "llama_untied/Q3_K_S-gptq": "69eca799aa68bffa891b3bd363df41d9d330056482682b0a0b56e6ee3d887ba3",
     "gemma3/export-f16": "c4636f243396b7991bf4af39422ec12d9bff5cf40794f527bffc4a9f5780e316",
-    "gemma3/Q4_K_M-gptq": "00f18c20709ffecb063caa0b648fc7361511202f93ee0742c4ede5214d2e3a1a",
     "qwen2/export-bf16": "06cecee96a9c566e87691b4556106173c701dfddeda87ede70ab28aeaa04dd01",
-    "qwen2/Q4_K_M-gptq": "737f439d56ec7402513db711359c6caf64469908d5efb93c9c9a131fc1a6301d",
     "default/Q4_K_M-rtn": "98d0fcf0c0410ffa5a33f258bc557d6fcf535a89b67f5967a641f659c59a1f68",
 }
+
 
 def float_host() -> str:
     """Which pin set this host's float kernels reproduce (see the module's docstring)."""
@@ -50,7 +47,13 @@ def float_host() -> str:
     return f"{maker} {'AVX-512' if 'AVX-512' in name else 'AVX2'}"
 
 
-FLOAT_PINS = {  # the AMD AVX2 values are the ones in PINNED above
+FLOAT_PINS = {  # the gptq files, per kind of host (see the module's docstring)
+    "AMD AVX2": {
+        "llama/Q4_K_M-gptq": "a5715907c56d26f131c84075be13b129afeada2019f5528a1b65cd302b40d7e3",
+        "llama_untied/Q3_K_S-gptq": "69eca799aa68bffa891b3bd363df41d9d330056482682b0a0b56e6ee3d887ba3",
+        "gemma3/Q4_K_M-gptq": "00f18c20709ffecb063caa0b648fc7361511202f93ee0742c4ede5214d2e3a1a",
+        "qwen2/Q4_K_M-gptq": "737f439d56ec7402513db711359c6caf64469908d5efb93c9c9a131fc1a6301d",
+    },
     "AMD AVX-512": {
         "llama/Q4_K_M-gptq": "2be73f5cf1aa1249ee240115d20dde3a7d2341c098c0fc5694e14a1c86862135",
         "llama_untied/Q3_K_S-gptq": "d7aad50660c27e1347d58216be3fa8593b34ab37db42d993305195b9d079a010",
@@ -78,20 +81,19 @@ WHOLE_MODEL_GAINS = {  # the sensitivity table of tiny-untied (see test_streamed
         "attn_v": 0.0070894668598367825, "ffn_down": 0.0009048665246888273, "ffn_gate": 0.001030206009365842,
         "ffn_up": 0.00098109065993795, "output": 0.001221331502214155, "token_embd": 0.015476353205394781},
 }
-PINNED.update(FLOAT_PINS.get(float_host(), {}))
+FLOAT_JOBS = tuple(FLOAT_PINS["AMD AVX2"])  # every host kind's set pins these
 
 
 def require_float_pins() -> str:
     """This kind of host, which has pins; fails (never skips) on a kind that has none yet."""
     host = float_host()
-    if host not in WHOLE_MODEL_GAINS:
+    if host not in FLOAT_PINS or host not in WHOLE_MODEL_GAINS:
         pytest.fail(f"no pins for a host of kind {host!r}: make them with scripts/whole_model_pins.sh and add its set here")
     return host
 
 
 def float_pin(key: str) -> str:
-    require_float_pins()
-    return PINNED[key]
+    return FLOAT_PINS[require_float_pins()][key]
 
 def sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -113,10 +115,10 @@ def make(models: dict, model: str, job: str, out: Path, text: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("model,job", [tuple(k.split("/")) for k in PINNED if not k.startswith("default/")])
+@pytest.mark.parametrize("model,job", [tuple(k.split("/")) for k in [*PINNED, *FLOAT_JOBS] if not k.startswith("default/")])
 def test_tiny_files_are_byte_identical_to_the_whole_model_code(models, tmp_path, sample_text, model, job):
     key = f"{model}/{job}"
-    assert sha(make(models, model, job, tmp_path / "out.gguf", sample_text)) == (float_pin(key) if "gptq" in key else PINNED[key])
+    assert sha(make(models, model, job, tmp_path / "out.gguf", sample_text)) == (float_pin(key) if key in FLOAT_JOBS else PINNED[key])
 
 
 def test_row_blocks_and_codec_threads_change_no_byte(models, tmp_path, sample_text, monkeypatch):

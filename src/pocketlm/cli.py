@@ -319,10 +319,10 @@ def distill(teacher, output, data, layers, drop_layers, hidden, ffn, heads, kv_h
             targets, ce_weight, hidden_weight, samples, topk, lr, batch, micro_batch, eval_every, save_every, fp32, seed,
             resume, force):
     """Prune TEACHER into a smaller student and heal it with knowledge distillation."""
-    from .distill.loss_spec import check_targets, parse_loss, resolve_ce_weight
+    from .distill.loss_spec import check_targets, parse_loss
 
     # before torch is imported: a typo costs a fraction of a second
-    check_targets(parse_loss(loss)[0], tail, targets, resolve_ce_weight(parse_loss(loss)[0], ce_weight), hidden_weight)
+    check_targets(parse_loss(loss)[0], tail, targets, ce_weight, hidden_weight)
     check_files(data, "--data")
     from .distill.run import DistillOptions
     from .distill.run import distill as run_distill

@@ -46,11 +46,10 @@ class DistillStep(_Step):
 
     @model_validator(mode="after")
     def _loss_and_targets(self):
-        from ..distill.loss_spec import check_targets, parse_loss, resolve_ce_weight
+        from ..distill.loss_spec import check_targets, parse_loss
 
         try:
-            loss = parse_loss(self.loss)[0]
-            check_targets(loss, "bucket", self.targets, resolve_ce_weight(loss, self.ce_weight), self.hidden_weight)
+            check_targets(parse_loss(self.loss)[0], "bucket", self.targets, self.ce_weight, self.hidden_weight)
         except PocketError as exc:
             raise ValueError(str(exc).replace("--loss", "loss").replace("--targets", "targets")
                              .replace("--ce-weight", "ce_weight").replace("--hidden-weight", "hidden_weight")) from None

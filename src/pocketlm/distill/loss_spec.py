@@ -50,7 +50,7 @@ def check_tail(loss: str, tail: str) -> None:
         raise PocketError(f"--tail sample works with --loss fkl only (it estimates forward KL's tail), not with {loss}")
 
 
-def check_targets(loss: str, tail: str, targets: str, ce_weight: float = 0.0, hidden_weight: float = 0.0) -> None:
+def check_targets(loss: str, tail: str, targets: str, ce_weight: float | None = None, hidden_weight: float = 0.0) -> None:
     """The rules for --targets, with --loss, --tail, --ce-weight and --hidden-weight: draws
     estimate forward KL only, the tail term exists only where the top-k leaves a tail, the
     cross-entropy weight is added to a divergence, and the teacher's hidden states exist only
@@ -59,7 +59,7 @@ def check_targets(loss: str, tail: str, targets: str, ce_weight: float = 0.0, hi
     if hidden_weight < 0 or (hidden_weight and targets not in ("full", "auto")):
         raise PocketError(f"--hidden-weight {hidden_weight}: a non-negative weight, and it needs --targets full (the "
                           "teacher's hidden states come from running it beside the student; none are cached)")
-    if ce_weight < 0 or (ce_weight and loss == "ce"):
+    if ce_weight is not None and (ce_weight < 0 or (ce_weight and loss == "ce")):  # None: resolve_ce_weight's default fits every loss
         raise PocketError(f"--ce-weight {ce_weight}: a non-negative weight of cross-entropy added to a divergence "
                           "(not to --loss ce)")
     if targets not in TARGETS:
