@@ -58,23 +58,28 @@ CONFIGS = {  # name: (server arguments, or "llama-server"; a second server in fr
 }
 
 
-def llama_server_command(port: int) -> list[str]:
-    """llama.cpp's server on the default model, 16 slots of 2048 tokens (its -c is the total), 2 threads;
-    built by bench/build_llamacpp_tools.sh with TOOLS_SERVER=1."""
+def model_path(model: str | None) -> str:
     from pocketlm.models.registry import DEFAULT_MODEL
     from pocketlm.models.source import resolve
 
+    return str(resolve(model or DEFAULT_MODEL).path)
+
+
+def llama_server_command(port: int, model: str | None) -> list[str]:
+    """llama.cpp's server on the model, 16 slots of 2048 tokens (its -c is the total), 2 threads;
+    built by bench/build_llamacpp_tools.sh with TOOLS_SERVER=1."""
     tools = subprocess.run(["bash", str(ROOT / "bench" / "build_llamacpp_tools.sh")], capture_output=True, text=True,
                            check=True, env={**os.environ, "TOOLS_SERVER": "1"}).stdout.strip().splitlines()[-1]
-    return [str(Path(tools) / "llama-server"), "-m", str(resolve(DEFAULT_MODEL).path), "--host", "127.0.0.1", "--port",
+    return [str(Path(tools) / "llama-server"), "-m", model_path(model), "--host", "127.0.0.1", "--port",
             str(port), "-np", "16", "-c", str(16 * 2048), "-t", "2"]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, model: str | None = None) -> tuple[subprocess.Popen, str]:
     WORK.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    command = llama_server_command(port) if args == "llama-server" else \
-        [str(ROOT / ".venv" / "bin" / "pocketlm"), "serve", "--port", str(port), "--max-queue", "32", *args]
+    command = llama_server_command(port, model) if args == "llama-server" else \
+        [str(ROOT / ".venv" / "bin" / "pocketlm"), "serve", *([model] if model else []), "--port", str(port),
+         "--max-queue", "32", *args]
     # stderr to a file, never a pipe nobody reads: llama-server logs every request there, and once a
     # pipe's 64 KB filled it blocked mid-write and stalled under 64 clients (runs of 2026-12-01)
     log = open(WORK / f"server-{port}.log", "wb")
@@ -176,6 +181,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--model", help="a GGUF file (or model name) instead of the default model: its rows are kept apart, "
+                                    "as 'CONFIG @ FILE-STEM', and no goal reads them")
     ap.add_argument("--note", default="", help="a line under the table, kept for later runs (what a run showed that "
                                                 "no row holds)")
     ap.add_argument("--write-only", action="store_true", help="rewrite the results from the kept rows, run nothing")
@@ -190,9 +197,10 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         server_args, front = CONFIGS[name]
+        label = f"{name} @ {Path(args.model).stem}" if args.model else name
         procs = []
         try:
-            proc, url = start_server(server_args)
+            proc, url = start_server(server_args, args.model)
             procs.append(proc)
             if front:
                 proc, url = start_server(["--backend", url, "--parallel", "16"])
@@ -200,7 +208,7 @@ def main() -> None:
             one_request(url, "warm up", 4)
             for clients in map(int, args.clients.split(",")):
                 memory = PeakMemory([p.pid for p in procs])
-                row = run_level(url, clients, args.requests, args.max_tokens) | {"config": name}
+                row = run_level(url, clients, args.requests, args.max_tokens) | {"config": label}
                 row["rss_mb"] = memory.stop() / 2**20
                 print(row, flush=True)
                 rows.append(row)
@@ -222,14 +230,37 @@ def remember(rows: list[dict]) -> list[dict]:
     """This run's rows with the other configs' rows of earlier runs (kept in the bench cache, each
     marked with its date), in CONFIGS order: one table even when a config is rerun alone."""
     WORK.mkdir(parents=True, exist_ok=True)
-    saved = json.loads((WORK / "rows.json").read_text()) if (WORK / "rows.json").exists() else {}
-    today = time.strftime("%Y-%m-%d %H:%M")
+    saved = json.loads((WORK / "rows.json").read_text()) if (WORK / "rows.json").exists() else committed_rows()
+    today = f"{time.strftime('%Y-%m-%d %H:%M')}, {cpu_name()}"
     for r in rows:
         r["when"] = today
     fresh = {r["config"] for r in rows}
     saved = {k: v for k, v in saved.items() if k not in fresh} | {c: [r for r in rows if r["config"] == c] for c in fresh}
     (WORK / "rows.json").write_text(json.dumps(saved, indent=1, default=float))
-    return [r for c in CONFIGS for r in saved.get(c, [])]
+    return [r for c in CONFIGS for k in sorted(saved) if k == c or k.startswith(f"{c} @ ") for r in saved[k]]
+
+
+def committed_rows() -> dict[str, list[dict]]:
+    """The rows of the committed table, for a machine whose bench cache is gone (a fresh clone):
+    without them a rerun of one config would rewrite the table with that config alone."""
+    if not RESULTS.exists():
+        return {}
+    text = RESULTS.read_text()
+    if not (WORK / "notes.txt").exists() and "\n\n- " in text:  # the notes: the last block of the file
+        (WORK / "notes.txt").write_text("".join(n[2:] + "\n" for n in text.rsplit("\n\n", 1)[1].splitlines()))
+    keys = ["config", "clients", "ok", "refused", "other", "p50", "p95", "ttft50", "ttft95", "tok_s", "rss_mb", "when"]
+    saved: dict[str, list[dict]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != len(keys) or not cells[1].isdigit():
+            continue
+        row: dict = dict(zip(keys, cells))
+        for k in keys[1:5]:
+            row[k] = int(row[k])
+        for k in keys[5:11]:
+            row[k] = float(row[k])
+        saved.setdefault(row["config"], []).append(row)
+    return saved
 
 
 def goals(rows: list[dict]) -> list[str]:
@@ -268,8 +299,10 @@ def goals(rows: list[dict]) -> list[str]:
 
 def write(rows, args) -> None:
     lines = ["# `pocketlm serve` under load", "",
-             f"Command: `.venv/bin/python bench/serve_load.py` on {cpu_name()} ({os.cpu_count()} cores), "
-             f"{time.strftime('%Y-%m-%d')}. Default model (SmolLM2-135M-Instruct Q4_1) on llama.cpp, "
+             "Command: `.venv/bin/python bench/serve_load.py` on 2 cores; each row's run (date, and the machine where "
+             "it was recorded; rows without one ran on AMD EPYC, AVX-512) in its last column. "
+             "Default model (SmolLM2-135M-Instruct Q4_1) on llama.cpp (rows 'CONFIG @ FILE': "
+             "that file, `--model FILE`), "
              f"{args.requests} streamed chat requests per client, greedy, max_tokens {args.max_tokens}, "
              "--max-queue 32; clients and servers share the 2 cores. Engines: server-N = the default, `--engine server "
              "--parallel N` (pocketlm's supervised llama-server, its KV cache one pool of 4 x 2048 tokens shared by the "
