@@ -226,6 +226,14 @@ def main() -> None:
     write(remember(rows), args)
 
 
+# the table's columns: (row key, heading, format); write() prints them, committed_rows() reads them back
+COLUMNS = [("config", "engine", "s"), ("clients", "clients", "d"), ("ok", "ok", "d"), ("refused", "429", "d"),
+           ("other", "stalled or failed", "d"), ("p50", "p50 latency s", ".2f"), ("p95", "p95 latency s", ".2f"),
+           ("ttft50", "TTFT p50 s", ".2f"), ("ttft95", "TTFT p95 s", ".2f"), ("tok_s", "total tok/s", ".1f"),
+           ("rss_mb", "server peak RSS MB", ".0f"), ("when", "run", "s")]
+DEFAULTS = {"other": 0, "when": ""}  # rows kept before these columns existed
+
+
 def remember(rows: list[dict]) -> list[dict]:
     """This run's rows with the other configs' rows of earlier runs (kept in the bench cache, each
     marked with its date), in CONFIGS order: one table even when a config is rerun alone."""
@@ -248,17 +256,13 @@ def committed_rows() -> dict[str, list[dict]]:
     text = RESULTS.read_text()
     if not (WORK / "notes.txt").exists() and "\n\n- " in text:  # the notes: the last block of the file
         (WORK / "notes.txt").write_text("".join(n[2:] + "\n" for n in text.rsplit("\n\n", 1)[1].splitlines()))
-    keys = ["config", "clients", "ok", "refused", "other", "p50", "p95", "ttft50", "ttft95", "tok_s", "rss_mb", "when"]
     saved: dict[str, list[dict]] = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != len(keys) or not cells[1].isdigit():
+        if len(cells) != len(COLUMNS) or not cells[1].isdigit():
             continue
-        row: dict = dict(zip(keys, cells))
-        for k in keys[1:5]:
-            row[k] = int(row[k])
-        for k in keys[5:11]:
-            row[k] = float(row[k])
+        row = {key: float(cell) if "f" in fmt else int(cell) if fmt == "d" else cell
+               for (key, _, fmt), cell in zip(COLUMNS, cells)}
         saved.setdefault(row["config"], []).append(row)
     return saved
 
@@ -311,11 +315,8 @@ def write(rows, args) -> None:
              "; batched-16 = `--engine batched --parallel 16`; front-over-batched-16 = a second `pocketlm serve "
              "--backend URL` in front of batched-16 (memory: both processes); llama-server-16 = llama.cpp's own server (the same "
              "llama.cpp as llama-cpp-python's), 16 slots of 2048 tokens, 2 threads, and the front over it.", "",
-             "| engine | clients | ok | 429 | stalled or failed | p50 latency s | p95 latency s | TTFT p50 s | TTFT p95 s | total tok/s | "
-             "server peak RSS MB | run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['config']} | {r['clients']} | {r['ok']} | {r['refused']} | {r.get('other', 0)} | {r['p50']:.2f} | {r['p95']:.2f} | "
-              f"{r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['tok_s']:.1f} | {r['rss_mb']:.0f} | {r.get('when', '')} |"
-              for r in rows]
+             "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(format(r.get(k, DEFAULTS.get(k)), fmt) for k, _, fmt in COLUMNS) + " |" for r in rows]
     notes = (WORK / "notes.txt").read_text().splitlines() if (WORK / "notes.txt").exists() else []
     lines += goals(rows) + ([""] + [f"- {n}" for n in notes] if notes else [])
     text = "\n".join(lines) + "\n"
