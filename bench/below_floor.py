@@ -69,7 +69,8 @@ def section(r: dict, eval_tokens: int) -> str:
     rows, steps = r["rows"], r["steps"]
     teacher = rows["original"]
     choice = steps.get("choose", {}).get("result", {})
-    step_s = {k: v["seconds"] for k, v in steps.items()}
+    step_s = {k: f"{v['seconds']:.0f}" + (f" ({v['peak_rss_mb'] / 1024:.1f} GiB)" if v.get("peak_rss_mb") else "")
+              for k, v in steps.items()}
     lines = [f"## {r['size']}, {r['tokens']:,} distillation tokens", "",
              f"`.venv/bin/python bench/below_floor.py --sizes {r['size']} --tokens {r['tokens']} --eval-tokens "
              f"{eval_tokens}` on {machine_name()}, {time.strftime('%Y-%m-%d')}. Held out: "
@@ -87,7 +88,8 @@ def section(r: dict, eval_tokens: int) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {p['label']} | {p['non_embedding'] / 1e6:.1f}M | {p['bpw']:.2f} | {p['pilot_kld']:.3f} | "
                   f"{p['quant_kld']:.3f} | {p['score']:.3f} |" for p in choice["pilots"]]
-    lines += ["", "Time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in step_s.items())
+    lines += ["", "Time per step in s (peak RSS of the step, compress's own process): "
+              + ", ".join(f"{k} {v}" for k, v in step_s.items())
               + f"; whole command {r['wall_s'] / 60:.1f} min (goal ≤ 90), peak RSS of the largest process "
               f"{r['peak_gib']:.2f} GiB."]
     ours = rows["pocketlm"]

@@ -166,3 +166,27 @@ def test_compress_to_a_memory_budget_measures_the_claim(job):
     assert f"Memory budget 70 MB at a context of 256 tokens: measured {mem['measured'] / 1e6:.0f} MB" in md and "fits." in md
     r = _compress(job, "--target-memory", "70MB", size="1MB")
     assert r.exit_code == 1 and "one of --target-size or --target-memory" in r.stderr
+
+
+def test_each_step_records_its_own_peak_memory(tmp_path):
+    """A step after the largest one must not inherit its peak (the process high-water mark is
+    reset per step), or the manifest could not say which step a laptop's memory must hold."""
+    import numpy as np
+
+    from pocketlm.compress.manifest import Manifest
+
+    def big(target):
+        a = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+        target.write_text(str(a.sum()))
+
+    def small(target):
+        target.write_text("x")
+
+    m = Manifest(tmp_path)
+    logged: list[str] = []
+    first = m.run("big", "k1", "big.txt", big, params={}, say=logged.append)
+    second = m.run("small", "k2", "small.txt", small, params={}, say=logged.append)
+    assert first["peak_rss_mb"] >= second["peak_rss_mb"] + 350
+    assert "peak RSS" in logged[1]
+    saved = json.loads((tmp_path / "manifest.json").read_text())["steps"]
+    assert saved["small"]["peak_rss_mb"] == second["peak_rss_mb"]

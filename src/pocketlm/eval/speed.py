@@ -7,27 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 from ..errors import PocketError
+from ..util.rss import peak_rss_bytes
 
 PROMPT = ("The history of the city begins with a small settlement on the river, where traders "
           "met to exchange grain, salt and cloth. Over the centuries it grew into a market town. ")
-
-
-def _peak_rss_mb() -> float:
-    """VmHWM belongs to this process image; ru_maxrss would carry the parent's peak across
-    the fork/exec that started us and report the evaluator's memory, not the model's."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024.0 if sys.platform != "darwin" else 1024.0**2)
 
 
 def _measure_gguf(path: str, threads: int, n_prompt: int, n_gen: int) -> dict:
@@ -92,7 +80,7 @@ def _main(argv: list[str]) -> None:
         result = _measure_gguf(str(src.path), threads, n_prompt, n_gen)
     else:
         result = _measure_torch(str(src.path), threads, n_prompt, n_gen, dtype)
-    result.update(threads=threads, prompt_tokens=n_prompt, gen_tokens=n_gen, peak_rss_mb=_peak_rss_mb())
+    result.update(threads=threads, prompt_tokens=n_prompt, gen_tokens=n_gen, peak_rss_mb=peak_rss_bytes() / 2**20)
     print(json.dumps(result))
 
 

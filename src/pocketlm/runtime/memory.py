@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from ..errors import PocketError
+from ..util.rss import peak_rss_bytes
 
 UBATCH = 512  # llama.cpp's default micro-batch, which pocketlm's runtime also uses
 # The process before any model memory (Python, llama.cpp, pocketlm's runtime): 52 MiB measured
@@ -134,15 +135,6 @@ def measure(path, ctx: int, threads: int = 2, timeout: float = 1800) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _peak_bytes() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _main(argv: list[str]) -> None:
     from .llama_cpp_backend import LlamaCppModel
 
@@ -154,7 +146,7 @@ def _main(argv: list[str]) -> None:
     rt.llm.eval(tokens)
     for _ in range(4):
         rt.llm.eval([rt.llm.sample(temp=0.0)])
-    print(json.dumps({"peak_bytes": _peak_bytes(), "ctx": ctx, "file_bytes": os.path.getsize(path)}))
+    print(json.dumps({"peak_bytes": peak_rss_bytes(), "ctx": ctx, "file_bytes": os.path.getsize(path)}))
 
 
 if __name__ == "__main__":
