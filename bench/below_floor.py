@@ -58,8 +58,11 @@ def run(size: str, tokens: int, eval_tokens: int, work: Path) -> dict:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # GiB, the largest process
     manifest = json.loads((out / "manifest.json").read_text())["steps"]
+    # compress resets its high-water mark per step (compress/manifest.py), which also lowers the
+    # ru_maxrss its parent sees to the last step's peak: the steps' own peaks are the real ones
+    peak = max([resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20]  # GiB, the largest process
+               + [v["peak_rss_mb"] / 1024 for v in manifest.values() if v.get("peak_rss_mb")])
     return {"size": size, "tokens": tokens, "wall_s": wall, "peak_gib": peak, "out": str(out),
             "rows": json.loads((out / "eval.json").read_text()), "steps": manifest}
 

@@ -19,7 +19,8 @@ def peak_rss_bytes() -> int:
 
 def reset_peak_rss() -> bool:
     """Sets the peak back to the current resident size (Linux >= 4.0, clear_refs value 5), so the
-    next peak_rss_bytes() is the peak of what ran since; False where the system cannot."""
+    next peak_rss_bytes() is the peak of what ran since; False where the system cannot. The kernel
+    keeps one mark: a parent's getrusage(RUSAGE_CHILDREN) then reports the peak since the last reset."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
