@@ -59,8 +59,8 @@ def run(size: str, tokens: int, eval_tokens: int, work: Path) -> dict:
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
     manifest = json.loads((out / "manifest.json").read_text())["steps"]
-    # compress resets its high-water mark per step (compress/manifest.py), which also lowers the
-    # ru_maxrss its parent sees to the last step's peak: the steps' own peaks are the real ones
+    # the steps' peaks are sampled (compress/manifest.py) and can miss a short spike the kernel's
+    # ru_maxrss saw; runs of 2026-12-03 (clear_refs resets then) left ru_maxrss too low instead
     peak = max([resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20]  # GiB, the largest process
                + [v["peak_rss_mb"] / 1024 for v in manifest.values() if v.get("peak_rss_mb")])
     return {"size": size, "tokens": tokens, "wall_s": wall, "peak_gib": peak, "out": str(out),

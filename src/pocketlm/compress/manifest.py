@@ -16,7 +16,7 @@ from typing import Callable
 
 from ..util.atomic import write_json
 from ..util.cache import code_version, library_versions
-from ..util.rss import peak_rss_bytes, reset_peak_rss
+from ..util.rss import StepPeak
 
 # What code each step runs: its key changes when that code does, and only then.
 STEP_CODE = {
@@ -55,17 +55,17 @@ class Manifest:
             return record
         say(f"[{name}] running")
         t0 = time.perf_counter()
-        # Per-step peaks say which step a laptop's memory must hold; without a reset every step
-        # after the largest would report that one's peak.
-        measured = reset_peak_rss()
-        result = make(target)
+        # Per-step peaks say which step a laptop's memory must hold (the process's own high-water
+        # mark only says the largest of all steps).
+        with StepPeak() as memory:
+            result = make(target)
         record = {"key": key, "artifact": artifact, "params": params, "seconds": round(time.perf_counter() - t0, 1),
-                  "peak_rss_mb": round(peak_rss_bytes() / 2**20) if measured else None,
+                  "peak_rss_mb": round(memory.peak / 2**20) if memory.peak else None,
                   "versions": library_versions(("pocketlm", "torch", "transformers", "llama_cpp_python", "gguf")),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "result": result}
         self.data["steps"][name] = record
         write_json(self.path, self.data)
-        peak = f", peak RSS {record['peak_rss_mb'] / 1024:.1f} GiB" if measured else ""
+        peak = f", peak RSS {record['peak_rss_mb'] / 1024:.1f} GiB" if record["peak_rss_mb"] else ""
         say(f"[{name}] finished in {record['seconds']:.0f} s{peak}")
         return record
 
