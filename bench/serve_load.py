@@ -55,6 +55,9 @@ CONFIGS = {  # name: (server arguments, or "llama-server"; a second server in fr
     "front-over-batched-16": (["--engine", "batched", "--parallel", "16"], True),
     "llama-server-16": ("llama-server", False),  # the anchor: llama.cpp's own server, 16 slots
     "front-over-llama-server-16": ("llama-server", True),
+    # the front's cost measured paired: one llama-server, 16 clients straight to it and through a front
+    # over it, alternating (ABBA) for --rounds rounds; unpaired configs differ by ~7% run to run here
+    "front-paired-16": ("llama-server", True),
 }
 
 
@@ -180,6 +183,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=5, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--rounds", type=int, default=3, help="front-paired-16: rounds of llama-server alone and the front")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--model", help="a GGUF file (or model name) instead of the default model: its rows are kept apart, "
                                     "as 'CONFIG @ FILE-STEM', and no goal reads them")
@@ -198,6 +202,9 @@ def main() -> None:
     for name in args.configs.split(","):
         server_args, front = CONFIGS[name]
         label = f"{name} @ {Path(args.model).stem}" if args.model else name
+        if name == "front-paired-16":
+            rows += paired(label, args)
+            continue
         procs = []
         try:
             proc, url = start_server(server_args, args.model)
@@ -226,6 +233,32 @@ def main() -> None:
     write(remember(rows), args)
 
 
+def paired(label: str, args) -> list[dict]:
+    """16 clients on llama-server alone and through the front over that same server, alternating."""
+    procs: list[subprocess.Popen] = []
+    rows = []
+    try:
+        proc, direct = start_server("llama-server", args.model)
+        procs.append(proc)
+        proc, front = start_server(["--backend", direct, "--parallel", "16"])
+        procs.append(proc)
+        one_request(front, "warm up", 4)
+        run_level(front, 16, 1, args.max_tokens)  # every slot's connection made before anything is timed
+        for i in range(args.rounds):
+            order = [(direct, "llama-server", procs[:1]), (front, "front", procs)]
+            for url, tag, measured in order if i % 2 == 0 else order[::-1]:
+                memory = PeakMemory([p.pid for p in measured])
+                row = run_level(url, 16, args.requests, args.max_tokens) | {"config": f"{label} ({tag})"}
+                row["rss_mb"] = memory.stop() / 2**20
+                print(row, flush=True)
+                rows.append(row)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(30)
+    return rows
+
+
 # the table's columns: (row key, heading, format); write() prints them, committed_rows() reads them back
 COLUMNS = [("config", "engine", "s"), ("clients", "clients", "d"), ("ok", "ok", "d"), ("refused", "429", "d"),
            ("other", "stalled or failed", "d"), ("p50", "p50 latency s", ".2f"), ("p95", "p95 latency s", ".2f"),
@@ -245,7 +278,7 @@ def remember(rows: list[dict]) -> list[dict]:
     fresh = {r["config"] for r in rows}
     saved = {k: v for k, v in saved.items() if k not in fresh} | {c: [r for r in rows if r["config"] == c] for c in fresh}
     (WORK / "rows.json").write_text(json.dumps(saved, indent=1, default=float))
-    return [r for c in CONFIGS for k in sorted(saved) if k == c or k.startswith(f"{c} @ ") for r in saved[k]]
+    return [r for c in CONFIGS for k in sorted(saved) if k == c or k.startswith((f"{c} @ ", f"{c} (")) for r in saved[k]]
 
 
 def committed_rows() -> dict[str, list[dict]]:
@@ -294,8 +327,16 @@ def goals(rows: list[dict]) -> list[str]:
         clean = not crowd.get("other", 0)
         out.append(f"- 64 clients: {crowd['ok']} answers, {crowd['refused']} clean 429s, {crowd.get('other', 0)} stalled "
                    f"or failed; the server answered /health afterwards -> {said(clean)}")
+    pairs = list(zip(*([r for r in rows if r["config"] == f"front-paired-16 ({tag})"] for tag in ("llama-server", "front"))))
+    if pairs:
+        costs = sorted(1 - f["tok_s"] / d["tok_s"] for d, f in pairs)
+        median = costs[len(costs) // 2]
+        out.append(f"- the --backend front costs <= 5% of llama-server's tok/s at 16 clients, paired (front-paired-16: "
+                   f"{len(pairs)} rounds): costs {', '.join(f'{c:+.1%}' for c in costs)}, median {median:+.1%} -> "
+                   f"{said(median <= 0.05)}")
     if front:
-        out.append(f"- the --backend front costs <= 5% of llama-server's tok/s at 16 clients: {front['tok_s']:.0f} vs "
+        out.append(f"- the --backend front costs <= 5% of llama-server's tok/s at 16 clients, unpaired (two configs, "
+                   f"each its own llama-server): {front['tok_s']:.0f} vs "
                    f"{anchor['tok_s']:.0f} ({1 - front['tok_s'] / anchor['tok_s']:+.1%} cost) -> "
                    f"{said(front['tok_s'] >= 0.95 * anchor['tok_s'])}")
     return out
@@ -314,7 +355,9 @@ def write(rows, args) -> None:
              "the pool); contexts-N = `--parallel N` llama.cpp contexts"
              "; batched-16 = `--engine batched --parallel 16`; front-over-batched-16 = a second `pocketlm serve "
              "--backend URL` in front of batched-16 (memory: both processes); llama-server-16 = llama.cpp's own server (the same "
-             "llama.cpp as llama-cpp-python's), 16 slots of 2048 tokens, 2 threads, and the front over it.", "",
+             "llama.cpp as llama-cpp-python's), 16 slots of 2048 tokens, 2 threads, and the front over it; "
+             "front-paired-16 = one llama-server, 16 clients straight to it and through the front over it, "
+             "alternating in rounds (the front's memory row: both processes).", "",
              "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(format(r.get(k, DEFAULTS.get(k)), fmt) for k, _, fmt in COLUMNS) + " |" for r in rows]
     notes = (WORK / "notes.txt").read_text().splitlines() if (WORK / "notes.txt").exists() else []

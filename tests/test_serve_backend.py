@@ -3,6 +3,7 @@ shape) over another OpenAI-compatible server, here a second `pocketlm serve` pro
 default model, started by the test."""
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pocketlm.rag.index import index_paths
 from pocketlm.serve.app import create_app
 from pocketlm.serve.backend import RemoteModel, remote_pool
 from pocketlm.serve.engine import ContextPool
+from pocketlm.serve.generation import Reported
 from pocketlm.serve.knowledge import KnowledgeBase
 
 FRONT_KEY, BACK_KEY = "front-key", "back-key"
@@ -116,6 +118,40 @@ def test_a_backend_that_is_wrong_is_found_at_start(backend):
         remote_pool(f"http://127.0.0.1:{free_port()}", None, None, DEFAULT_MODEL, 1024, 1, 1)
     r = CliRunner().invoke(cli, ["serve", "--backend-key", "k"])
     assert r.exit_code == 1 and "are for --backend" in r.stderr
+
+
+def test_the_backends_own_token_count_is_passed_on(front, backend):
+    """The front asks for usage in the stream and reports the backend's count, not its own recount;
+    all of a pool's slots share one HTTP client."""
+    # an answer that ends itself: llama-server counts its end token, a recount of the text would not
+    ask = dict(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=60, temperature=0)
+    direct = list(_client(backend, BACK_KEY).chat.completions.create(**ask, stream=True,
+                                                                     stream_options={"include_usage": True}))
+    via = list(_client(front.url, FRONT_KEY).chat.completions.create(**ask, stream=True,
+                                                                    stream_options={"include_usage": True}))
+    assert [c.choices[0].finish_reason for c in via if c.choices][-1] == "stop"
+    assert direct[-1].usage.completion_tokens == via[-1].usage.completion_tokens > 0
+    text = "".join(c.choices[0].delta.content or "" for c in via if c.choices)
+    assert via[-1].usage.completion_tokens == len(_tokenizer().tokenize(text)) + 1  # the decoded end token counted
+    pool = remote_pool(backend, BACK_KEY, None, DEFAULT_MODEL, 1024, 3, 8)
+    assert len({id(m.connection) for m in pool.models}) == 1
+
+    class Pool:  # what Reported needs of a pool: blocking work run for it
+        async def run(self, fn, *args):
+            return fn(*args)
+
+    class Model:
+        def tokenize(self, text):
+            return text.split()
+
+    async def count(chunks):
+        reported = Reported()
+        kept = [c for c in chunks if not reported.saw(c)]
+        return len(kept), await reported.completion_tokens(Pool(), Model(), "a b c")
+
+    piece = {"choices": [{"delta": {"content": "a"}, "finish_reason": None}]}
+    assert asyncio.run(count([piece, {"choices": [], "usage": {"completion_tokens": 7}}])) == (1, 7)
+    assert asyncio.run(count([piece])) == (1, 3)  # no usage from the engine: counted from the vocabulary
 
 
 def test_a_backend_that_goes_away_gives_502_in_openais_shape():

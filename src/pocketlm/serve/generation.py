@@ -77,10 +77,12 @@ async def chat_events(pool, kb, req: ChatRequest) -> AsyncIterator[Start | Text 
         max_tokens = check_fits(n_prompt, max_tokens, pool.n_ctx, "messages")
         await pool.reserve(lease, n_prompt + max_tokens)
         yield Start(n_prompt)
-        pieces, finish_reason = [], "stop"
+        pieces, finish_reason, reported = [], "stop", Reported()
         stream = _chunks(pool, lease, "stream_chat", messages, max_tokens=max_tokens, **params)
         async with aclosing(stream):
             async for chunk in stream:
+                if reported.saw(chunk):
+                    continue
                 choice = chunk["choices"][0]
                 piece = choice["delta"].get("content")
                 if piece:
@@ -89,7 +91,7 @@ async def chat_events(pool, kb, req: ChatRequest) -> AsyncIterator[Start | Text 
                         yield Text(piece)
                 finish_reason = choice.get("finish_reason") or finish_reason
         raw = "".join(pieces)
-        n_out = len(model.tokenize(raw)) if raw else 0
+        n_out = await reported.completion_tokens(pool, model, raw)
         if prompt is None:
             yield End(finish_reason, n_out, raw)
         else:
@@ -107,18 +109,40 @@ async def completion_events(pool, req: CompletionRequest) -> AsyncIterator[Start
         max_tokens = check_fits(n_prompt, req.max_tokens, pool.n_ctx, "prompt")
         await pool.reserve(lease, n_prompt + max_tokens)
         yield Start(n_prompt)
-        pieces, finish_reason = [], "stop"
+        pieces, finish_reason, reported = [], "stop", Reported()
         params = req.llama_params()
         stream = _chunks(pool, lease, "stream_completion", prompt, max_tokens=max_tokens, **params)
         async with aclosing(stream):
             async for chunk in stream:
+                if reported.saw(chunk):
+                    continue
                 choice = chunk["choices"][0]
                 if choice.get("text"):
                     pieces.append(choice["text"])
                     yield Text(choice["text"])
                 finish_reason = choice.get("finish_reason") or finish_reason
         raw = "".join(pieces)
-        yield End(finish_reason, len(model.tokenize(raw)) if raw else 0, raw)
+        yield End(finish_reason, await reported.completion_tokens(pool, model, raw), raw)
+
+
+class Reported:
+    """The reply's token count as the engine reports it (an OpenAI usage chunk: the backend's own
+    count); counted here from the model's vocabulary only when no engine said."""
+
+    def __init__(self) -> None:
+        self.tokens: int | None = None
+
+    def saw(self, chunk: dict) -> bool:
+        """Takes a chunk's usage; True for a usage-only chunk (no choices: nothing else in it)."""
+        usage = chunk.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            self.tokens = int(usage["completion_tokens"])
+        return not chunk.get("choices")
+
+    async def completion_tokens(self, pool, model, raw: str) -> int:
+        if self.tokens is not None:
+            return self.tokens
+        return len(await pool.run(model.tokenize, raw)) if raw else 0
 
 
 def _chunks(pool, lease, method: str, *args, **kwargs):
