@@ -127,6 +127,10 @@ def measure(cmd: list[str], disk_dir: Path, trace: Path | None = None) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
     peak_rss, min_free, samples = 0, free0, []
+    # written as it goes: a run stopped by hand (hours at 3B-8B) still leaves its trace
+    log = open(trace, "w") if trace is not None else None
+    if log is not None:
+        log.write("seconds\trss_gib\tdisk_gb\n")
     while proc.poll() is None:
         rss = 0
         try:
@@ -136,10 +140,15 @@ def measure(cmd: list[str], disk_dir: Path, trace: Path | None = None) -> dict:
             pass
         free = shutil.disk_usage(disk_dir).free
         min_free = min(min_free, free)
-        samples.append(f"{time.time() - t0:.1f}\t{rss / 2**30:.3f}\t{(free0 - free) / 1e9:.3f}")
+        samples.append(f"{time.time() - t0:.1f}\t{rss / 2**30:.3f}\t{(free0 - free) / 1e9:.3f}\n")
+        if log is not None and len(samples) >= 50:
+            log.writelines(samples)
+            log.flush()
+            samples = []
         time.sleep(0.2)
-    if trace is not None:
-        trace.write_text("seconds\trss_gib\tdisk_gb\n" + "\n".join(samples) + "\n")
+    if log is not None:
+        log.writelines(samples)
+        log.close()
     out = proc.stdout.read()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-2000:]}")

@@ -7,7 +7,8 @@ Each server runs as its own process (`pocketlm serve`, the default model), so th
 Python does not share its interpreter; all share the machine's cores, as they would on a laptop.
 
   .venv/bin/python bench/serve_load.py [--requests 5] [--max-tokens 64] [--clients 1,4,16,64]
-      [--configs contexts-1,contexts-2,batched-16,front-over-batched-16,llama-server-16,front-over-llama-server-16]
+      [--configs contexts-1,contexts-2,batched-16,front-over-batched-16,llama-server-16,front-over-llama-server-16,
+      front-paired-16] [--rounds 6]
 
 Results: bench/results/serve_load.md (and stdout).
 """
@@ -183,7 +184,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=5, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,4,16,64")
-    ap.add_argument("--rounds", type=int, default=3, help="front-paired-16: rounds of llama-server alone and the front")
+    ap.add_argument("--rounds", type=int, default=6, help="front-paired-16: rounds of llama-server alone and the front")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--model", help="a GGUF file (or model name) instead of the default model: its rows are kept apart, "
                                     "as 'CONFIG @ FILE-STEM', and no goal reads them")
