@@ -34,6 +34,7 @@ from results_file import save_results  # noqa: E402
 from scale_report import CALIB_TOKENS, JOBS, report, shape_config  # noqa: E402
 
 from pocketlm.util.atomic import write_json  # noqa: E402
+from pocketlm.util.machine import machine_name  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "text" / "wiki.txt"
 CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench")) / "scale"
@@ -196,7 +197,8 @@ def run_job(shape: str, job: str, ckpt: Path, calib: Path, tools: Path | None) -
         raise ValueError(job)
     row = measure(cmd, work, trace=work / f"{job}.rss.tsv")
     path = f16 if job == "f16" else out
-    row.update(shape=shape, job=job, output_gb=round(path.stat().st_size / 1e9, 3), loads_and_generates=generates(path))
+    row.update(shape=shape, job=job, machine=machine_name(), output_gb=round(path.stat().st_size / 1e9, 3),
+               loads_and_generates=generates(path))
     return row
 
 

@@ -2,7 +2,7 @@
 the table, each goal of issue #19 judged, and the notes on how the rows were made."""
 from __future__ import annotations
 
-from pocketlm.util.machine import machine_name, usable_cores
+from pocketlm.util.machine import usable_cores
 
 CALIB_TOKENS = 8192
 # Public shapes (config.json of each model); rope scaling is left out (pocketlm's exporter takes
@@ -41,11 +41,21 @@ def _checked(ok: bool | None) -> str:
     return "not checked (no llama.cpp here)" if ok is None else "yes" if ok else "NO"
 
 
+# the machine of the rows recorded before rows named theirs; a row made elsewhere names its machine in the
+# table, and the rows' machines are not mixed silently in one ratio (times differ ~1.5x between hosts)
+FIRST_MACHINE = "AMD EPYC (AVX-512)"
+
+
+def machine_of(row: dict) -> str:
+    return row.get("machine", FIRST_MACHINE)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| shape | job | seconds | s per B params | peak RSS GiB | extra disk GB | output GB | llama.cpp runs it |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: (r["shape"], JOBS.index(r["job"]))):
-        lines.append(f"| {r['shape']} | {r['job']} | {r['seconds']} | {r['seconds'] / billions(r['shape']):.0f} | "
+        job = r["job"] if machine_of(r) == FIRST_MACHINE else f"{r['job']} (on {machine_of(r)})"
+        lines.append(f"| {r['shape']} | {job} | {r['seconds']} | {r['seconds'] / billions(r['shape']):.0f} | "
                      f"{r['peak_rss_gib']} | {r['disk_gb']} | {r['output_gb']} | {_checked(r['loads_and_generates'])} |")
     return "\n".join(lines)
 
@@ -143,9 +153,17 @@ NOTES = [
     "sensitivity sweep ~9 minutes, the head ~4, the KLD ~3.5, gptq ~5). On the tiny models a head forced into "
     "blocks gives the whole path's gains to 2e-7 for the layers' kinds and 1e-3 for the vocabulary's (the "
     "bf16 probe; tests/test_streaming.py); heads that fit 64M values (SmolLM2's) take the unchanged whole "
-    "path, pinned to 1e-12. The whole 3B model was not run (~1.7 h projected from these phases): one decoder "
-    "layer is in memory at a time, so its peak should be the cut's, as the whole 8B gptq run's per-layer "
-    "peaks stayed flat over 32 layers; that is an argument, not a measurement.",
+    "path, pinned to 1e-12.",
+    "- --target-size on the whole 3B shapes (`--shapes 3B --jobs rtn,target`, 2026-12-03 13:56-15:29 on an Intel "
+    "Xeon (AVX-512, AMX) host, alone; the rtn file it sizes from was remade there in 141 s, and that row is left "
+    "out of the table: the other rows are the AMD host's, and a faster host's row would read as a 58% spread in "
+    "rtn's seconds per billion parameters): **peak 3.47 GiB, within gptq's 4 GiB: met**, 5,268 s (1.46 h), "
+    "2.02 GB of extra disk for a 2.015 GB file, and llama.cpp loads and generates it. From its RSS trace (a "
+    "sample every 0.2 s, maxima per 300 s): the 28 layers' sensitivity sweep held 2.65-2.92 GiB, drifting up "
+    "~0.25 GiB over the layers, to ~3,300 s; the gain windows' KLD then peaked at 3.47 GiB; gptq's layers "
+    "(~45 s each) held at most 2.52 GiB. So the whole model peaked 0.6 GiB above the 4-layer cut (2.88 GiB): "
+    "the cut's figure was not the whole model's, as a previous note had argued it would be; the KLD phase "
+    "holds something that grows with the layer count (not profiled this session).",
     "- `bench/device_check.sh` runs the 1B and 8B gptq rows on a lent GPU machine (the per-layer work on CUDA, "
     "rows to a separate scale-device.md). It is written and its CPU-side steps were tried (`--prepare`, "
     "`python -m pocketlm quantize` importing nothing the GPU image lacks but gguf), but it has never run: no "
@@ -253,7 +271,8 @@ def report(rows: list[dict]) -> str:
     return "\n".join([
         "# Scale: 1B-8B checkpoints on a laptop-class machine",
         "",
-        f"Machine: {machine_name()}, {usable_cores()} cores. Command: `.venv/bin/python bench/scale.py` "
+        f"Machine: {FIRST_MACHINE}, {usable_cores()} cores, except rows that name theirs. Command: "
+        "`.venv/bin/python bench/scale.py` "
         "(rows may come from separate invocations, each run alone; see the json for every number).",
         "Synthetic checkpoints with the public shapes of Llama-3.2-1B/3B and Llama-3.1-8B, bf16 safetensors, random "
         f"weights: quality means nothing here, cost does. Calibration: {CALIB_TOKENS} tokens of wiki.txt's first 80%.",
