@@ -215,23 +215,32 @@ def main() -> None:
                 procs.append(proc)
             one_request(url, "warm up", 4)
             for clients in map(int, args.clients.split(",")):
-                memory = PeakMemory([p.pid for p in procs])
-                row = run_level(url, clients, args.requests, args.max_tokens) | {"config": label}
-                row["rss_mb"] = memory.stop() / 2**20
-                print(row, flush=True)
-                rows.append(row)
+                rows.append(measured_level(url, clients, procs, args, label))
             alive = httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
         finally:
-            for proc in reversed(procs):
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:  # llama-server stalled under 64 clients ignored SIGTERM
-                    proc.kill()
-                    proc.wait(30)
+            stop(procs)
         if not alive:
             sys.exit(f"the server went down under load ({name})")
     write(remember(rows), args)
+
+
+def measured_level(url: str, clients: int, procs: list[subprocess.Popen], args, config: str) -> dict:
+    """One level of load, with the peak memory of the server processes `procs` over it."""
+    memory = PeakMemory([p.pid for p in procs])
+    row = run_level(url, clients, args.requests, args.max_tokens) | {"config": config}
+    row["rss_mb"] = memory.stop() / 2**20
+    print(row, flush=True)
+    return row
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in reversed(procs):
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # llama-server stalled under 64 clients ignored SIGTERM
+            proc.kill()
+            proc.wait(30)
 
 
 def paired(label: str, args) -> list[dict]:
@@ -248,15 +257,9 @@ def paired(label: str, args) -> list[dict]:
         for i in range(args.rounds):
             order = [(direct, "llama-server", procs[:1]), (front, "front", procs)]
             for url, tag, measured in order if i % 2 == 0 else order[::-1]:
-                memory = PeakMemory([p.pid for p in measured])
-                row = run_level(url, 16, args.requests, args.max_tokens) | {"config": f"{label} ({tag})"}
-                row["rss_mb"] = memory.stop() / 2**20
-                print(row, flush=True)
-                rows.append(row)
+                rows.append(measured_level(url, 16, measured, args, f"{label} ({tag})"))
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
+        stop(procs)
     return rows
 
 
