@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.pocketlm-installed
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh scripts/llama.cpp-patches/*.patch | sha256sum | cut -d' ' -f1)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
@@ -51,8 +51,10 @@ fi
 # llama.cpp's own server, `pocketlm serve`'s default engine (bench/results/serve_load.md: ~1.6x the
 # tokens/s of the batched engine at 16 clients), built from the same llama.cpp source the wheel
 # vendors, with the same CPU flags, once per kind of CPU. Without it serve falls back to its
-# batched engine, so a failed build is said and setup goes on.
-server="$cache/llama-server-0.3.36-$cpu/llama-server"
+# batched engine, so a failed build is said and setup goes on. Our patches (scripts/llama.cpp-patches,
+# each says why) are applied to a copy of that source; their hash is part of the binary's key.
+patches=$(cat scripts/llama.cpp-patches/*.patch | sha256sum | cut -c1-12)
+server="$cache/llama-server-0.3.36-$cpu-$patches/llama-server"
 if [ ! -x "$server" ] && command -v cmake >/dev/null; then
   echo "building llama-server for this CPU (once per kind of CPU, ~5 min)"
   src="$cache/src"
@@ -60,13 +62,16 @@ if [ ! -x "$server" ] && command -v cmake >/dev/null; then
   if ( [ -d "$src/llama_cpp_python-0.3.36" ] || { "$VENV/bin/python" -m pip download --disable-pip-version-check -q \
          --no-deps --no-binary :all: -d "$src" "llama-cpp-python==0.3.36" &&
          tar xzf "$src/llama_cpp_python-0.3.36.tar.gz" -C "$src"; } ) &&
-     cmake -S "$src/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$src/build-server" -DCMAKE_BUILD_TYPE=Release \
+     rm -rf "$src/server-src" && cp -r "$src/llama_cpp_python-0.3.36/vendor/llama.cpp" "$src/server-src" &&
+     rm -rf "$src/server-src/.git" &&  # the sdist's submodule link, which would make git apply look for its repository
+     ( for p in scripts/llama.cpp-patches/*.patch; do git -C "$src/server-src" apply "$PWD/$p" || exit 1; done ) &&
+     cmake -S "$src/server-src" -B "$src/build-server" -DCMAKE_BUILD_TYPE=Release \
        -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
        -DBUILD_SHARED_LIBS=OFF $flags >/dev/null &&
      cmake --build "$src/build-server" -j "$(nproc)" --target llama-server >/dev/null; then
     mkdir -p "$(dirname "$server")"
     cp "$src/build-server/bin/llama-server" "$server.tmp" && mv "$server.tmp" "$server"
-    rm -rf "$src/build-server"
+    rm -rf "$src/build-server" "$src/server-src"
   else
     echo "warning: llama-server did not build; pocketlm serve will use its batched engine" >&2
   fi
