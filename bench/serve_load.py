@@ -358,7 +358,10 @@ def goals(rows: list[dict]) -> list[str]:
             out.append(f"- the --backend front costs <= 5% of llama-server's tok/s at 16 clients, paired ({config}: "
                        f"{len(pairs)} rounds): costs {', '.join(f'{c:+.1%}' for c in costs)}, median {median:+.1%} -> "
                        f"{said(median <= 0.05)}")
-    if front:
+    if front and front.get("when") != anchor.get("when"):
+        out.append(f"- the --backend front, unpaired (front-over-llama-server-16): its rows ({front.get('when')}) and "
+                   f"llama-server-16's ({anchor.get('when')}) come from different runs: not compared")
+    elif front:
         out.append(f"- the --backend front costs <= 5% of llama-server's tok/s at 16 clients, unpaired (two configs, "
                    f"each its own llama-server): {front['tok_s']:.0f} vs "
                    f"{anchor['tok_s']:.0f} ({1 - front['tok_s'] / anchor['tok_s']:+.1%} cost) -> "
