@@ -103,7 +103,7 @@ def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: d
 
 def student_share(out: Path) -> float | None:
     """The student's non-embedding parameters as a share of the teacher's (from its distill.json)."""
-    from pocketlm.distill.shapes import TeacherDims, non_embedding_params
+    from pocketlm.distill.shapes import StudentShape, TeacherDims
     from pocketlm.models.facts import hf_config
     from pocketlm.models.load import hf_folder
 
@@ -111,9 +111,7 @@ def student_share(out: Path) -> float | None:
     if not shape:
         return None
     t = TeacherDims.of(hf_config(hf_folder(TEACHER)))
-    student = non_embedding_params(t, len(shape["keep_layers"]), shape["hidden"], shape["heads"], shape["kv_heads"],
-                                   shape["ffn"])
-    return student / non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)
+    return StudentShape.from_dict(shape).non_embedding(t) / t.non_embedding()
 
 
 def default_student() -> dict:

@@ -21,6 +21,7 @@ from pocketlm.models.source import resolve
 from pocketlm.rag.extract import is_span
 from pocketlm.rag.index import index_paths
 from pocketlm.serve.app import create_app
+from pocketlm.serve.backend import auth_headers
 from pocketlm.serve.engine import make_pool
 from pocketlm.serve.knowledge import KnowledgeBase
 from pocketlm.serve.supervise import LlamaServer, find_llama_server
@@ -43,16 +44,19 @@ _TEXTS = ("The history of the Roman Empire spans many centuries and includes",
 
 
 def test_batched_q4_1_logprobs_match_llama_cpp_python():
-    """setup's llama-server carries pocketlm's Q4_1 kernel for batches (scripts/llama.cpp-patches):
-    with four greedy requests at once (prompt processing, then decoding in batches of 4 down to 1 as
-    they end) every generated token's logprob equals, to float rounding (2e-4 measured), what
-    llama-cpp-python's unpatched build gives, which takes one dot product per row and column. The
-    kernel with its min term off by 0.1% moved them by 0.2; without flash attention on both sides
-    they differ by 0.25."""
+    """setup's llama-server carries pocketlm's patches (scripts/llama.cpp-patches): a Q4_1 kernel
+    for batches, and flash attention jumping over other sequences' cells of the shared KV pool.
+    With four greedy requests at once in that pool (prompt processing, then decoding in batches of
+    4 down to 1 as they end) every generated token's logprob equals, to float rounding (2e-4
+    measured), what llama-cpp-python's unpatched build gives, which takes one dot product per row
+    and column. The kernel with its min term off by 0.1% moved them by 0.2, the skip one cell too
+    far by 15.9; without flash attention on both sides they differ by 0.25."""
     import concurrent.futures
 
     import numpy as np
     from llama_cpp import Llama
+
+    from pocketlm.eval.metrics import log_softmax
 
     path = resolve(DEFAULT_MODEL).path
     assert path.name.endswith(".Q4_1.gguf")
@@ -61,7 +65,7 @@ def test_batched_q4_1_logprobs_match_llama_cpp_python():
     server = LlamaServer(path, ctx=512, parallel=4, threads=2, say=lambda _: None)
 
     def ask(i: int) -> list[tuple[int, float]]:
-        r = httpx.post(f"http://127.0.0.1:{server.port}/completion", headers={"Authorization": f"Bearer {server.key}"},
+        r = httpx.post(f"http://127.0.0.1:{server.port}/completion", headers=auth_headers(server.key),
                        json={"prompt": prompts[i], "n_predict": 8 * (i + 1), "temperature": 0, "n_probs": 1,
                              "cache_prompt": False}, timeout=120)
         r.raise_for_status()
@@ -77,9 +81,7 @@ def test_batched_q4_1_logprobs_match_llama_cpp_python():
         ids = [i for i, _ in answer]
         ref.reset()
         ref.eval(prompt + ids)
-        logits = np.asarray(ref.scores[: len(prompt) + len(ids)], dtype=np.float64)
-        top = logits.max(axis=1, keepdims=True)
-        logprobs = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+        logprobs = log_softmax(np.asarray(ref.scores[: len(prompt) + len(ids)]))
         for t, (token, logprob) in enumerate(answer):
             worst = max(worst, abs(logprobs[len(prompt) - 1 + t, token] - logprob))
             compared += 1
@@ -87,7 +89,7 @@ def test_batched_q4_1_logprobs_match_llama_cpp_python():
 
 
 def _chat(url: str, key: str | None) -> httpx.Response:
-    return httpx.post(f"{url}/chat/completions", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60,
+    return httpx.post(f"{url}/chat/completions", headers=auth_headers(key), timeout=60,
                       json={"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0})
 
 

@@ -293,7 +293,7 @@ def _iterative(src, when: str, shape_opts: dict) -> bool:
     t = teacher_facts(src)[0]
     s = shape_opts
     kept = non_embedding_params(t, s["layers"], s["hidden"], s["heads"], s["kv_heads"], s["ffn"])
-    return kept < 0.5 * non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)
+    return kept < 0.5 * t.non_embedding()
 
 
 def nearest_preset(src, budget: int) -> str:

@@ -20,7 +20,7 @@ from .data import load_sequences
 from .importance import measure
 from .loss_spec import check_targets, parse_loss, resolve_ce_weight
 from .prune import check_prunable, kept_channels, prune
-from .shapes import StudentShape, TeacherDims, default_shape, non_embedding_params, predicted_sizes, validate
+from .shapes import StudentShape, TeacherDims, default_shape, predicted_sizes, validate
 from .signals import OnlineTeacher, choose
 from .teacher_cache import teacher_targets
 from .trainer import Checkpoint, Dist, TrainConfig, train
@@ -83,8 +83,7 @@ def choose_shape(t: TeacherDims, layer_order: list[int], opts: DistillOptions) -
 
 def describe(t: TeacherDims, shape: StudentShape, cut: str = "the teacher") -> list[str]:
     """What the student keeps of `t`, the model it is `cut` from."""
-    teacher_p = non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)
-    student_p = non_embedding_params(t, len(shape.keep_layers), shape.hidden, shape.heads, shape.kv_heads, shape.ffn)
+    teacher_p, student_p = t.non_embedding(), shape.non_embedding(t)
     sizes = predicted_sizes(t, shape)
     lines = [f"student: {len(shape.keep_layers)} layers ({cut}'s {list(shape.keep_layers)}), hidden {shape.hidden}, "
              f"{shape.heads} heads / {shape.kv_heads} kv, ffn {shape.ffn}",
@@ -191,8 +190,7 @@ def distill(teacher_source, out: str | Path, opts: DistillOptions) -> dict:
     if finished:
         channels = finished.get("channels")
         student = load(out)
-        shape = StudentShape(**{**finished["shape"], "keep_layers": tuple(finished["shape"]["keep_layers"])}) \
-            if finished["shape"] else None
+        shape = StudentShape.from_dict(finished["shape"]) if finished["shape"] else None
         say(f"continuing {out}: {finished['tokens']} tokens done, training to {steps * cfg.batch * (opts.seq - 1)}")
     elif opts.student:
         student = load(opts.student)

@@ -32,6 +32,9 @@ class TeacherDims:
                    config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size,
                    bool(getattr(config, "tie_word_embeddings", False)))
 
+    def non_embedding(self) -> int:
+        return non_embedding_params(self, self.layers, self.hidden, self.heads, self.kv_heads, self.ffn)
+
 
 @dataclass(frozen=True)
 class StudentShape:
@@ -43,6 +46,13 @@ class StudentShape:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "keep_layers": list(self.keep_layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudentShape":
+        return cls(**{**d, "keep_layers": tuple(d["keep_layers"])})
+
+    def non_embedding(self, t: TeacherDims) -> int:
+        return non_embedding_params(t, len(self.keep_layers), self.hidden, self.heads, self.kv_heads, self.ffn)
 
 
 def _align_down(n: int, step: int = ALIGN) -> int:
@@ -96,7 +106,7 @@ def default_shape(t: TeacherDims, layer_order: list[int], fraction: float = 0.5,
     kv_heads = kv_heads or default_kv_heads(t, heads)
     ffn = ffn or _align_down(min(t.ffn, int(t.ffn * min(1.0, fraction * 1.34))))
     if layers is None:
-        budget = fraction * non_embedding_params(t, t.layers, t.hidden, t.heads, t.kv_heads, t.ffn)
+        budget = fraction * t.non_embedding()
         layers = 1
         while layers < t.layers and non_embedding_params(t, layers + 1, hidden, heads, kv_heads, ffn) <= budget:
             layers += 1
