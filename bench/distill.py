@@ -66,7 +66,7 @@ def split_pydocs(work: Path) -> tuple[Path, Path]:
 
 
 def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: dict, args,
-        fraction: float = 0.5) -> dict:
+        fraction: float = 0.5, layers: int | None = None, ffn: int | None = None, heads: int | None = None) -> dict:
     res_path = work / f"{name}.json"
     if res_path.exists():
         return json.loads(res_path.read_text())
@@ -80,7 +80,7 @@ def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: d
     opts = DistillOptions(data=data, tokens=tokens, loss=base_loss, lr=args.lr, force=True,
                           tail="sample" if "tail" in extras else "bucket", targets=targets or "topk", ce_weight=ce_weight,
                           hidden_weight=hidden_weight, eval_every=10**9, save_every=25, resume=True, say=print,
-                          fraction=fraction)
+                          fraction=fraction, layers=layers, ffn=ffn, heads=heads)
     if "iter" in extras:  # "+iter": the same student in two prune -> heal stages (distill/stages.py)
         manifest = distill_iteratively(TEACHER, out, opts, default_student())
     else:
@@ -153,6 +153,10 @@ def main() -> None:
     ap.add_argument("--domain-loss", default="fkl", help="the loss of the domain run (e.g. fkl+tail)")
     ap.add_argument("--domain-fraction", type=float, default=0.5,
                     help="the domain student's share of the teacher's non-embedding parameters (#21's goal: <= 0.6)")
+    ap.add_argument("--domain-layers", type=int, default=None,
+                    help="the domain student's layers (with --domain-ffn: a shape instead of the fraction's default)")
+    ap.add_argument("--domain-ffn", type=int, default=None, help="the domain student's MLP width")
+    ap.add_argument("--domain-heads", type=int, default=None, help="the domain student's attention heads")
     ap.add_argument("--skip-domain", action="store_true")
     ap.add_argument("--title", default=None, help="added to the section's heading: sections are replaced by heading")
     ap.add_argument("--eval-backend", default="auto", choices=["auto", "torch"],
@@ -174,11 +178,17 @@ def main() -> None:
         train_docs, held_docs = split_pydocs(work)
         dom_evals = {"pydocs": (held_docs, False)}
         name = f"domain-{args.domain_loss.replace(':', '').replace('@', '-')}" + \
-            (f"-f{args.domain_fraction:g}" if args.domain_fraction != 0.5 else "")
+            (f"-f{args.domain_fraction:g}" if args.domain_fraction != 0.5 else "") + domain_shape_tag(args)
         dom = run(name, work, [str(train_docs)], args.domain_loss, args.domain_tokens or args.tokens, dom_evals, args,
-                  fraction=args.domain_fraction)
+                  fraction=args.domain_fraction, layers=args.domain_layers, ffn=args.domain_ffn,
+                  heads=args.domain_heads)
         domain = (dom["pydocs"]["teacher_ppl"], dom)
     write_results(args, teacher, rows, domain)
+
+
+def domain_shape_tag(args) -> str:
+    return (f"-L{args.domain_layers}" if args.domain_layers else "") + (f"-ffn{args.domain_ffn}" if args.domain_ffn else "") \
+        + (f"-h{args.domain_heads}" if args.domain_heads else "")
 
 
 def write_results(args, teacher, rows, domain) -> None:
@@ -192,7 +202,10 @@ def write_results(args, teacher, rows, domain) -> None:
              + (f" --eval-backend {args.eval_backend}" if args.eval_backend != "auto" else "")
              + (" --skip-domain" if args.skip_domain else
                 (f" --domain-loss {args.domain_loss}" if args.domain_loss != "fkl" else "")
-                + (f" --domain-fraction {args.domain_fraction:g}" if args.domain_fraction != 0.5 else ""))
+                + (f" --domain-fraction {args.domain_fraction:g}" if args.domain_fraction != 0.5 else "")
+                + (f" --domain-layers {args.domain_layers}" if args.domain_layers else "")
+                + (f" --domain-ffn {args.domain_ffn}" if args.domain_ffn else "")
+                + (f" --domain-heads {args.domain_heads}" if args.domain_heads else ""))
              + f"` on {machine_name()} ({os.cpu_count()} CPU cores), {time.strftime('%Y-%m-%d')}. "
              + f"Teacher: {Path(TEACHER).name} (PPL {t_ppl:.3f}"
              + (f", MMLU {100 * teacher['wiki']['mmlu']:.1f}%" if teacher["wiki"].get("mmlu") else "") + "). "
