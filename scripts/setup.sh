@@ -59,6 +59,8 @@ if [ ! -x "$server" ] && command -v cmake >/dev/null; then
   echo "building llama-server for this CPU (once per kind of CPU, ~5 min)"
   src="$cache/src"
   mkdir -p "$src"
+  log="$cache/llama-server-build.log"
+  : > "$log"
   if ( [ -d "$src/llama_cpp_python-0.3.36" ] || { "$VENV/bin/python" -m pip download --disable-pip-version-check -q \
          --no-deps --no-binary :all: -d "$src" "llama-cpp-python==0.3.36" &&
          tar xzf "$src/llama_cpp_python-0.3.36.tar.gz" -C "$src"; } ) &&
@@ -67,13 +69,16 @@ if [ ! -x "$server" ] && command -v cmake >/dev/null; then
      ( for p in scripts/llama.cpp-patches/*.patch; do git -C "$src/server-src" apply "$PWD/$p" || exit 1; done ) &&
      cmake -S "$src/server-src" -B "$src/build-server" -DCMAKE_BUILD_TYPE=Release \
        -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-       -DBUILD_SHARED_LIBS=OFF $flags >/dev/null &&
-     cmake --build "$src/build-server" -j "$(nproc)" --target llama-server >/dev/null; then
+       -DBUILD_SHARED_LIBS=OFF $flags >>"$log" 2>&1 &&
+     cmake --build "$src/build-server" -j "$(nproc)" --target llama-server >>"$log" 2>&1; then
     mkdir -p "$(dirname "$server")"
     cp "$src/build-server/bin/llama-server" "$server.tmp" && mv "$server.tmp" "$server"
     rm -rf "$src/build-server" "$src/server-src"
   else
-    echo "warning: llama-server did not build; pocketlm serve will use its batched engine" >&2
+    # the stamp below is still written (a machine that cannot build it should not rebuild at every
+    # make), so the way to retry is said here
+    echo "warning: llama-server did not build (see $log); pocketlm serve will use its batched engine;" \
+         "to retry: rm $STAMP && make setup" >&2
   fi
 fi
 [ -x "$server" ] && ln -sf "$server" "$VENV/bin/llama-server"
