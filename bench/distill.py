@@ -66,7 +66,7 @@ def split_pydocs(work: Path) -> tuple[Path, Path]:
 
 
 def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: dict, args,
-        fraction: float = 0.5, layers: int | None = None, ffn: int | None = None, heads: int | None = None) -> dict:
+        shape: dict | None = None) -> dict:
     res_path = work / f"{name}.json"
     if res_path.exists():
         return json.loads(res_path.read_text())
@@ -80,7 +80,7 @@ def run(name: str, work: Path, data: list[str], loss: str, tokens: int, evals: d
     opts = DistillOptions(data=data, tokens=tokens, loss=base_loss, lr=args.lr, force=True,
                           tail="sample" if "tail" in extras else "bucket", targets=targets or "topk", ce_weight=ce_weight,
                           hidden_weight=hidden_weight, eval_every=10**9, save_every=25, resume=True, say=print,
-                          fraction=fraction, layers=layers, ffn=ffn, heads=heads)
+                          **(shape or {}))
     if "iter" in extras:  # "+iter": the same student in two prune -> heal stages (distill/stages.py)
         manifest = distill_iteratively(TEACHER, out, opts, default_student())
     else:
@@ -177,18 +177,24 @@ def main() -> None:
     if not args.skip_domain:
         train_docs, held_docs = split_pydocs(work)
         dom_evals = {"pydocs": (held_docs, False)}
+        shape = domain_shape(args)
         name = f"domain-{args.domain_loss.replace(':', '').replace('@', '-')}" + \
-            (f"-f{args.domain_fraction:g}" if args.domain_fraction != 0.5 else "") + domain_shape_tag(args)
+            "".join(f"-{tag}{shape[k]:g}" for k, tag in DOMAIN_SHAPE if k in shape)
         dom = run(name, work, [str(train_docs)], args.domain_loss, args.domain_tokens or args.tokens, dom_evals, args,
-                  fraction=args.domain_fraction, layers=args.domain_layers, ffn=args.domain_ffn,
-                  heads=args.domain_heads)
+                  shape=shape)
         domain = (dom["pydocs"]["teacher_ppl"], dom)
     write_results(args, teacher, rows, domain)
 
 
-def domain_shape_tag(args) -> str:
-    return (f"-L{args.domain_layers}" if args.domain_layers else "") + (f"-ffn{args.domain_ffn}" if args.domain_ffn else "") \
-        + (f"-h{args.domain_heads}" if args.domain_heads else "")
+# the domain student's shape flags (--domain-KEY, DistillOptions.KEY) and their tags in its cache name:
+# one list for the run's options, that name and the command the results quote
+DOMAIN_SHAPE = (("fraction", "f"), ("layers", "L"), ("ffn", "ffn"), ("heads", "h"))
+
+
+def domain_shape(args) -> dict:
+    """The domain student's shape options that were given (a fraction of 0.5 is the default's)."""
+    given = {k: getattr(args, f"domain_{k}") for k, _ in DOMAIN_SHAPE}
+    return {k: v for k, v in given.items() if v is not None and not (k == "fraction" and v == 0.5)}
 
 
 def write_results(args, teacher, rows, domain) -> None:
@@ -202,10 +208,7 @@ def write_results(args, teacher, rows, domain) -> None:
              + (f" --eval-backend {args.eval_backend}" if args.eval_backend != "auto" else "")
              + (" --skip-domain" if args.skip_domain else
                 (f" --domain-loss {args.domain_loss}" if args.domain_loss != "fkl" else "")
-                + (f" --domain-fraction {args.domain_fraction:g}" if args.domain_fraction != 0.5 else "")
-                + (f" --domain-layers {args.domain_layers}" if args.domain_layers else "")
-                + (f" --domain-ffn {args.domain_ffn}" if args.domain_ffn else "")
-                + (f" --domain-heads {args.domain_heads}" if args.domain_heads else ""))
+                + "".join(f" --domain-{k} {v:g}" for k, v in domain_shape(args).items()))
              + f"` on {machine_name()} ({os.cpu_count()} CPU cores), {time.strftime('%Y-%m-%d')}. "
              + f"Teacher: {Path(TEACHER).name} (PPL {t_ppl:.3f}"
              + (f", MMLU {100 * teacher['wiki']['mmlu']:.1f}%" if teacher["wiki"].get("mmlu") else "") + "). "
@@ -236,7 +239,7 @@ def write_results(args, teacher, rows, domain) -> None:
                   f"| teacher | - | {t_dom:.3f} |", f"| student ({d['loss']}) | {d['tokens']:,} | {d['pydocs']['ppl']:.3f} |", "",
                   "Goal (#21: the student at <= 60% of the teacher's non-embedding parameters within 1.25x its PPL on "
                   "held-out pages; this student has " + (f"{d['share']:.0%}" if d.get("share") else "~49%") + "): "
-                  f"ratio {ratio:.3f} -> " + ("**met**" if ratio <= 1.25 and d.get("share", 0.49) <= 0.6 else
+                  f"ratio {ratio:.3f} -> " + ("**met**" if ratio <= 1.25 and (d.get("share") or 0.49) <= 0.6 else
                                               "**not met**") + "."]
     text = "\n".join(lines) + "\n"
     print(text)
