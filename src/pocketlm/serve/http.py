@@ -5,21 +5,26 @@ may take: every byte received resets its only timer, so a client sending one byt
 seconds holds a connection open indefinitely, and a few hundred such clients exhaust the server.
 The body is bounded by the app itself (app.py's body timeout); the headers arrive before the app
 is called, so they are bounded here.
+
+Built on uvicorn's httptools protocol, not its h11 one: every streamed token is one write per
+client, and h11 frames each in Python. Measured (16 streaming clients through `serve`, Q4_0 file,
+3 rounds alternated): the front's CPU per token 0.27-0.28 -> 0.24-0.26 ms and the server's total
+tokens/s 296-303 -> 313-322.
 """
 from __future__ import annotations
 
 import asyncio
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
-class HeaderDeadlineProtocol(H11Protocol):
+class HeaderDeadlineProtocol(HttpToolsProtocol):
     header_timeout_s = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
+        self._in_request = False  # a request's headers are all in and its response is not finished
+        super().connection_made(transport)
         self._arm()
 
     def _arm(self) -> None:
@@ -33,11 +38,16 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def _expire(self) -> None:
         self._deadline = None
-        # IDLE: the next request's headers have not all arrived (h11 leaves IDLE on a complete Request)
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if not self._in_request and not self.transport.is_closing():
             self.transport.close()
 
+    def on_headers_complete(self) -> None:
+        self._in_request = True
+        super().on_headers_complete()
+
     def on_response_complete(self) -> None:
+        # a pipelined request, already parsed, starts now: its headers came in time
+        self._in_request = bool(self.pipeline)
         super().on_response_complete()
         if not self.transport.is_closing():
             self._arm()  # a kept-alive connection gets the same deadline for its next request
