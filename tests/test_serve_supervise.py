@@ -189,3 +189,38 @@ def test_requests_that_would_overflow_the_shared_pool_wait_instead_of_failing():
     finally:
         live.stop()
         pool.server.stop()
+
+
+def test_streamed_answers_reuse_one_connection_to_llama_server():
+    """Two streamed answers in a row go over one TCP connection: llama-server keeps it after a
+    stream (scripts/llama.cpp-patches/server-keep-alive.patch; unpatched it closed every one) and
+    the front reads each body to its end (left unread after [DONE], httpx dropped it)."""
+    import asyncio
+
+    import psutil
+
+    from pocketlm.serve.backend import LocalTokenizer, RemoteModel, connect
+
+    path = cached_gguf(DEFAULT_MODEL, "f16")
+    server = LlamaServer(path, ctx=512, parallel=2, threads=2, say=lambda _: None)
+    model = RemoteModel(server.url, server.key, connect(server.url, server.key), LocalTokenizer(path), 512, grammar=True)
+
+    def open_to_server() -> list[int]:
+        return sorted(c.laddr.port for c in psutil.Process().net_connections("tcp")
+                      if c.raddr and c.raddr.port == server.port and c.status == psutil.CONN_ESTABLISHED)
+
+    async def two_answers() -> list[list[int]]:
+        seen = []
+        for _ in range(2):
+            pieces = [c async for c in model.astream_chat([{"role": "user", "content": "Say hi."}], 4, temperature=0)]
+            assert pieces
+            await asyncio.sleep(0.5)  # time for a close from either side to arrive
+            seen.append(open_to_server())
+        await model.connection.client().aclose()
+        return seen
+
+    try:
+        first, second = asyncio.run(two_answers())
+        assert len(first) == 1 and second == first, (first, second)
+    finally:
+        server.stop()

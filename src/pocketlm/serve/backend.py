@@ -131,11 +131,14 @@ class RemoteModel:
                 if r.status_code != 200:
                     await r.aread()
                     raise _backend_error(r.status_code, r.text)
+                done = False
+                # read to the body's end even after [DONE]: a response left unread closes its
+                # connection, and the next request would pay a new one (all 80 of a 16-client run did)
                 async for line in r.aiter_lines():
-                    chunk = _chunk(line)
+                    chunk = None if done else _chunk(line)
                     if chunk is _DONE:
-                        return
-                    if chunk is not None:
+                        done = True
+                    elif chunk is not None:
                         yield chunk
         except httpx.HTTPError as exc:
             raise APIError(502, f"the backend at {self.url} failed: {type(exc).__name__}: {exc}", type="server_error") from None
