@@ -84,8 +84,10 @@ class Connection:
 
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            # no connection limit: the pool's slots already bound the requests in flight
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            # no connection limit: the pool's slots already bound the requests in flight. Idle
+            # connections are dropped after 2 s, before the server's own keep-alive timeout (5 s
+            # for llama-server and uvicorn) could close one just as a request is sent on it
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0)
             self._client = httpx.AsyncClient(headers=self.headers, timeout=self.timeout, limits=limits)
             self._loop = loop
         return self._client
