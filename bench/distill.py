@@ -155,6 +155,8 @@ def main() -> None:
                     help="the domain student's share of the teacher's non-embedding parameters (#21's goal: <= 0.6)")
     ap.add_argument("--domain-layers", type=int, default=None,
                     help="the domain student's layers (with --domain-ffn: a shape instead of the fraction's default)")
+    ap.add_argument("--domain-hidden", type=int, default=None,
+                    help="the domain student's hidden width [distill's default: the teacher's, aligned down to 256]")
     ap.add_argument("--domain-ffn", type=int, default=None, help="the domain student's MLP width")
     ap.add_argument("--domain-heads", type=int, default=None, help="the domain student's attention heads")
     ap.add_argument("--skip-domain", action="store_true")
@@ -188,7 +190,7 @@ def main() -> None:
 
 # the domain student's shape flags (--domain-KEY, DistillOptions.KEY) and their tags in its cache name:
 # one list for the run's options, that name and the command the results quote
-DOMAIN_SHAPE = (("fraction", "f"), ("layers", "L"), ("ffn", "ffn"), ("heads", "h"))
+DOMAIN_SHAPE = (("fraction", "f"), ("layers", "L"), ("hidden", "H"), ("ffn", "ffn"), ("heads", "h"))
 
 
 def domain_shape(args) -> dict:
