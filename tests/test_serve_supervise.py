@@ -203,7 +203,6 @@ def test_streamed_answers_reuse_one_connection_to_llama_server():
 
     path = cached_gguf(DEFAULT_MODEL, "f16")
     server = LlamaServer(path, ctx=512, parallel=2, threads=2, say=lambda _: None)
-    model = RemoteModel(server.url, server.key, connect(server.url, server.key), LocalTokenizer(path), 512, grammar=True)
 
     def open_to_server() -> list[int]:
         return sorted(c.laddr.port for c in psutil.Process().net_connections("tcp")
@@ -220,6 +219,8 @@ def test_streamed_answers_reuse_one_connection_to_llama_server():
         return seen
 
     try:
+        model = RemoteModel(server.url, server.key, connect(server.url, server.key), LocalTokenizer(path), 512,
+                            grammar=True)
         first, second = asyncio.run(two_answers())
         assert len(first) == 1 and second == first, (first, second)
     finally:

@@ -23,7 +23,6 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
-        self._in_request = False  # a request's headers are all in and its response is not finished
         super().connection_made(transport)
         self._arm()
 
@@ -38,16 +37,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _expire(self) -> None:
         self._deadline = None
-        if not self._in_request and not self.transport.is_closing():
+        # uvicorn makes a request's cycle once its headers are all in: with none, or only finished
+        # ones (a pipelined request's cycle is the newest), the next request's headers are late
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
             self.transport.close()
 
-    def on_headers_complete(self) -> None:
-        self._in_request = True
-        super().on_headers_complete()
-
     def on_response_complete(self) -> None:
-        # a pipelined request, already parsed, starts now: its headers came in time
-        self._in_request = bool(self.pipeline)
         super().on_response_complete()
         if not self.transport.is_closing():
             self._arm()  # a kept-alive connection gets the same deadline for its next request
