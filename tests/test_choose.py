@@ -44,16 +44,22 @@ def test_the_smallest_file_of_a_candidate_is_the_file_quantize_writes(tmp_path):
                                   / c.matrix_params)
 
 
-def test_smollm2_at_60mb_keeps_every_layer_at_512_wide_rows():
+def test_smollm2_at_60mb_weighs_512_wide_rows_against_the_teachers_own():
     cands, finals = student_candidates(SMOLLM2, HEADER, 60_000_000)
     assert all(c.smallest <= 60_000_000 for c in cands)
+    by_level, whole = finals[:len(LEVELS)], finals[len(LEVELS):]
     # the issue's arithmetic: 512-wide rows take k-quants, so at 60 MB the largest finalist keeps
-    # every layer, and none drops more than two
-    assert finals and all(c.hidden == 512 and c.layers >= 28 for c in finals) and finals[0].layers == 30
-    assert [c.bpw for c in finals] == sorted(c.bpw for c in finals)  # more bits ...
-    assert [c.non_embedding for c in finals] == sorted((c.non_embedding for c in finals), reverse=True)  # ... fewer parameters
-    for level, c in zip(LEVELS, finals):
+    # every layer, and none of the bit levels' drops more than two
+    assert all(c.hidden == 512 and c.layers >= 28 for c in by_level) and by_level[0].layers == 30
+    assert [c.bpw for c in by_level] == sorted(c.bpw for c in by_level)  # more bits ...
+    assert [c.non_embedding for c in by_level] == sorted((c.non_embedding for c in by_level), reverse=True)  # ... fewer parameters
+    for level, c in zip(LEVELS, by_level):
         assert c.bpw >= level and not any(o.bpw >= level and o.non_embedding > c.non_embedding for o in cands)
+    # and the largest that keeps the teacher's 576-wide rows and 9 heads, which neither level
+    # picks: it affords fewer bits than the 4.5-bit one and has fewer parameters than the other
+    assert [c.label for c in whole] == ["L26-h576-a9x3-f1280"]
+    assert LEVELS[0] <= whole[0].bpw < LEVELS[1] and whole[0].non_embedding < by_level[0].non_embedding
+    assert not any(c.hidden == 576 and c.non_embedding > whole[0].non_embedding for c in cands)
     # the teacher's own 576-wide rows take only the legacy types: with its whole MLP, 22 layers fit
     assert max(c.layers for c in cands if c.hidden == 576 and c.ffn == 1536) == 22
 
@@ -69,7 +75,10 @@ def _cand(params, bpw):
 
 def test_finalists_and_the_pilots_verdict():
     a, b, c = _cand(100, 3.6), _cand(80, 4.6), _cand(60, 5.6)
-    assert finalists([c, a, b, _cand(90, 3.0)]) == [a, b, c]
+    assert finalists([c, a, b, _cand(90, 3.0)]) == [a, b]  # the largest at each of 3.5 and 4.5 bits
+    wide, wider = Candidate(26, 576, 9, 3, 1280, 70, 70, 1, 4.2), Candidate(20, 576, 9, 3, 1536, 65, 65, 1, 4.4)
+    assert finalists([c, a, wider, b, wide], keep=(576, 9)) == [a, b, wide]  # and the largest keeping the width
+    assert finalists([c, a, b], keep=(512, 8)) == [a, b]  # already a finalist: not piloted twice
     scores = {a.non_embedding: (0.9, 0.30), b.non_embedding: (0.95, 0.10), c.non_embedding: (1.2, 0.05)}
     result = choose([a, b, c], lambda x: dict(zip(("pilot_kld", "quant_kld"), scores[x.non_embedding])),
                     say=lambda _line: None)

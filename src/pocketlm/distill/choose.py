@@ -7,8 +7,12 @@ is made in two stages:
 1. From shapes alone (instant): every candidate shape (hidden width aligned to 256 so the
    k-quants apply, or the teacher's own; MLP width; attention heads; the most influential
    layers kept) gets its smallest file and the bits per weight the budget leaves it. From the
-   shapes that fit, the finalists are the largest shape affording each of a few bit levels:
-   they span "more parameters, fewer bits" to "fewer parameters, more bits".
+   shapes that fit, the finalists are the largest shape affording each of a few bit levels
+   (they span "more parameters, fewer bits" to "fewer parameters, more bits"), and the largest
+   that keeps the teacher's residual width and heads, which counting parameters alone passes
+   over: cutting the residual stream costs more than its share of parameters (a Python-docs
+   student kept at the teacher's width healed to 1.09x its perplexity where every narrower
+   one stayed at 1.34x: bench/results/distill.md).
 2. Pilot heals (minutes): each finalist is pruned and healed for a short run (Minitron, arXiv
    2407.14679: rankings between shapes settle within a few hundred steps of healing), its
    held-out KLD to the teacher measured, then its sensitivity measured and the budget's best
@@ -23,7 +27,10 @@ from typing import Callable
 from ..errors import PocketError
 from .shapes import ALIGN, StudentShape, TeacherDims, default_kv_heads, gguf_shapes, non_embedding_params
 
-LEVELS = (3.5, 4.5, 5.5)  # bits per weight: around Q3_K, Q4_K and Q5_K mixes
+# bits per weight: around Q3_K and Q4_K mixes. A third at ~5.5 (fewer parameters, more bits)
+# came last in every pilot below SmolLM2's floor (60, 55 and 50 MB, bench/results/below_floor.md),
+# by 2-4x the winner's score: its pilot's minutes are better spent on the teacher-width shape
+LEVELS = (3.5, 4.5)
 FLOAT_BPW = 99.0  # a distilled student is float: every candidate type is open to it
 
 
@@ -124,17 +131,23 @@ def candidates(t: TeacherDims, budget: int, overhead: int, *, min_share: float =
     return [c for c in out if c.smallest <= c.file_budget]
 
 
-def finalists(cands: list[Candidate], levels=LEVELS) -> list[Candidate]:
-    """The largest candidate (most parameters; then more layers, wider rows) affording each bit level."""
+def finalists(cands: list[Candidate], levels=LEVELS, keep: tuple[int, int] | None = None) -> list[Candidate]:
+    """The largest candidate (most parameters; then more layers, wider rows) affording each bit
+    level; then, with `keep` (the teacher's hidden width and heads), the largest that keeps both."""
     if not cands:
         return []
+
+    def largest(able):
+        return max(able, key=lambda c: (c.non_embedding, c.layers, c.hidden))
+
     picked: list[Candidate] = []
     for level in levels:
         able = [c for c in cands if c.bpw >= level]
-        if able:
-            best = max(able, key=lambda c: (c.non_embedding, c.layers, c.hidden))
-            if best not in picked:
-                picked.append(best)
+        if able and largest(able) not in picked:
+            picked.append(largest(able))
+    whole = [c for c in cands if keep and (c.hidden, c.heads) == keep]
+    if whole and largest(whole) not in picked:
+        picked.append(largest(whole))
     return picked or [max(cands, key=lambda c: c.bpw)]
 
 
@@ -149,7 +162,7 @@ def student_candidates(t: TeacherDims, overhead: int, budget: int,
         raise PocketError(f"{what} cannot hold even the smallest student pocketlm cuts from this model "
                           f"({smallest.label}: a {smallest.smallest / 1e6:.1f} MB file at its smallest types"
                           + (", plus its KV cache and llama.cpp's buffers" if ctx else "") + "); choose a larger budget")
-    return cands, finalists(cands)
+    return cands, finalists(cands, keep=(t.hidden, t.heads))
 
 
 def choose(finals: list[Candidate], pilot: Callable[[Candidate], dict],

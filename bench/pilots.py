@@ -1,0 +1,71 @@
+"""compress's pilot heals for shapes named by hand, at a length of your choosing: is the
+chooser's ranking (distill/choose.py) the one longer healing gives?
+
+Each shape is pruned from the default model and healed exactly as `compress --target-size SIZE`
+pilots its finalists (compress/student.py: the recipe's defaults, the bundled general text),
+then its sensitivity measured and the budget's allocation found; prints each pilot's KLD after
+healing + predicted quantization KLD. Shapes are labels as `plan` prints them.
+
+  .venv/bin/python bench/pilots.py --size 60MB --shapes L26-h576-a9x3-f1280,L30-h512-a8x8-f1536 --tokens 200000
+
+Finished pilots are kept in ~/.cache/pocketlm-bench/pilots/SIZE-TOKENS/ (a rerun resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pocketlm.compress.manifest import key_of  # noqa: E402
+from pocketlm.compress.pipeline import default_texts  # noqa: E402
+from pocketlm.compress.recipe import load_recipe  # noqa: E402
+from pocketlm.compress.student import choose_student, teacher_facts  # noqa: E402
+from pocketlm.data import general_text  # noqa: E402
+from pocketlm.distill import choose  # noqa: E402
+from pocketlm.models.source import resolve  # noqa: E402
+from pocketlm.quantize.budget import parse_size  # noqa: E402
+from pocketlm.util.machine import machine_name  # noqa: E402
+
+CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "pocketlm-bench")) / "pilots"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="60MB")
+    ap.add_argument("--shapes", required=True, help="comma-separated labels, e.g. L30-h512-a8x8-f1536")
+    ap.add_argument("--tokens", type=int, default=40_000, help="healing tokens per pilot (compress: 40,000)")
+    args = ap.parse_args()
+    if args.tokens < 1:
+        sys.exit("error: --tokens must be at least 1 (compress skips pilots at 0)")
+    budget, src = parse_size(args.size), resolve("smollm2-135m")
+    t, overhead = teacher_facts(src)
+    cands = choose.candidates(t, budget, overhead)
+    named = {c.label: c for c in cands}
+    missing = [s for s in args.shapes.split(",") if s not in named]
+    if missing:
+        sys.exit(f"error: {', '.join(missing)} fit no {args.size} budget (see `pocketlm plan smollm2-135m --target-size "
+                 f"{args.size}`)")
+    picked = [named[s] for s in args.shapes.split(",")]
+    # the chooser's own loop over these shapes instead of its finalists (one shape is piloted too)
+    choose.student_candidates = lambda *_a, **_k: (cands, picked if len(picked) > 1 else picked * 2)
+    recipe = load_recipe(None)
+    d = {**recipe["distill"], "pilot_tokens": args.tokens}
+    calib = default_texts()[0]
+    print(f"{machine_name()}: {args.size}, {args.tokens:,} tokens per pilot", flush=True)
+    # a pilot kept under another key (other code, data or recipe) is redone, as compress's are
+    key = key_of("choose", budget, d, recipe["quantize"], general_text(), calib)
+    choice = choose_student(src, CACHE / f"{args.size}-{args.tokens}", budget, general_text(), d, recipe["quantize"], calib,
+                            True, print, None, key)
+    print("| shape | non-emb params | bpw | KLD after healing | + quantization KLD | score | s |\n|---|---|---|---|---|---|---|")
+    for p in {p["label"]: p for p in choice["pilots"]}.values():
+        print(f"| {p['label']} | {p['non_embedding'] / 1e6:.1f}M | {p['bpw']:.2f} | {p['pilot_kld']:.3f} | "
+              f"{p['quant_kld']:.3f} | {p['score']:.3f} | {p['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
