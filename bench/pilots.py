@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pocketlm.compress.manifest import key_of  # noqa: E402
-from pocketlm.compress.pipeline import default_texts  # noqa: E402
+from pocketlm.compress.pipeline import _hash_files, default_texts  # noqa: E402
 from pocketlm.compress.recipe import load_recipe  # noqa: E402
-from pocketlm.compress.student import choose_student, teacher_facts  # noqa: E402
+from pocketlm.compress.student import pilot_heal, teacher_facts  # noqa: E402
 from pocketlm.data import general_text  # noqa: E402
 from pocketlm.distill import choose  # noqa: E402
 from pocketlm.models.source import resolve  # noqa: E402
@@ -50,21 +50,19 @@ def main() -> None:
     if missing:
         sys.exit(f"error: {', '.join(missing)} fit no {args.size} budget (see `pocketlm plan smollm2-135m --target-size "
                  f"{args.size}`)")
-    picked = [named[s] for s in args.shapes.split(",")]
-    # the chooser's own loop over these shapes instead of its finalists (one shape is piloted too)
-    choose.student_candidates = lambda *_a, **_k: (cands, picked if len(picked) > 1 else picked * 2)
     recipe = load_recipe(None)
-    d = {**recipe["distill"], "pilot_tokens": args.tokens}
-    calib = default_texts()[0]
+    d, q = {**recipe["distill"], "pilot_tokens": args.tokens}, recipe["quantize"]
+    calib, data = default_texts()[0], general_text()
     print(f"{machine_name()}: {args.size}, {args.tokens:,} tokens per pilot", flush=True)
     # a pilot kept under another key (other code, data or recipe) is redone, as compress's are
-    key = key_of("choose", budget, d, recipe["quantize"], general_text(), calib)
-    choice = choose_student(src, CACHE / f"{args.size}-{args.tokens}", budget, general_text(), d, recipe["quantize"], calib,
-                            True, print, None, key)
+    key = key_of("choose", budget, d, q, _hash_files(data), _hash_files(calib))
+    rows = []
+    for c in (named[s] for s in dict.fromkeys(args.shapes.split(","))):
+        r = pilot_heal(src, CACHE / f"{args.size}-{args.tokens}", c, data, d, q, calib, True, key)
+        rows.append(f"| {c.label} | {c.non_embedding / 1e6:.1f}M | {c.bpw:.2f} | {r['pilot_kld']:.3f} | "
+                    f"{r['quant_kld']:.3f} | {r['pilot_kld'] + r['quant_kld']:.3f} | {r['seconds']:.0f} |")
     print("| shape | non-emb params | bpw | KLD after healing | + quantization KLD | score | s |\n|---|---|---|---|---|---|---|")
-    for p in {p["label"]: p for p in choice["pilots"]}.values():
-        print(f"| {p['label']} | {p['non_embedding'] / 1e6:.1f}M | {p['bpw']:.2f} | {p['pilot_kld']:.3f} | "
-              f"{p['quant_kld']:.3f} | {p['score']:.3f} | {p['seconds']:.0f} |")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -143,8 +143,8 @@ def finalists(cands: list[Candidate], levels=LEVELS, keep: tuple[int, int] | Non
     picked: list[Candidate] = []
     for level in levels:
         able = [c for c in cands if c.bpw >= level]
-        if able and largest(able) not in picked:
-            picked.append(largest(able))
+        if able and (best := largest(able)) not in picked:
+            picked.append(best)
     whole = [c for c in cands if keep and (c.hidden, c.heads) == keep]
     if whole and largest(whole) not in picked:
         picked.append(largest(whole))
