@@ -63,6 +63,15 @@ CONFIGS = {  # name: (server arguments, or "llama-server"; a second server in fr
     # anchor for what the front and the shared KV pool cost on the engine serve actually runs
     "llama-server-16-patched": ("llama-server-patched", False),
     "front-paired-16-patched": ("llama-server-patched", True),
+    # sampling: llama-server samples each slot's next token on its main thread, one slot after another,
+    # while the compute threads wait. -chain: only the samplers the OpenAI API can set (the rest are
+    # no-ops at their defaults); -bs: that chain inside the decode's graph, on the compute threads
+    # (llama.cpp's --backend-sampling; DRY, XTC, typical and top-n-sigma have no backend form)
+    "llama-server-16-patched-chain": ("llama-server-patched-chain", False),
+    "llama-server-16-patched-bs": ("llama-server-patched-bs", False),
+    # what serve's default engine (the supervised patched llama-server, its slots sharing one KV pool,
+    # behind serve's own front) costs against that binary bare (a window per slot), paired the same way
+    "engine-paired-16": ("llama-server-patched", ["--engine", "server", "--parallel", "16"]),
 }
 
 
@@ -73,11 +82,15 @@ def model_path(model: str | None) -> str:
     return str(resolve(model or DEFAULT_MODEL).path)
 
 
-def llama_server_command(port: int, model: str | None, patched: bool = False) -> list[str]:
+API_CHAIN = ["--samplers", "penalties;top_k;top_p;min_p;temperature"]
+SAMPLING = {"chain": API_CHAIN, "bs": [*API_CHAIN, "--backend-sampling"]}
+
+
+def llama_server_command(port: int, model: str | None, variant: str = "llama-server") -> list[str]:
     """llama.cpp's server on the model, 16 slots of 2048 tokens (its -c is the total), 2 threads;
-    built by bench/build_llamacpp_tools.sh with TOOLS_SERVER=1, or with `patched` the one setup
-    built for `pocketlm serve`."""
-    if patched:
+    built by bench/build_llamacpp_tools.sh with TOOLS_SERVER=1, or (variant llama-server-patched) the
+    one setup built for `pocketlm serve`; a variant's last word may name SAMPLING's extra flags."""
+    if variant.startswith("llama-server-patched"):
         from pocketlm.serve.supervise import find_llama_server
 
         binary = find_llama_server()
@@ -88,13 +101,13 @@ def llama_server_command(port: int, model: str | None, patched: bool = False) ->
                                text=True, check=True, env={**os.environ, "TOOLS_SERVER": "1"}).stdout.strip()
         binary = Path(tools.splitlines()[-1]) / "llama-server"
     return [str(binary), "-m", model_path(model), "--host", "127.0.0.1", "--port",
-            str(port), "-np", "16", "-c", str(16 * 2048), "-t", "2"]
+            str(port), "-np", "16", "-c", str(16 * 2048), "-t", "2", *SAMPLING.get(variant.rsplit("-", 1)[-1], [])]
 
 
 def start_server(args, model: str | None = None) -> tuple[subprocess.Popen, str]:
     WORK.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    command = llama_server_command(port, model, args == "llama-server-patched") if isinstance(args, str) else \
+    command = llama_server_command(port, model, args) if isinstance(args, str) else \
         [str(ROOT / ".venv" / "bin" / "pocketlm"), "serve", *([model] if model else []), "--port", str(port),
          "--max-queue", "32", *args]
     # stderr to a file, never a pipe nobody reads: llama-server logs every request there, and once a
@@ -216,8 +229,8 @@ def main() -> None:
     for name in args.configs.split(","):
         server_args, front = CONFIGS[name]
         label = f"{name} @ {Path(args.model).stem}" if args.model else name
-        if name.startswith("front-paired-16"):
-            rows += paired(label, args, server_args)
+        if "-paired-" in name:
+            rows += paired(label, args, server_args, front if isinstance(front, list) else None)
             continue
         procs = []
         try:
@@ -227,6 +240,9 @@ def main() -> None:
                 proc, url = start_server(["--backend", url, "--parallel", "16"])
                 procs.append(proc)
             one_request(url, "warm up", 4)
+            # every slot's connection made and the engine's batch sizes seen once before anything is
+            # timed: without it the first config of a run read up to 25% low (2026-12-04)
+            run_level(url, min(16, max(map(int, args.clients.split(",")))), 1, args.max_tokens)
             for clients in map(int, args.clients.split(",")):
                 rows.append(measured_level(url, clients, procs, args, label))
             alive = httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
@@ -256,19 +272,22 @@ def stop(procs: list[subprocess.Popen]) -> None:
             proc.wait(30)
 
 
-def paired(label: str, args, server: str) -> list[dict]:
-    """16 clients on llama-server alone and through the front over that same server, alternating."""
+def paired(label: str, args, server: str, other: list[str] | None = None) -> list[dict]:
+    """16 clients on llama-server alone and, alternating, through the front over that same server,
+    or with `other`, on a second server of those serve arguments beside it (idle while the first runs)."""
     procs: list[subprocess.Popen] = []
     rows = []
     try:
         proc, direct = start_server(server, args.model)
         procs.append(proc)
-        proc, front = start_server(["--backend", direct, "--parallel", "16"])
+        proc, second = start_server(other or ["--backend", direct, "--parallel", "16"], args.model if other else None)
         procs.append(proc)
-        one_request(front, "warm up", 4)
-        run_level(front, 16, 1, args.max_tokens)  # every slot's connection made before anything is timed
+        for url in (direct, second):
+            one_request(url, "warm up", 4)
+            run_level(url, 16, 1, args.max_tokens)  # every slot's connection made before anything is timed
         for i in range(args.rounds):
-            order = [(direct, "llama-server", procs[:1]), (front, "front", procs)]
+            order = [(direct, "llama-server", procs[:1]),
+                     (second, "serve", procs[1:]) if other else (second, "front", procs)]
             for url, tag, measured in order if i % 2 == 0 else order[::-1]:
                 rows.append(measured_level(url, 16, measured, args, f"{label} ({tag})"))
     finally:
@@ -358,6 +377,11 @@ def goals(rows: list[dict]) -> list[str]:
             out.append(f"- the --backend front costs <= 5% of llama-server's tok/s at 16 clients, paired ({config}: "
                        f"{len(pairs)} rounds): costs {', '.join(f'{c:+.1%}' for c in costs)}, median {median:+.1%} -> "
                        f"{said(median <= 0.05)}")
+    pairs = list(zip(*([r for r in rows if r["config"] == f"engine-paired-16 ({tag})"] for tag in ("llama-server", "serve"))))
+    if pairs:
+        ratios = sorted(s["tok_s"] / d["tok_s"] for d, s in pairs)
+        out.append(f"- serve's engine (server-16: KV pool + front) against the same binary bare, paired (engine-paired-16: "
+                   f"{len(pairs)} rounds): {', '.join(f'{r:.2f}x' for r in ratios)}, median {ratios[len(ratios) // 2]:.2f}x")
     if front and front.get("when") != anchor.get("when"):
         out.append(f"- the --backend front, unpaired (front-over-llama-server-16): its rows ({front.get('when')}) and "
                    f"llama-server-16's ({anchor.get('when')}) come from different runs: not compared")

@@ -238,3 +238,17 @@ def test_layer_phase_runs_for_legacy_files_only(tiny_hf, start_file, tmp_path):
     assert k_share > 0.5 and legacy_share < 0.5
     assert layer_phase_tokens(None, k_share) == 0 and layer_phase_tokens(None, legacy_share) == LEGACY_BLOCK_TOKENS
     assert layer_phase_tokens(4096, k_share) == 4096
+
+
+def test_a_file_training_made_worse_is_not_kept(tiny_hf, sample_text, start_file, tmp_path):
+    """Training that ends with a higher held-out KLD than it started from (here a rate that throws
+    the scales about) leaves the user the file it started from, byte for byte, and says so."""
+    from pocketlm.quantize.qad import train_file
+    from pocketlm.quantize.qad_options import QadOptions
+
+    out, said = tmp_path / "worse.gguf", []
+    r = train_file(str(tiny_hf), start_file, out, [str(sample_text)],
+                   QadOptions(tokens=2000, lr=100.0, block_tokens=0, progress=False, say=said.append), tmp_path / "ckpt")
+    assert r["end"]["kld"] > r["start"]["kld"] and r["kept_start"], (r["start"], r["end"])
+    assert out.read_bytes() == start_file.read_bytes()
+    assert any("is kept" in s for s in said), said

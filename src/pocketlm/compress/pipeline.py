@@ -194,7 +194,8 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
                                                                              resume=True, say=say),
                            ckpt_folder=out / "qad.ckpt", student_source=None if quant_source == src.path else quant_source)
             return {"tokens": r["tokens"], "seconds": r["seconds"], "kld_before": r["start"]["kld"],
-                    "kld_after": r["end"]["kld"], "max_difference": r["max_difference"], "why": qad_why}
+                    "kld_after": r["end"]["kld"], "max_difference": r["max_difference"], "why": qad_why,
+                    "kept_start": r["kept_start"]}
 
         qad = manifest.run("qad", key_of("qad", src_hash, file_sha256(out / first), q["qad_tokens"], _hash_files(data)),
                            "model.gguf", make_qad, params={"tokens": q["qad_tokens"]}, say=say)["result"]

@@ -235,7 +235,10 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     else:
         # the start file's own divergence, measured as training measures it, before anything moves
         baseline = {"start": evaluate_student(student, seqs.held_out, signal, cfg), "block_errors": []}
-        block_tokens = layer_phase_tokens(opts.block_tokens, _kquant_share(trained))
+        # a distilled student's layers answer to no single layer of its original (layers dropped,
+        # widths cut): matching them one by one trained each to the wrong target and made a 60 MB
+        # student's file worse (below_floor.md, 2026-12-04), so a student trains end to end only
+        block_tokens = 0 if student_source is not None else layer_phase_tokens(opts.block_tokens, _kquant_share(trained))
         if block_tokens:
             from .qad_blocks import reconstruct_blocks
 
@@ -247,11 +250,22 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     teacher.model.to(compute_device(0), torch.bfloat16 if opts.bf16 else torch.float32)
     history = train(student, seqs.train, signal, seqs.held_out, signal, cfg, ckpt, opts.resume, opts.progress)
     student.to("cpu")
-    worst = write_trained(start_gguf, out, trained, norms)
+    end = [h for h in history if h.get("kld") is not None][-1]  # the last step is always evaluated
+    kept_start = end["kld"] >= baseline["start"]["kld"]
+    if kept_start:  # training made it worse on held-out text: the user gets the better file, and is told
+        import shutil
+
+        with atomic_path(Path(out)) as tmp:
+            shutil.copyfile(start_gguf, tmp)
+        worst = 0.0
+        (opts.say or log.warning)(f"qad: held-out KLD {baseline['start']['kld']:.4f} -> {end['kld']:.4f}, worse than the "
+                                  "file it started from: that file is kept")
+    else:
+        worst = write_trained(start_gguf, out, trained, norms)
     baseline_file.unlink(missing_ok=True)
     ckpt.remove()  # and its folder, once nothing else is left in it
-    end = [h for h in history if h.get("kld") is not None][-1]  # the last step is always evaluated
-    return {"tokens": steps * opts.batch * (opts.seq - 1), "steps": steps, "history": history, "start": baseline["start"],
+    return {"kept_start": kept_start,
+            "tokens": steps * opts.batch * (opts.seq - 1), "steps": steps, "history": history, "start": baseline["start"],
             "end": {"ppl": end["ppl"], "kld": end["kld"]},
             "block_errors": baseline["block_errors"], "seconds": time.perf_counter() - t0, "max_difference": worst,
             "trained": sorted(trained), "norms": sorted(norms), "settings": settings}
@@ -302,15 +316,16 @@ def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:
     else:  # a distilled student: trained against the original it was distilled from
         result = train_file(qad.teacher, start, out, data, qad, folder, student_source=source)
     (qad.say or log.info)(f"qad: {result['tokens']} tokens in {result['seconds']:.0f} s; held-out KLD to the original "
-                          f"{result['start']['kld']:.4f} (gptq) -> {result['end']['kld']:.4f}; the file decodes to the trained "
-                          f"weights exactly (max difference {result['max_difference']:g})")
+                          f"{result['start']['kld']:.4f} (gptq) -> {result['end']['kld']:.4f}; " +
+                          ("the gptq file kept" if result["kept_start"] else "the file decodes to the trained "
+                           f"weights exactly (max difference {result['max_difference']:g})"))
     if reports is None:
         from .pipeline import TensorReport
 
         reports = [TensorReport(n, e.shape, e.type, "gptq", 0.0) for n, e in _gguf(start).entries.items()]
     final = _gguf(out)
     for r in reports:
-        if r.name in result["trained"]:
+        if r.name in result["trained"] and not result["kept_start"]:
             a, b = ts.values(r.name), final.values(r.name)
             r.method, r.weighted_error = "qad", float(((a - b) ** 2).sum() / max(float((a * a).sum()), 1e-30))
     for f in (start, stamp):
