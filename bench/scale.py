@@ -41,6 +41,7 @@ CACHE = Path(os.environ.get("POCKETLM_BENCH_CACHE", Path.home() / ".cache" / "po
 RESULTS = ROOT / "bench" / "results" / "scale.md"
 ROWS = RESULTS.with_suffix(".json")
 PL = [str(ROOT / ".venv" / "bin" / "pocketlm")]
+DEVICE_RUN = False
 def make_checkpoint(shape: str) -> Path:
     """Random bf16 weights, written a tensor at a time (no whole model in memory)."""
     import torch
@@ -59,17 +60,21 @@ def make_checkpoint(shape: str) -> Path:
     _copy_tokenizer(tmp)
     h, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    gen = torch.Generator().manual_seed(0)
+    # a GPU machine draws the 8 billion numbers in seconds where its CPU takes minutes of a 10-minute
+    # lease (other numbers, as random: only the cost of what is made from them is measured)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(dev).manual_seed(0)
 
     def lin(rows, cols):
-        return (torch.randn(rows, cols, generator=gen) * cols ** -0.5).to(torch.bfloat16)
+        return (torch.randn(rows, cols, generator=gen, device=dev) * cols ** -0.5).to(torch.bfloat16).cpu()
 
     def norm():
-        w = torch.ones(h)
-        w[torch.randint(0, h, (4,), generator=gen)] = 20.0  # heavy input channels, as trained models have
-        return w.to(torch.bfloat16)
+        w = torch.ones(h, device=dev)
+        w[torch.randint(0, h, (4,), generator=gen, device=dev)] = 20.0  # heavy input channels, as trained models have
+        return w.to(torch.bfloat16).cpu()
 
-    tensors = [("model.embed_tokens.weight", lambda: (torch.randn(128256, h, generator=gen) * 0.02).to(torch.bfloat16))]
+    tensors = [("model.embed_tokens.weight",
+                lambda: (torch.randn(128256, h, generator=gen, device=dev) * 0.02).to(torch.bfloat16).cpu())]
     for i in range(n):
         p = f"model.layers.{i}."
         tensors += [(p + "input_layernorm.weight", norm), (p + "post_attention_layernorm.weight", norm),
@@ -120,12 +125,16 @@ def _copy_tokenizer(dest: Path) -> None:
 def measure(cmd: list[str], disk_dir: Path, trace: Path | None = None) -> dict:
     """Wall seconds, peak RSS of the whole process tree, and the most disk space it took.
     trace: a file for the RSS and disk samples over time (where in a run memory peaks, and
-    whether it grows layer after layer)."""
+    whether it grows layer after layer). The command's output goes to a file beside the trace
+    (a pipe read only at the end would stall a command that prints progress; a run cut short
+    still leaves what it printed)."""
     import psutil
 
     free0 = shutil.disk_usage(disk_dir).free
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out_path = disk_dir / f"{trace.name.split('.')[0] if trace else 'job'}.log"
+    out_file = open(out_path, "w")
+    proc = subprocess.Popen(cmd, stdout=out_file, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
     peak_rss, min_free, samples = 0, free0, []
     # written as it goes: a run stopped by hand (hours at 3B-8B) still leaves its trace
@@ -150,7 +159,8 @@ def measure(cmd: list[str], disk_dir: Path, trace: Path | None = None) -> dict:
     if log is not None:
         log.writelines(samples)
         log.close()
-    out = proc.stdout.read()
+    out_file.close()
+    out = out_path.read_text(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-2000:]}")
     return {"seconds": round(time.time() - t0, 1), "peak_rss_gib": round(peak_rss / 2**30, 2),
@@ -170,7 +180,9 @@ def run_job(shape: str, job: str, ckpt: Path, calib: Path, tools: Path | None) -
     work = CACHE / f"out-{shape}"
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"{job}.gguf"
-    q = [*PL, "quantize", str(ckpt), "-o", str(out), "--quiet", "--force"]
+    # a GPU machine's run keeps the progress bars: its log then says how far a run cut off at the
+    # lease's end had come, and at what pace
+    q = [*PL, "quantize", str(ckpt), "-o", str(out), "--force"] + ([] if DEVICE_RUN else ["--quiet"])
     calib_args = ["--calib", str(calib), "--calib-tokens", str(CALIB_TOKENS)]
     f16 = work / "f16.gguf"
     if job in ("rtn", "imatrix", "gptq"):
@@ -214,11 +226,12 @@ def main() -> None:
                          "from this machine's; pocketlm runs as `python -m pocketlm`")
     ap.add_argument("--report-only", action="store_true", help="rewrite the results file from the json, run nothing")
     args = ap.parse_args()
-    global RESULTS, ROWS, PL
+    global RESULTS, ROWS, PL, DEVICE_RUN
     if args.device_run:
         RESULTS, ROWS, PL = Path(args.device_run + ".md"), Path(args.device_run + ".json"), [sys.executable, "-m", "pocketlm"]
+        DEVICE_RUN = True
     if args.report_only:
-        save_results(RESULTS, report(json.loads(ROWS.read_text())))
+        save_results(RESULTS, report(json.loads(ROWS.read_text()), DEVICE_RUN))
         return
     CACHE.mkdir(parents=True, exist_ok=True)
     calib = CACHE / "calib.txt"
@@ -239,7 +252,7 @@ def main() -> None:
             print(row, flush=True)
             rows = [r for r in rows if (r["shape"], r["job"]) != (shape, job)] + [row]
             write_json(ROWS, rows)
-            save_results(RESULTS, report(rows))
+            save_results(RESULTS, report(rows, DEVICE_RUN))
 
 
 if __name__ == "__main__":

@@ -164,11 +164,29 @@ NOTES = [
     "(~45 s each) held at most 2.52 GiB. So the whole model peaked 0.6 GiB above the 4-layer cut (2.88 GiB): "
     "the cut's figure was not the whole model's, as a previous note had argued it would be; the KLD phase "
     "holds something that grows with the layer count (not profiled this session).",
-    "- `bench/device_check.sh` runs the 1B and 8B gptq rows on a lent GPU machine (the per-layer work on CUDA, "
-    "rows to a separate scale-device.md). It is written and its CPU-side steps were tried (`--prepare`, "
-    "`python -m pocketlm quantize` importing nothing the GPU image lacks but gguf), but it has never run: no "
-    "session has been lent a device. The GPU image would also need numba's wheels, or the codec falls back to "
-    "the numpy reference (same bytes, ~5x slower).",
+    "- `bench/device_check.sh` ran once, 2026-12-04 on a lent NVIDIA H200 (host: Intel Xeon, 16 cores; torch "
+    "2.11 + CUDA 13): rows in `scale-device.md`, apart from this machine's. 1B gptq 195 s (4x the AMD 2 cores' "
+    "756 s), peak RSS 2.30 GiB; 8B did not finish in the run's time (see scale-device.md's notes).",
+]
+
+# a GPU machine's run (bench/device_check.sh): its own file, so its rows never enter this machine's ratios
+DEVICE_NOTES = [
+    "- One run, 2026-12-04, `bash bench/device_check.sh` on a lent NVIDIA H200 (driver 580.159, torch 2.11.0+cu130; "
+    "host Intel Xeon, AVX-512 and AMX, 16 cores), the code of the commit that added this note: gptq's "
+    "statistics (X^T X), its inverse Cholesky and the act-order column sweep run on the Hessian's device; the "
+    "codec's scale and code searches stay on the host (numba), as do the vocabulary tensors (rtn/imatrix).",
+    "- First, `bench/gptq_device_check.py`: one 512 x 2048 weight with a random Hessian through gptq on the CPU "
+    "and on the GPU: Q4_K, Q6_K, Q4_0 and IQ4_NL all gave the same output error (1.0000x) and 100% equal bytes.",
+    "- 1B gptq: 195 s (16 layers at ~10 s each, then ~16 s for the vocabulary tensor and the writing), peak RSS "
+    "2.30 GiB, 0.80 GB extra disk for a 0.804 GB file. The AMD 2-core host's 1B row is 756 s: 3.9x.",
+    "- 8B gptq did not finish: the run had ~9.5 minutes of device time in all, and the 8B job began after the "
+    "checkpoint (16 GB, random weights drawn on the GPU) and the 1B row. It was stopped after 9 of 32 layers "
+    "in 4 min 21 s (26-29 s a layer, against 197 s a layer on the AMD host: ~7x), peak RSS 3.47 GiB so far. "
+    "Projected, not measured: ~32 x 27 s + the vocabulary tensors (~1 minute) = ~15 minutes for the whole 8B, "
+    "against 6,308 s on the AMD 2 cores and llama.cpp's imatrix + quantize there (1,393 s, projected); llama.cpp "
+    "was not run on the GPU host, so no ratio to it is claimed. What bounds a GPU layer was not profiled (the "
+    "host codec at 4 workers is the likely part: a 1B layer's GPU float work is well under a second).",
+    "- No 3B rows, no rtn/imatrix rows on the GPU: rtn and imatrix do not use it. llama.cpp was not built there.",
 ]
 
 
@@ -267,12 +285,15 @@ def projected_8b(rows: list[dict]) -> tuple[list[str], dict[str, float]]:
     return out, totals
 
 
-def report(rows: list[dict]) -> str:
+def report(rows: list[dict], device: bool = False) -> str:
+    where = ("Machine: a lent GPU machine (each row names it). Command: `bash bench/device_check.sh`, which runs "
+             "`python bench/scale.py --device-run ...` " if device else
+             f"Machine: {FIRST_MACHINE}, {usable_cores()} cores, except rows that name theirs. Command: "
+             "`.venv/bin/python bench/scale.py` ")
     return "\n".join([
-        "# Scale: 1B-8B checkpoints on a laptop-class machine",
+        "# Scale: 1B-8B checkpoints " + ("on a GPU machine" if device else "on a laptop-class machine"),
         "",
-        f"Machine: {FIRST_MACHINE}, {usable_cores()} cores, except rows that name theirs. Command: "
-        "`.venv/bin/python bench/scale.py` "
+        where +
         "(rows may come from separate invocations, each run alone; see the json for every number).",
         "Synthetic checkpoints with the public shapes of Llama-3.2-1B/3B and Llama-3.1-8B, bf16 safetensors, random "
         f"weights: quality means nothing here, cost does. Calibration: {CALIB_TOKENS} tokens of wiki.txt's first 80%.",
@@ -289,6 +310,6 @@ def report(rows: list[dict]) -> str:
         "",
         "## What these rows are, and what was not run",
         "",
-        *NOTES,
+        *(DEVICE_NOTES if device else NOTES),
         "",
     ])

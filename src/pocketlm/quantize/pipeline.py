@@ -89,7 +89,7 @@ def _encode(values, type_name, method, stats, last_use: bool = False) -> tuple[n
     if method == "gptq" and stats is not None and stats.xtx is not None:
         # given away in a list when this is its last use: gptq pops it, and its memory is freed as soon as gptq
         # has its permuted copy (an argument held by this frame would live through the whole sweep)
-        data = quantize_gptq(values, fmt, [stats.take_hessian()] if last_use else stats.hessian)
+        data = quantize_gptq(values, fmt, [stats.take_hessian() if last_use else stats.copy_hessian()])
     else:
         method = "imatrix" if importance is not None else "rtn"
         data = np.concatenate(map_rows(lambda part: quantize_rtn(part, fmt, importance), values))

@@ -24,12 +24,14 @@ def _inverse_cholesky(box: list[torch.Tensor], damp: float) -> torch.Tensor:
     At 8B an ffn_down Hessian is 0.8 GB: this holds two of them at most, where separate results
     held four (the same LAPACK calls on the same values: the same bits)."""
     h = box.pop()
-    diag = torch.arange(h.shape[0])
+    diag = torch.arange(h.shape[0], device=h.device)
     h[diag, diag] += damp * torch.mean(torch.diag(h))
     for attempt in range(5):  # near-singular Hessians (few tokens) need more damping
         factor, info = torch.linalg.cholesky_ex(h)  # a new tensor: h stays whole for another try
         if int(info) == 0:
             del h
+            if factor.is_cuda:  # a GPU has the memory for new results; in-place LAPACK aliasing is a CPU saving
+                return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
             torch.cholesky_inverse(factor, out=factor)
             return torch.linalg.cholesky(factor, upper=True, out=factor)
         del factor
@@ -51,7 +53,8 @@ def _prepare(values: np.ndarray, hessian):
     """Weights and Hessian as torch tensors, channels never activated zeroed out, and the
     per-channel importance (diag H, normalised) that weights the block scale search.
     `hessian`: an array (copied), or [tensor]: given away (LinearStats.take_hessian), popped
-    and changed in place, so that no caller's reference keeps it alive. `values` likewise: an
+    and changed in place, so that no caller's reference keeps it alive. The sweep runs on the
+    Hessian's device (a GPU where calibration ran on one); the weights are moved there. `values` likewise: an
     array (copied), or [array] given away, whose storage then becomes the working weights."""
     if isinstance(values, list):
         v = values.pop()
@@ -64,10 +67,11 @@ def _prepare(values: np.ndarray, hessian):
         h = hessian.pop().float()
     else:
         h = torch.from_numpy(np.array(hessian, dtype=np.float32))
+    w = w.to(h.device)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    importance = torch.diag(h).numpy() / max(float(torch.diag(h).mean()), 1e-30)
+    importance = torch.diag(h).cpu().numpy() / max(float(torch.diag(h).mean()), 1e-30)
     return w, h, importance
 
 
@@ -81,6 +85,7 @@ def quantize_gptq(values, fmt: BlockFormat, hessian, damp: float = 0.01,
     if act_order:
         return _gptq_act_order(values, fmt, hessian, damp)
     w, h, importance = _prepare(values, hessian)
+    w, h = w.cpu(), h.cpu()  # this sweep works through numpy views; only act-order's runs on a GPU
     rows, cols = w.shape
     bs, sub = fmt.block_size, fmt.sub_size
     box = [h]
@@ -126,7 +131,7 @@ def _gptq_act_order(values, fmt: BlockFormat, hessian, damp: float) -> np.ndarra
     w, h, importance = _prepare(values, hessian)
     rows, cols = w.shape
     bs, sub = fmt.block_size, fmt.sub_size
-    params = _in_row_blocks(w.numpy(), lambda part: fmt.choose(
+    params = _in_row_blocks(w.cpu().numpy(), lambda part: fmt.choose(
         part.reshape(-1, bs), importance_weights(part, importance, bs).reshape(-1, bs)))
     n_blk = cols // bs
     scale = params.scale.reshape(rows, n_blk, -1)
@@ -141,16 +146,18 @@ def _gptq_act_order(values, fmt: BlockFormat, hessian, damp: float) -> np.ndarra
     # as in-place BLAS (addr_) ~20x faster than broadcasting over strided columns, and each
     # batch's columns' per-row scale/offset are gathered when the batch starts, so the loop never
     # leaves torch (gathered for the whole tensor, an 8B ffn_down's three such arrays took 0.7 GB).
+    dev = w.device
     cols_blk, cols_sub = perm // bs, (perm % bs) // sub
-    scale_t, offset_t = torch.from_numpy(np.ascontiguousarray(scale)), torch.from_numpy(np.ascontiguousarray(offset))
-    assign = torch_assign(fmt)
-    levels = torch.from_numpy(np.asarray(fmt.levels, dtype=np.float32))
+    scale_t = torch.from_numpy(np.ascontiguousarray(scale)).to(dev)
+    offset_t = torch.from_numpy(np.ascontiguousarray(offset)).to(dev)
+    assign = torch_assign(fmt, dev)
+    levels = torch.from_numpy(np.asarray(fmt.levels, dtype=np.float32)).to(dev)
     wt = w.T.contiguous()
     del w
     # level indices held in one byte (every format has at most 256 levels), not eight: two copies of
     # them per tensor are the sweep's largest arrays after the weights
     small = len(fmt.levels) <= 256
-    idx_sorted = torch.empty((cols, rows), dtype=torch.uint8 if small else torch.int64)
+    idx_sorted = torch.empty((cols, rows), dtype=torch.uint8 if small else torch.int64, device=dev)
     for b0 in range(0, cols, LAZY_BATCH):
         b1 = min(b0 + LAZY_BATCH, cols)
         w1 = wt[b0:b1].clone()
@@ -168,7 +175,7 @@ def _gptq_act_order(values, fmt: BlockFormat, hessian, damp: float) -> np.ndarra
             err[j] = e
         wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)
     idx = np.empty((rows, cols), np.uint8 if small else np.int64)
-    idx[:, perm.numpy()] = idx_sorted.T.numpy()
+    idx[:, perm.cpu().numpy()] = idx_sorted.T.cpu().numpy()
     del idx_sorted, wt
     per_row = cols // bs
     packed = []
@@ -194,7 +201,7 @@ def _in_row_blocks(w: np.ndarray, choose) -> BlockParams:
                        {k: np.concatenate([p.raw[k] for p in parts]) for k in parts[0].raw})
 
 
-def torch_assign(fmt: BlockFormat):
+def torch_assign(fmt: BlockFormat, device: torch.device | str = "cpu"):
     """BlockFormat.assign for one column of scaled values t = (x - offset) / scale, in torch;
     where the scale is zero every value takes the level nearest 0, as the numpy path does."""
     levels = np.asarray(fmt.levels, dtype=np.float64)
@@ -206,7 +213,7 @@ def torch_assign(fmt: BlockFormat):
             t = torch.where(zero, torch.zeros_like(t), t)
             return torch.clamp(torch.round(t - low), 0, n - 1).to(torch.int64)
         return uniform
-    mids = torch.from_numpy(((levels[1:] + levels[:-1]) / 2).astype(np.float32))
+    mids = torch.from_numpy(((levels[1:] + levels[:-1]) / 2).astype(np.float32)).to(device)
 
     def nonuniform(t, zero):
         return torch.searchsorted(mids, torch.where(zero, torch.zeros_like(t), t).contiguous())
