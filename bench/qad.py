@@ -29,6 +29,7 @@ from quant_vs_llamacpp import measure, prepare_reference, produce, remembered_no
 from results_file import put_section  # noqa: E402
 
 from pocketlm.data import general_text  # noqa: E402
+from pocketlm.quantize.fakequant import SUB_CODE_RATE  # noqa: E402
 from pocketlm.quantize.qad import train_file  # noqa: E402
 from pocketlm.quantize.qad_options import CODES, QadOptions  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
@@ -62,7 +63,9 @@ def main() -> None:
     if not args.cached_only:
         calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
         ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
-    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {args.codes}" + (" norms" if args.norms else "") + \
+    # the sub-block codes' rate is in the name: rows of 'scales' at different rates are different runs
+    codes = f"scales{SUB_CODE_RATE:g}" if args.codes == "scales" else args.codes
+    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {codes}" + (" norms" if args.norms else "") + \
         (f" layers{args.block_tokens // 1024}k" if args.block_tokens is not None else "")
     results: dict = {}
     for preset in args.types.split(","):
