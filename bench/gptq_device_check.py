@@ -3,7 +3,7 @@
 The CPU sweep's bytes are pinned by the tests; a GPU's matrix products round differently, so its
 bytes may differ, but not its quality: on one weight and Hessian (heavy input channels, as the
 scale bench's checkpoints have) both files' output error ||X (W - W_q)^T||^2 must agree within
-2%, and most codes must be the same. Prints one line per format and exits 1 on a miss.
+2%. Prints one line per format (with the share of equal bytes) and exits 1 on a miss.
 """
 from __future__ import annotations
 

@@ -53,10 +53,6 @@ class LinearStats:
             raise RuntimeError("these statistics hold no Hessian: collected without one, or already taken")
         return self.xtx
 
-    @property
-    def hessian(self) -> np.ndarray:
-        return (self._xtx() / max(self.tokens, 1)).cpu().numpy()
-
     def take_hessian(self) -> torch.Tensor:
         """H = X^T X / n made from the accumulator itself, which is given up: for the last
         tensor that uses these statistics, no copy of the Hessian is made. It stays on the
@@ -66,7 +62,7 @@ class LinearStats:
 
     def copy_hessian(self) -> torch.Tensor:
         """H = X^T X / n as a new tensor on the statistics' device, the accumulator kept for the
-        other tensors that share it (the same values as `hessian`)."""
+        other tensors that share it (the same values as `take_hessian`)."""
         return self._xtx() / max(self.tokens, 1)
 
 
