@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=QadOptions.lr)
     ap.add_argument("--codes", default=QadOptions.codes, choices=list(CODES))
     ap.add_argument("--norms", action="store_true", help="the file's float32 norms train too")
+    ap.add_argument("--batch", type=int, default=QadOptions.batch,
+                    help="sequences per step (fewer: more steps for the same tokens)")
     ap.add_argument("--block-tokens", type=int, default=None,
                     help="tokens of the layer-by-layer phase (the first of the training sequences, reused); "
                          "default: by format, as quantize does (qad_options.layer_phase_tokens)")
@@ -66,6 +68,7 @@ def main() -> None:
     # the sub-block codes' rate is in the name: rows of 'scales' at different rates are different runs
     codes = f"scales{SUB_CODE_RATE:g}" if args.codes == "scales" else args.codes
     qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {codes}" + (" norms" if args.norms else "") + \
+        (f" batch{args.batch}" if args.batch != QadOptions.batch else "") + \
         (f" layers{args.block_tokens // 1024}k" if args.block_tokens is not None else "")
     results: dict = {}
     for preset in args.types.split(","):
@@ -81,7 +84,8 @@ def main() -> None:
             gptq_file = work / f"{preset}-gptq-start.gguf"
             extra: dict = {}
             if variant == "pocketlm qad":
-                qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, norms=args.norms,
+                qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, norms=args.norms, batch=args.batch,
+                                 micro_batch=min(args.batch, QadOptions.micro_batch),
                                  block_tokens=args.block_tokens, progress=True)
                 r = train_file(str(ref), gptq_file, out, general_text(), qad, work / f"{preset}.ckpt")
                 seconds = r["seconds"]

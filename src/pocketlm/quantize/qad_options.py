@@ -16,7 +16,9 @@ CODES = {"frozen": "only scales and offsets train",
 class QadOptions:
     tokens: int = 100_000
     seq: int = 512
-    batch: int = 4  # sequences per step: few tokens buy few steps, and the steps are what train
+    # sequences per step. Tokens train, not steps: on the off-grid student's Q2_K at 200k tokens, 2 a step
+    # (196 steps) left the KLD where 4 did (0.2524 vs 0.2517; 100k at 4: 0.2826; bench/results/qad.md)
+    batch: int = 4
     micro_batch: int = 4  # the whole batch in one pass: the fake-quant decode then runs once per step
     # end-to-end phase: grid steps per optimizer step (fakequant.py's units, every format alike). Pilot on the
     # default model's Q4_0 after the layer phase: 0.01 took the KLD 0.094 -> 0.087 in 20 steps, still falling
