@@ -167,6 +167,24 @@ def test_slots_share_one_kv_pool():
     assert rss["window-16"] > rss["pool-16"] + 400, rss
 
 
+def test_an_idle_slot_keeps_its_conversation_in_the_shared_pool():
+    """A finished answer's cells stay in the pool when the next request starts on another slot, so
+    that conversation's next turn finds them in place. llama-server's default with one pool (tried)
+    saves every idle slot to a host-RAM prompt cache and clears it at each new request: the first
+    slot then holds 0 tokens here."""
+    server = LlamaServer(cached_gguf(DEFAULT_MODEL, "f16"), ctx=512, parallel=2, threads=2, say=lambda _: None)
+    try:
+        for slot, question in enumerate(("Say hi.", "Name a colour.")):
+            r = httpx.post(f"{server.url}/chat/completions", headers=auth_headers(server.key), timeout=60,
+                           json={"messages": [{"role": "user", "content": question}], "max_tokens": 4,
+                                 "temperature": 0, "id_slot": slot})
+            assert r.status_code == 200
+        slots = httpx.get(server.url.removesuffix("/v1") + "/slots", headers=auth_headers(server.key)).json()
+        assert [s.get("n_prompt_tokens", 0) > 0 for s in slots] == [True, True], slots
+    finally:
+        server.stop()
+
+
 def test_requests_that_would_overflow_the_shared_pool_wait_instead_of_failing():
     """Four requests of ~150 tokens each into a 300-token pool: alone, llama-server ends all four
     with a 500 "Context size has been exceeded" (tried); the front starts each when it fits."""
