@@ -89,13 +89,15 @@ class LlamaServer:
         self.command = [str(self.binary), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(self.port),
                         "--api-key-file", str(self.key_file), "-np", str(parallel), "-t", str(threads), "-tb", str(threads),
                         "--no-webui", "-c", str(self.kv_tokens)]
-        # With one shared pool, llama-server by default copies every idle slot into a host-RAM prompt cache
-        # (--cache-ram, 8 GiB by default: memory that grows with distinct prompts, not bounded by the pool)
-        # and clears the slot whenever any request starts, so a slot's next turn is restored or re-evaluated
-        # instead of found in place (16 clients x 5 answers: 558-765 prompt tokens evaluated instead of 80).
-        # Off, idle slots keep their cells until the pool needs room (llama-server then purges idle slots);
-        # the tokens/s this buys did not show above the bench's noise (bench/results/serve_load.md, 12-04).
-        self.command += (["-kvu", "--kv-unified-per-slot", str(ctx), "--no-cache-idle-slots", "--cache-ram", "0"]
+        # llama-server keeps a host-RAM prompt cache by default (--cache-ram: up to 8 GiB, growing with distinct
+        # prompts, whatever the pool's size): off, so serve's memory is the weights and the KV pool. With one
+        # shared pool it also saves every idle slot there and clears it whenever any request starts, so a
+        # slot's next turn was restored or re-evaluated instead of found in place (16 clients x 5 answers:
+        # 558-765 prompt tokens evaluated instead of 80). Off, idle slots keep their cells until the pool
+        # needs room (llama-server then purges idle slots); the tokens/s this buys did not show above the
+        # bench's noise (bench/results/serve_load.md, 12-04).
+        self.command += ["--cache-ram", "0"]
+        self.command += (["-kvu", "--kv-unified-per-slot", str(ctx), "--no-cache-idle-slots"]
                          if self.shared_kv else ["--no-kv-unified"])
         self.say, self.restarts = say, 0
         self.log = Path(tempfile.mkstemp(prefix="pocketlm-llama-server-", suffix=".log")[1])
