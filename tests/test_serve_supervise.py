@@ -88,9 +88,10 @@ def test_batched_q4_1_logprobs_match_llama_cpp_python():
     assert compared >= 40 and worst < 2e-3, (compared, worst)
 
 
-def _chat(url: str, key: str | None) -> httpx.Response:
+def _chat(url: str, key: str | None, question: str = "Say hi.", **extra) -> httpx.Response:
     return httpx.post(f"{url}/chat/completions", headers=auth_headers(key), timeout=60,
-                      json={"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0})
+                      json={"messages": [{"role": "user", "content": question}], "max_tokens": 4, "temperature": 0,
+                            **extra})
 
 
 def test_the_server_is_keyed_restarted_and_stopped():
@@ -175,10 +176,7 @@ def test_an_idle_slot_keeps_its_conversation_in_the_shared_pool():
     server = LlamaServer(cached_gguf(DEFAULT_MODEL, "f16"), ctx=512, parallel=2, threads=2, say=lambda _: None)
     try:
         for slot, question in enumerate(("Say hi.", "Name a colour.")):
-            r = httpx.post(f"{server.url}/chat/completions", headers=auth_headers(server.key), timeout=60,
-                           json={"messages": [{"role": "user", "content": question}], "max_tokens": 4,
-                                 "temperature": 0, "id_slot": slot})
-            assert r.status_code == 200
+            assert _chat(server.url, server.key, question, id_slot=slot).status_code == 200
         slots = httpx.get(server.url.removesuffix("/v1") + "/slots", headers=auth_headers(server.key)).json()
         assert [s.get("n_prompt_tokens", 0) > 0 for s in slots] == [True, True], slots
     finally:
