@@ -29,7 +29,7 @@ from quant_vs_llamacpp import measure, prepare_reference, produce, remembered_no
 from results_file import put_section  # noqa: E402
 
 from pocketlm.data import general_text  # noqa: E402
-from pocketlm.quantize import fakequant  # noqa: E402
+from pocketlm.quantize.fakequant import SUB_CODE_RATE  # noqa: E402
 from pocketlm.quantize.qad import train_file  # noqa: E402
 from pocketlm.quantize.qad_options import CODES, QadOptions  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
@@ -49,8 +49,6 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=QadOptions.lr)
     ap.add_argument("--codes", default=QadOptions.codes, choices=list(CODES))
     ap.add_argument("--norms", action="store_true", help="the file's float32 norms train too")
-    ap.add_argument("--code-rate", type=float, default=None,
-                    help="--codes anneal: the sub-block codes' rate (fakequant.ANNEAL_CODE_RATE) for this run")
     ap.add_argument("--batch", type=int, default=QadOptions.batch,
                     help="sequences per step (fewer: more steps for the same tokens)")
     ap.add_argument("--block-tokens", type=int, default=None,
@@ -67,11 +65,8 @@ def main() -> None:
     if not args.cached_only:
         calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
         ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
-    if args.code_rate is not None:
-        fakequant.ANNEAL_CODE_RATE = args.code_rate
-    # the sub-block codes' rate is in the name: rows of 'scales' (or 'anneal') at different rates are different runs
-    codes = {"scales": f"scales{fakequant.SUB_CODE_RATE:g}", "anneal": f"anneal{fakequant.ANNEAL_CODE_RATE:g}"}.get(
-        args.codes, args.codes)
+    # the sub-block codes' rate is in the name: rows of 'scales' at different rates are different runs
+    codes = f"scales{SUB_CODE_RATE:g}" if args.codes == "scales" else args.codes
     qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {codes}" + (" norms" if args.norms else "") + \
         (f" batch{args.batch}" if args.batch != QadOptions.batch else "") + \
         (f" layers{args.block_tokens // 1024}k" if args.block_tokens is not None else "")
@@ -124,7 +119,6 @@ def other_qad_rows(work: Path, preset: str, name: str) -> list[dict]:
 def write_section(tag: str, args, results: dict, work: Path) -> None:
     lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/qad.py --model {args.model} --tag {tag} --types {args.types} "
              f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}{' --norms' if args.norms else ''}"
-             + (f" --code-rate {args.code_rate:g}" if args.code_rate is not None else "")
              + (f" --block-tokens {args.block_tokens}" if args.block_tokens is not None else "") + "`", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp at 2 threads. Reference: the model in F32. "
              f"gptq and llama.cpp's imatrix calibrate on {args.calib_tokens} tokens of the first 80% of wiki.txt; qad "

@@ -5,7 +5,8 @@ GPU machine, where a 200k-token run takes seconds, but runs anywhere.
 
   python bench/qad_explore.py --teacher T.gguf --start S.gguf --runs frozen:200000:0.02,anneal@2:200000:0.02 --out DIR
 
-A run is codes[@code rate]:tokens:lr. Results go to DIR/explore.json after every run;
+A run is codes[@sub-block code rate]:tokens:lr (the rows of 2026-12-04 named anneal@rate ran
+--qad-codes anneal, measured at commit 72f8d77 and removed after it). Results go to DIR/explore.json after every run;
 `--report A.json,B.json --tag NAME --note TEXT` puts them in bench/results/qad.md as one table.
 """
 from __future__ import annotations
@@ -52,8 +53,8 @@ def main() -> None:
     for spec in args.runs.split(","):
         codes, tokens, lr = spec.split(":")
         codes, _, rate = codes.partition("@")
-        if rate:
-            fakequant.ANNEAL_CODE_RATE = fakequant.SUB_CODE_RATE = float(rate)
+        if rate:  # --qad-codes scales: how fast the sub-block codes move
+            fakequant.SUB_CODE_RATE = float(rate)
         opts = QadOptions(tokens=int(tokens), lr=float(lr), codes=codes, block_tokens=0, progress=False,
                           eval_every=args.eval_every, save_every=10**9)
         t0 = time.perf_counter()

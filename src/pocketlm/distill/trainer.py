@@ -14,9 +14,8 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -50,8 +49,6 @@ class TrainConfig:
     seed: int = 0
     rewarm_from: int = 0  # a finished run continued: warm up again from this step (fresh optimizer)
     label: str = "distill"  # what the progress bar calls the run
-    # called with each step's index before it trains: a schedule of the model's own (qad's annealed codes)
-    on_step: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -213,8 +210,6 @@ def train(model, train_seqs: torch.Tensor, targets: Targets | None, held_seqs: t
         for step in range(start, cfg.steps):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg)
-            if cfg.on_step is not None:
-                cfg.on_step(step)
             rows = batch_rows(step, cfg.batch, len(train_seqs), cfg.seed)[dist_ctx.rank * share:(dist_ctx.rank + 1) * share]
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0

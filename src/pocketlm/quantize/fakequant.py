@@ -41,13 +41,6 @@ WEIGHT_RATE = 0.1
 # 0.2826, 0.82x gptq's); at 3 codes flipped and the file ended at 0.3334 (0.97x): coarse straight-through
 # steps oscillate. So 1: the option stays what it was, and frozen stays the default.
 SUB_CODE_RATE = 1.0
-# --qad-codes anneal: the sub-block codes first train as real numbers (the forward pass uses the unrounded
-# code), are pulled onto the integers over a middle stretch of the run, then are rounded once and kept, so
-# that the last part trains the float16 super-scales against the exact file (pytorch/ao #2419: only the
-# deployed quantizer's error is worth training on). No straight-through flip ever happens: the coarse flips
-# were what made --qad-codes scales oscillate. Fractions of the run's steps:
-ANNEAL = (0.5, 0.8)  # relaxed until the first, exact and frozen from the second
-ANNEAL_CODE_RATE = 1.0
 
 
 def family(fmt: BlockFormat) -> str:
@@ -115,9 +108,8 @@ class FakeQuant(torch.nn.Module):
     idx0: torch.Tensor  # every value's level index: the file's, or as frozen by freeze_codes
 
     def __init__(self, fmt: BlockFormat, data: np.ndarray, perm: np.ndarray | None = None,
-                 free_codes: bool = True, sub_codes: bool = False, annealed: bool = False):
+                 free_codes: bool = True, sub_codes: bool = False):
         super().__init__()
-        self.annealed = annealed
         self.fmt, self.kind = fmt, family(fmt)
         self.is_kquant = self.kind in ("scale_min_k", "signed_k")  # a super-block scale over integer sub-block codes
         rows = data.shape[0]
@@ -155,15 +147,11 @@ class FakeQuant(torch.nn.Module):
         self.c = torch.nn.Parameter(torch.zeros(self.shape)) if free_codes else None
         # the k-quants' sub-block codes: the only freedom those formats have per 16 or 32 weights (without
         # them Q2_K trains 2 numbers per 256 weights)
-        sub_codes = sub_codes or annealed
         self.e = torch.nn.Parameter(torch.zeros(rows, ns)) if sub_codes and self.is_kquant else None
         self.f = torch.nn.Parameter(torch.zeros(rows, ns)) if sub_codes and self.kind == "scale_min_k" else None
         bits = int(getattr(fmt, "scale_bits", 0))
         self.code_range = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if self.kind == "signed_k" else (0, 2 ** bits - 1)
         self._assign = torch_assign(fmt)
-        # --qad-codes anneal: how far the codes are from their integers in the forward pass (1: not rounded at
-        # all, 0: rounded), and whether they are settled (rounded and no longer trained); set by anneal_codes
-        self.relax, self.settled = 0.0, False
 
     # -- the stored fields, from the trained values --------------------------------------
     def _sub(self, per_block: torch.Tensor) -> torch.Tensor:
@@ -177,15 +165,8 @@ class FakeQuant(torch.nn.Module):
         code's range), with straight-through gradients to `moved`."""
         if moved is None:
             return start
-        rate = ANNEAL_CODE_RATE if self.annealed else SUB_CODE_RATE
-        cont = start + rate * moved
-        exact = cont.detach().round().clamp(*self.code_range)
-        if self.settled:
-            return exact
-        if self.relax:
-            relaxed = cont.detach().clamp(*self.code_range)
-            return _Exact.apply(cont, exact + self.relax * (relaxed - exact))
-        return _Exact.apply(cont, exact)
+        cont = start + SUB_CODE_RATE * moved
+        return _Exact.apply(cont, cont.detach().round().clamp(*self.code_range))
 
     def sub_codes(self) -> dict[str, torch.Tensor]:
         """The integer sub-block codes the file will store (k-quants): sc, and mn where it has one."""
@@ -252,14 +233,6 @@ class FakeQuant(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.weight_and_codes()[0]
-
-    def anneal_codes(self, step: int, steps: int) -> None:
-        """--qad-codes anneal's schedule at this step (a function of the step alone, so a resumed run
-        continues it exactly)."""
-        first, second = (max(1, round(f * steps)) for f in ANNEAL)
-        second = min(second, steps - 1)  # the last step, and its evaluation, are the file's
-        self.settled = step >= second
-        self.relax = 0.0 if self.settled else 1.0 if step < first else (second - step) / (second - first)
 
     def freeze_codes(self) -> None:
         """Keep every value's level as it is now; only scales and offsets train from here."""

@@ -100,11 +100,10 @@ def _norms(student, ts: GGUFSource, types: dict[str, str]) -> dict[str, TrainedN
 
 
 def build_student(teacher_model, start_gguf: Path, free_codes: bool = True, norms: bool = False,
-                  sub_codes: bool = False, annealed: bool = False):
+                  sub_codes: bool = False):
     """(student model, {GGUF name: FakeQuant}, {GGUF name: TrainedNorm}): the teacher's code and
     float parts, the start file's quantized tables, every quantized decoder matrix as a
-    trainable FakeQuant (with `sub_codes`, the k-quants' sub-block codes trainable too; `annealed`:
-    trainable on fakequant.ANNEAL's schedule), and with
+    trainable FakeQuant (with `sub_codes`, the k-quants' sub-block codes trainable too), and with
     `norms` the norms trainable too."""
     ts = _gguf(start_gguf)
     facts = ts.facts
@@ -123,7 +122,7 @@ def build_student(teacher_model, start_gguf: Path, free_codes: bool = True, norm
         rows = ts.entries[gname].shape[0]
         heads = facts.permuted_heads(gname)
         perm = deinterleave_rotary_rows(np.arange(rows), heads) if heads else None
-        fq = FakeQuant(fmt, ts.raw(gname), perm, free_codes, sub_codes, annealed)
+        fq = FakeQuant(fmt, ts.raw(gname), perm, free_codes, sub_codes)
         if tuple(fq.shape) != tuple(module.weight.shape):
             raise PocketError(f"{start_gguf}: {gname} is {fq.shape}, the model's {name} is {tuple(module.weight.shape)}")
         parent, _, child = name.rpartition(".")
@@ -218,7 +217,7 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     steps = max(1, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))
     skeleton = teacher.model if student_source is None else load(resolve(student_source)).model
     student, trained, norms = build_student(skeleton, start_gguf, free_codes=opts.codes == "free", norms=opts.norms,
-                                            sub_codes=opts.codes == "scales", annealed=opts.codes == "anneal")
+                                            sub_codes=opts.codes == "scales")
     del skeleton
     settings = {k: v for k, v in asdict(opts).items()
                 if k not in ("resume", "progress", "eval_every", "save_every", "say", "teacher")}
@@ -228,9 +227,7 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     ckpt = Checkpoint(ckpt_folder or out.with_name(out.name + ".ckpt"), _run_key(settings, start_gguf))
     cfg = TrainConfig(loss="fkl", steps=steps, batch=opts.batch, micro_batch=opts.micro_batch, lr=opts.lr,
                       warmup=max(1, steps // 10), weight_decay=0.0, eval_every=opts.eval_every,
-                      save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed, label="qad",
-                      on_step=(lambda step: [fq.anneal_codes(step, steps) for fq in trained.values()])
-                      if opts.codes == "anneal" else None)
+                      save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed, label="qad")
     signal = OnlineTeacher(teacher.model)
     baseline_file = ckpt.folder / "baseline.json"
     if opts.resume and ckpt.exists() and baseline_file.exists():  # the checkpoint holds the block phase's result

@@ -9,7 +9,6 @@ from typing import Callable
 # sub-block scale codes (scales; the other formats have none, so there it is frozen); every weight's level (free)
 CODES = {"frozen": "only scales and offsets train",
          "scales": "k-quants' integer sub-block scale codes train too",
-         "anneal": "k-quants' sub-block codes train unrounded, then settle on integers",
          "free": "the weights move too (levels re-chosen)"}
 
 
