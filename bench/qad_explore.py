@@ -3,7 +3,7 @@ bundled general text's held-out sequences), without writing or evaluating the fi
 screen of what to run through bench/qad.py (llama.cpp's measure) on 2 cores. Made for a lent
 GPU machine, where a 200k-token run takes seconds, but runs anywhere.
 
-  python bench/qad_explore.py --teacher T.gguf --start S.gguf --runs frozen:200000:0.02,anneal@2:200000:0.02 --out DIR
+  python bench/qad_explore.py --teacher T.gguf --start S.gguf --runs frozen:200000:0.02,scales@3:100000:0.02 --out DIR
 
 A run is codes[@sub-block code rate]:tokens:lr (the rows of 2026-12-04 named anneal@rate ran
 --qad-codes anneal, measured at commit 72f8d77 and removed after it). Results go to DIR/explore.json after every run;
@@ -20,9 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-sys.path.insert(0, str(ROOT / "bench"))
 from results_file import put_section  # noqa: E402
 
 from pocketlm.data import general_text  # noqa: E402
