@@ -245,30 +245,37 @@ def test_the_bundled_general_text_never_holds_the_held_out_text():
     assert len(held) > 20 and not any(line in text for line in held)
 
 
+@pytest.mark.parametrize("signal", ["full", "sampled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ce_weight", [0.0, 1.0])
-def test_fused_forward_kl_equals_the_tensor_op_loss_and_gradient(dtype, ce_weight):
-    """The fused full-vocabulary fkl (+ ce): loss and gradient as autograd computes them from
-    log_softmax, over chunk boundaries, on the sliced logits view the trainer passes."""
-    from pocketlm.distill.losses import _kl
+def test_fused_forward_kl_equals_the_tensor_op_loss_and_gradient(signal, dtype, ce_weight):
+    """The fused forward KL (+ ce), full or sampled: loss and gradient as autograd computes them
+    from log_softmax, over chunk boundaries, on the sliced logits view the trainer passes; the
+    teacher's tensors are left as they were."""
+    from pocketlm.distill.losses import _kl, sampled_fkl
     from pocketlm.distill.signals import FUSED_ROWS
 
     torch.manual_seed(0)
     T, V = 2 * FUSED_ROWS + 7, 300
     t_logp = torch.log_softmax(torch.randn(2, T, V) * 3, -1)
+    draws = torch.multinomial(t_logp.exp().reshape(-1, V), 12, replacement=True).reshape(2, T, 12)
+    teacher = Full(t_logp.clone()) if signal == "full" else Sampled(draws, torch.gather(t_logp, -1, draws).half())
+    kept = [t.clone() for t in (teacher.logp, getattr(teacher, "idx", teacher.logp))]
     y = torch.randint(0, V, (2, T))
     raw = (torch.randn(2, T + 1, V) * 3).to(dtype).requires_grad_()
-    fused = distill_loss("fkl", None, raw[:, :-1], y, Full(t_logp), ce_weight=ce_weight)
+    fused = distill_loss("fkl", None, raw[:, :-1], y, teacher, ce_weight=ce_weight)
     (g_fused,) = torch.autograd.grad(fused, raw)
     ls = torch.log_softmax(raw[:, :-1].float(), -1)
-    want = (_kl(t_logp, ls) - ce_weight * ls.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
+    div = _kl(t_logp, ls) if signal == "full" else sampled_fkl(ls, Sampled(draws, teacher.logp.float()))
+    want = (div - ce_weight * ls.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
     (g_want,) = torch.autograd.grad(want, raw)
     assert torch.allclose(fused, want, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():  # evaluation: no gradient is made, the value is the same
-        assert torch.equal(distill_loss("fkl", None, raw.detach()[:, :-1], y, Full(t_logp), ce_weight=ce_weight), fused.detach())
     assert g_fused.dtype == dtype and bool((g_fused[:, -1] == 0).all())
     tol = 1e-6 if dtype == torch.float32 else 1e-2 * float(g_want.abs().max())
     assert float((g_fused.float() - g_want.float()).abs().max()) <= tol
+    assert all(torch.equal(a, b) for a, b in zip(kept, (teacher.logp, getattr(teacher, "idx", teacher.logp))))
+    with torch.no_grad():  # evaluation: no gradient is made, the value is the same
+        assert torch.equal(distill_loss("fkl", None, raw.detach()[:, :-1], y, teacher, ce_weight=ce_weight), fused.detach())
 
 
 def test_ce_weight_adds_the_datas_cross_entropy_to_a_divergence():

@@ -87,7 +87,9 @@ def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, ta
     if teacher is None:
         raise PocketError(f"the {name} loss needs the teacher's distribution")
     if name == "fkl" and isinstance(teacher, Full):
-        return FusedForwardKL.apply(student_logits, teacher.logp, targets, ce_weight)
+        return FusedForwardKL.apply(student_logits, teacher.logp, None, None, targets, ce_weight)
+    if name == "fkl" and isinstance(teacher, Sampled):
+        return FusedForwardKL.apply(student_logits, None, teacher.idx, teacher.logp, targets, ce_weight)
     s_full = torch.log_softmax(student_logits.float(), dim=-1)
     if isinstance(teacher, Full):
         loss = divergence(name, teacher.logp, s_full, beta)
@@ -106,17 +108,20 @@ def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, ta
 
 
 class FusedForwardKL(torch.autograd.Function):
-    """mean over positions of KL(teacher || student) + ce_weight x the data's cross-entropy, with the
-    full teacher distribution, and its gradient, in one pass over the vocabulary-wide rows.
+    """mean over positions of forward KL(teacher || student) + ce_weight x the data's
+    cross-entropy, and its gradient, in one pass over the vocabulary-wide rows; the teacher as its
+    full log-probs (t_logp, exact) or as K draws with their log-probs (idx, d_logp: the unbiased
+    estimate sampled_fkl computes).
 
     Why by hand: written with tensor ops, this loss makes five (B, T, V) float32 temporaries
     forward and as many backward; with SmolLM2's 49k-token vocabulary that traffic took ~30% of
     a distillation step on 2 cores (torch.profiler: log_softmax, its backward, mul, neg, copies).
-    The gradient is known in closed form, (1 + w) softmax(s) - p_teacher - w onehot(y), so it is
-    computed with the loss, chunk by chunk, and kept in the logits' own dtype until backward."""
+    The gradient is known in closed form, (1 + w) softmax(s) - p_teacher - w onehot(y), with
+    p_teacher the draws' frequencies when sampled, so it is computed with the loss, chunk by
+    chunk, and kept in the logits' own dtype until backward."""
 
     @staticmethod
-    def forward(ctx, logits, t_logp, targets, ce_weight):
+    def forward(ctx, logits, t_logp, idx, d_logp, targets, ce_weight):
         B, T, V = logits.shape
         n = B * T
         want_grad = ctx.needs_input_grad[0]  # not when evaluating: the logits then need no gradient
@@ -127,16 +132,23 @@ class FusedForwardKL(torch.autograd.Function):
             for i in range(0, T, FUSED_ROWS):
                 j = min(T, i + FUSED_ROWS)
                 ls = torch.log_softmax(logits[b, i:j].float(), dim=-1)
-                lt = t_logp[b, i:j].float()
-                pt = lt.exp()
-                total += (pt * (lt - ls)).sum()
                 y = targets[b, i:j].unsqueeze(-1)
+                if t_logp is not None:
+                    lt = t_logp[b, i:j].float()  # may be the teacher's own tensor: never written to
+                    pt = lt.exp()
+                    total += (pt * (lt - ls)).sum()
+                else:
+                    draws = idx[b, i:j].long()
+                    total += (d_logp[b, i:j].float() - ls.gather(-1, draws)).sum() / draws.shape[-1]
                 if w:
                     total -= w * ls.gather(-1, y).sum()
                 if grad is None:
                     continue
-                ps = ls.exp()
-                g = ps.mul_(1 + w).sub_(pt) if w else ps.sub_(pt)
+                g = ls.exp_().mul_(1 + w) if w else ls.exp_()  # ls is this chunk's own: reused as the gradient
+                if t_logp is not None:
+                    g.sub_(pt)
+                else:
+                    g.scatter_add_(-1, draws, torch.full(draws.shape, -1.0 / draws.shape[-1], dtype=g.dtype, device=g.device))
                 if w:
                     g.scatter_add_(-1, y, torch.full(y.shape, -w, dtype=g.dtype, device=g.device))
                 grad[b, i:j] = g.div_(n)  # the mean's 1/n in float32, before any rounding to the logits' dtype
@@ -146,7 +158,7 @@ class FusedForwardKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None, None
 
 
 def hidden_loss(student_hidden: torch.Tensor, teacher: Signal | None) -> torch.Tensor:
