@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import PocketError
 from .loss_spec import LOSSES, TAILS, check_tail, parse_loss  # noqa: F401  (the losses' names live there)
-from .signals import FUSED_ROWS, Full, Sampled, Signal
+from .signals import Full, Sampled, Signal, row_chunks
 
 
 def bucket_logprobs(student_logits: torch.Tensor, t_idx: torch.Tensor, t_logp: torch.Tensor,
@@ -72,7 +72,8 @@ def tail_sample_term(s_full: torch.Tensor, student_bucket: torch.Tensor, targets
 
 def sampled_fkl(s_full: torch.Tensor, teacher: Sampled) -> torch.Tensor:
     """Forward KL estimated from draws of the teacher: mean over the draws of log p - log q.
-    Unbiased for KL(p || q), and its gradient for KL's (log p is a constant to the student)."""
+    Unbiased for KL(p || q), and its gradient for KL's (log p is a constant to the student).
+    The definition, in tensor ops: training computes it fused (FusedForwardKL, tested against this)."""
     return (teacher.logp - torch.gather(s_full, -1, teacher.idx)).mean(-1)
 
 
@@ -86,17 +87,15 @@ def distill_loss(name: str, beta: float | None, student_logits: torch.Tensor, ta
         return F.cross_entropy(student_logits.float().reshape(-1, student_logits.shape[-1]), targets.reshape(-1))
     if teacher is None:
         raise PocketError(f"the {name} loss needs the teacher's distribution")
+    if isinstance(teacher, Sampled) and name != "fkl":
+        raise PocketError(f"sampled teacher targets estimate forward KL only, not {name}")
     if name == "fkl" and isinstance(teacher, Full):
         return FusedForwardKL.apply(student_logits, teacher.logp, None, None, targets, ce_weight)
-    if name == "fkl" and isinstance(teacher, Sampled):
+    if isinstance(teacher, Sampled):
         return FusedForwardKL.apply(student_logits, None, teacher.idx, teacher.logp, targets, ce_weight)
     s_full = torch.log_softmax(student_logits.float(), dim=-1)
     if isinstance(teacher, Full):
         loss = divergence(name, teacher.logp, s_full, beta)
-    elif isinstance(teacher, Sampled):
-        if name != "fkl":
-            raise PocketError(f"sampled teacher targets estimate forward KL only, not {name}")
-        loss = sampled_fkl(s_full, teacher)
     else:
         t, s = _bucket(s_full, teacher.idx, teacher.logp, teacher.tail)
         loss = divergence(name, t, s, beta)
@@ -128,30 +127,28 @@ class FusedForwardKL(torch.autograd.Function):
         grad = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device) if want_grad else None
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         w = float(ce_weight)
-        for b in range(B):
-            for i in range(0, T, FUSED_ROWS):
-                j = min(T, i + FUSED_ROWS)
-                ls = torch.log_softmax(logits[b, i:j].float(), dim=-1)
-                y = targets[b, i:j].unsqueeze(-1)
-                if t_logp is not None:
-                    lt = t_logp[b, i:j].float()  # may be the teacher's own tensor: never written to
-                    pt = lt.exp()
-                    total += (pt * (lt - ls)).sum()
-                else:
-                    draws = idx[b, i:j].long()
-                    total += (d_logp[b, i:j].float() - ls.gather(-1, draws)).sum() / draws.shape[-1]
-                if w:
-                    total -= w * ls.gather(-1, y).sum()
-                if grad is None:
-                    continue
-                g = ls.exp_().mul_(1 + w) if w else ls.exp_()  # ls is this chunk's own: reused as the gradient
-                if t_logp is not None:
-                    g.sub_(pt)
-                else:
-                    g.scatter_add_(-1, draws, torch.full(draws.shape, -1.0 / draws.shape[-1], dtype=g.dtype, device=g.device))
-                if w:
-                    g.scatter_add_(-1, y, torch.full(y.shape, -w, dtype=g.dtype, device=g.device))
-                grad[b, i:j] = g.div_(n)  # the mean's 1/n in float32, before any rounding to the logits' dtype
+        for rows in row_chunks(logits.shape):
+            ls = torch.log_softmax(logits[rows].float(), dim=-1)
+            y = targets[rows].unsqueeze(-1)
+            if t_logp is not None:
+                lt = t_logp[rows].float()  # may be the teacher's own tensor: never written to
+                pt = lt.exp()
+                total += (pt * (lt - ls)).sum()
+            else:
+                draws = idx[rows].long()
+                total += (d_logp[rows].float() - ls.gather(-1, draws)).sum() / draws.shape[-1]
+            if w:
+                total -= w * ls.gather(-1, y).sum()
+            if grad is None:
+                continue
+            g = ls.exp_().mul_(1 + w) if w else ls.exp_()  # ls is this chunk's own: reused as the gradient
+            if t_logp is not None:
+                g.sub_(pt)
+            else:
+                g.scatter_add_(-1, draws, torch.full(draws.shape, -1.0 / draws.shape[-1], dtype=g.dtype, device=g.device))
+            if w:
+                g.scatter_add_(-1, y, torch.full(y.shape, -w, dtype=g.dtype, device=g.device))
+            grad[rows] = g.div_(n)  # the mean's 1/n in float32, before any rounding to the logits' dtype
         ctx.save_for_backward(grad)
         return (total / n).to(torch.float32)
 

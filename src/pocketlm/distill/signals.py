@@ -25,6 +25,13 @@ FULL_MAX_PARAMS = 1_000_000_000
 FUSED_ROWS = 32
 
 
+def row_chunks(shape: torch.Size):
+    """Index tuples (b, positions) covering a (batch, positions, ...) tensor FUSED_ROWS positions at a time."""
+    for b in range(shape[0]):
+        for i in range(0, shape[1], FUSED_ROWS):
+            yield b, slice(i, min(shape[1], i + FUSED_ROWS))
+
+
 @dataclass
 class TopK:
     idx: torch.Tensor  # (B, T, k) token ids
@@ -77,10 +84,8 @@ class OnlineTeacher:
         # rows at a time: two fewer passes over a (B, T, vocabulary) tensor than log_softmax + clone
         logp = out.logits[:, :-1].to(torch.float32, copy=True)
         with torch.no_grad():
-            for b in range(logp.shape[0]):
-                for i in range(0, logp.shape[1], FUSED_ROWS):
-                    rows = logp[b, i:i + FUSED_ROWS]
-                    rows.copy_(torch.log_softmax(rows, dim=-1))
+            for rows in row_chunks(logp.shape):
+                logp[rows] = torch.log_softmax(logp[rows], dim=-1)
         return Full(logp, hidden)
 
 
