@@ -111,9 +111,15 @@ class LlamaServer:
     def _start(self) -> None:
         import httpx
 
+        # Its own process group: a Ctrl-C at the terminal reaches the front alone, which stops it. Not its
+        # own session (start_new_session, before): where the kernel groups CPU time by session (Linux
+        # autogroup, on by default) llama-server then competed as one group against the front and its
+        # clients together, and whenever they ran, one of its two threads was descheduled while the other
+        # spun at llama.cpp's per-op barrier: 16 clients x 5 answers took 27 CPU-seconds of llama-server
+        # instead of 23, and serve got 0.71-0.84x the same server run bare (bench/results/serve_load.md, 12-04)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True)  # a Ctrl-C to the front is the front's to handle
+                                         process_group=0)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
