@@ -90,7 +90,8 @@ def section(r: dict, eval_tokens: int) -> str:
                   "| finalist | non-emb params | bpw at the budget | KLD after pilot heal | + quantization KLD | score |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {p['label']} | {p['non_embedding'] / 1e6:.1f}M | {p['bpw']:.2f} | {p['pilot_kld']:.3f} | "
-                  f"{p['quant_kld']:.3f} | {p['score']:.3f} |" for p in choice["pilots"]]
+                  f"{p['quant_kld']:.3f}{'' if p.get('quant_measured') else ' (predicted)'} | {p['score']:.3f} |"
+                  for p in choice["pilots"]]
     lines += ["", "Time per step in s (peak RSS of the step, compress's own process): "
               + ", ".join(f"{k} {v}" for k, v in step_s.items())
               + f"; whole command {r['wall_s'] / 60:.1f} min (goal ≤ 90), peak RSS of the largest process "

@@ -3,8 +3,10 @@ chooser's ranking (distill/choose.py) the one longer healing gives?
 
 Each shape is pruned from the default model and healed exactly as `compress --target-size SIZE`
 pilots its finalists (compress/student.py: the recipe's defaults, the bundled general text),
-then its sensitivity measured and the budget's allocation found; prints each pilot's KLD after
-healing + predicted quantization KLD. Shapes are labels as `plan` prints them.
+then its sensitivity measured, the budget's allocation found, and (as compress does, unless its
+healing alone scores above the best so far) its file made and measured; prints each pilot's KLD
+after healing, the quantization KLD the sensitivity proxy predicts and the one its file measured.
+Shapes are labels as `plan` prints them.
 
   .venv/bin/python bench/pilots.py --size 60MB --shapes L26-h576-a9x3-f1280,L30-h512-a8x8-f1536 --tokens 200000
 
@@ -56,12 +58,15 @@ def main() -> None:
     print(f"{machine_name()}: {args.size}, {args.tokens:,} tokens per pilot", flush=True)
     # a pilot kept under another key (other code, data or recipe) is redone, as compress's are
     key = key_of("choose", budget, d, q, _hash_files(data), _hash_files(calib))
-    rows = []
+    rows, scores = [], []
     for c in (named[s] for s in dict.fromkeys(args.shapes.split(","))):
-        r = pilot_heal(src, CACHE / f"{args.size}-{args.tokens}", c, data, d, q, calib, True, key)
+        r = pilot_heal(src, CACHE / f"{args.size}-{args.tokens}", c, data, d, q, calib, True, key, min(scores, default=None))
+        scores.append(r["pilot_kld"] + r["quant_kld"])
+        measured = f"{r['quant_kld']:.3f}" if r.get("quant_measured") else "not measured"
         rows.append(f"| {c.label} | {c.non_embedding / 1e6:.1f}M | {c.bpw:.2f} | {r['pilot_kld']:.3f} | "
-                    f"{r['quant_kld']:.3f} | {r['pilot_kld'] + r['quant_kld']:.3f} | {r['seconds']:.0f} |")
-    print("| shape | non-emb params | bpw | KLD after healing | + quantization KLD | score | s |\n|---|---|---|---|---|---|---|")
+                    f"{r.get('predicted_quant_kld', r['quant_kld']):.3f} | {measured} | {scores[-1]:.3f} | {r['seconds']:.0f} |")
+    print("| shape | non-emb params | bpw | KLD after healing | + quantization KLD predicted | + measured (file) | score | s |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

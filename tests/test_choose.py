@@ -80,8 +80,14 @@ def test_finalists_and_the_pilots_verdict():
     assert finalists([c, a, wider, b, wide], keep=(576, 9)) == [a, b, wide]  # and the largest keeping the width
     assert finalists([c, a, b], keep=(512, 8)) == [a, b]  # already a finalist: not piloted twice
     scores = {a.non_embedding: (0.9, 0.30), b.non_embedding: (0.95, 0.10), c.non_embedding: (1.2, 0.05)}
-    result = choose([a, b, c], lambda x: dict(zip(("pilot_kld", "quant_kld"), scores[x.non_embedding])),
-                    say=lambda _line: None)
+    bests = []
+
+    def pilot(x, best):
+        bests.append(best)  # the best score so far: a finalist whose healing alone is worse need not be quantized
+        return dict(zip(("pilot_kld", "quant_kld"), scores[x.non_embedding]))
+
+    result = choose([a, b, c], pilot, say=lambda _line: None)
+    assert bests == [None, pytest.approx(1.2), pytest.approx(1.05)]
     assert result["shape"] == b.shape_options() and [p["score"] for p in result["pilots"]] == pytest.approx([1.2, 1.05, 1.25])
     assert result["why"].startswith(b.label) and "1.050" in result["why"] and "1.250" in result["why"]
     assert finalists([_cand(10, 2.9)]) == [_cand(10, 2.9)]  # none reaches a level: the one with most bits

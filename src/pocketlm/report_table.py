@@ -109,5 +109,6 @@ def print_students(d: dict, target: int) -> None:
     for r in rows[1:]:
         t.add_row(*r)
     console.print(t)
-    console.print("`pocketlm compress` pilot-heals the finalists and keeps the one whose KLD after healing plus "
-                  "predicted quantization KLD is least; bpw: the bits per weight the budget leaves each shape's matrices.")
+    console.print("`pocketlm compress` pilot-heals the finalists, quantizes each to the budget and keeps the one whose "
+                  "KLD after healing plus the KLD its file adds is least; bpw: the bits per weight the budget leaves "
+                  "each shape's matrices.")

@@ -47,9 +47,10 @@ def students_below_floor(model, target_size: int, memory: int | None = None, ctx
 
 
 def pilot_heal(src, folder: Path, c, data: list[str], d: dict, q: dict, calib: list[str], progress: bool,
-               key: str) -> dict:
-    """Candidate `c` pruned and healed for d["pilot_tokens"], then its sensitivity measured and
-    the allocation its file budget allows found: {"pilot_kld", "quant_kld", ...}. Kept in
+               key: str, best: float | None = None) -> dict:
+    """Candidate `c` pruned and healed for d["pilot_tokens"], its sensitivity measured and the
+    allocation its file budget allows found, then (unless its healing alone scores above `best`)
+    quantized to it and the file's KLD measured: {"pilot_kld", "quant_kld", ...}. Kept in
     `folder` under `key`; a result kept under another key is redone."""
     from ..distill.run import DistillOptions, distill
     from ..quantize.budget import types_for_budget
@@ -63,20 +64,55 @@ def pilot_heal(src, folder: Path, c, data: list[str], d: dict, q: dict, calib: l
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model = folder / c.label
-    m = distill(src.path, model, DistillOptions(
+    opts = DistillOptions(
         data=data, tokens=d["pilot_tokens"], loss=d["loss"], targets=d["targets"], ce_weight=d["ce_weight"],
         hidden_weight=d["hidden_weight"],
         **c.shape_options(), resume=True, force=True, progress=progress, say=lambda _line: None,
-        eval_every=10**9, save_every=10**9))
+        eval_every=10**9, save_every=10**9)
+    m = distill(src.path, model, opts)
     sens = measure(model, calib, q["calib_tokens"], progress)
     types = types_for_budget(sens, c.file_budget)
     last = m["history"][-1]
-    result = {"pilot_kld": last["kld"], "pilot_ppl": last["ppl"], "quant_kld": sens.predicted_kld(types),
-              "file_bytes": sens.file_bytes(types), "tokens": m["tokens"],
-              "seconds": round(time.perf_counter() - t0, 1)}
+    predicted = sens.predicted_kld(types)
+    result = {"pilot_kld": last["kld"], "pilot_ppl": last["ppl"], "quant_kld": predicted, "quant_measured": False,
+              "predicted_quant_kld": predicted, "file_bytes": sens.file_bytes(types), "tokens": m["tokens"]}
+    if best is None or last["kld"] < best:
+        file_kld = _file_kld(src, model, types, data, opts, q, calib, folder / f"{c.label}.gguf", progress)
+        # llama.cpp rounds each matmul's input to 8 bits, which the float forward above does not: the proxy's term
+        result.update(quant_kld=file_kld - last["kld"] + sens.runtime_kld(types), quant_measured=True, file_kld=file_kld)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(done, {"key": key, "result": result})
     shutil.rmtree(model)  # a float32 student is hundreds of MB; its numbers are all the choice needs
     return result
+
+
+def _file_kld(src, model: Path, types: dict, data: list[str], opts, q: dict, calib: list[str], gguf: Path,
+              progress: bool) -> float:
+    """The held-out KLD to the teacher of `model` quantized to `types` as compress will quantize
+    it, measured as distill measured the pilot's (same sequences, signal and precision): the
+    file's values, decoded exactly as llama.cpp decodes them, in the student's float forward."""
+    import torch
+
+    from ..distill.data import load_sequences
+    from ..distill.signals import OnlineTeacher
+    from ..distill.trainer import TrainConfig, evaluate_student
+    from ..models.load import load
+    from ..quantize.pipeline import QuantizeOptions, quantize_model
+    from ..quantize.qad import build_student
+    from ..util.machine import compute_device
+
+    quantize_model(str(model), gguf, QuantizeOptions(types=types, method=q["method"], calib=calib,
+                                                     calib_tokens=q["calib_tokens"], progress=progress))
+    try:
+        teacher = load(src)
+        seqs = load_sequences(teacher.tokenizer, data, opts.seq, teacher.add_bos)
+        device = compute_device(0)
+        teacher.model.to(device, torch.bfloat16 if opts.bf16 else torch.float32)
+        student, _, _ = build_student(load(model).model, gguf)
+        cfg = TrainConfig(micro_batch=opts.micro_batch, bf16=opts.bf16)
+        return float(evaluate_student(student.to(device), seqs.held_out, OnlineTeacher(teacher.model), cfg)["kld"])
+    finally:
+        gguf.unlink(missing_ok=True)
 
 
 def choose_student(src, folder: Path, budget: int, data: list[str], d: dict, q: dict, calib: list[str],
@@ -100,7 +136,8 @@ def choose_student(src, folder: Path, budget: int, data: list[str], d: dict, q: 
                f"the finalist nearest {LEVELS[len(LEVELS) // 2]} bits per weight (distill.pilot_tokens: 0, no pilots)")
         choice = {"pilots": [], "chosen": mid.label, "shape": mid.shape_options(), "why": f"{mid.label}: {why}"}
     else:
-        choice = choose(finals, lambda c: pilot_heal(src, folder, c, data, d, q, calib, progress, key), say)
+        choice = choose(finals, lambda c, best: pilot_heal(src, folder, c, data, d, q, calib, progress, key, best),
+                        say)
     choice["candidates"] = [c.to_dict() for c in cands]
     choice["finalists"] = [c.label for c in finals]
     write_json(folder / "choose.json", choice)

@@ -110,7 +110,8 @@ def _choice_table(choice: dict) -> list[list[str]]:
     rows = [head]
     for p in choice["pilots"]:
         rows.append([p["label"], f"{p['non_embedding'] / 1e6:.1f}M", f"{p['bpw']:.2f}", f"{p['pilot_kld']:.3f}",
-                     f"{p['quant_kld']:.3f}", f"{p['score']:.3f}", "chosen" if p["label"] == choice["chosen"] else ""])
+                     f"{p['quant_kld']:.3f}" + ("" if p.get("quant_measured") else " (predicted)"), f"{p['score']:.3f}",
+                     "chosen" if p["label"] == choice["chosen"] else ""])
     piloted = {p["label"] for p in choice["pilots"]}
     rest = sorted((c for c in choice["candidates"] if c["label"] not in piloted), key=lambda c: -c["non_embedding"])
     for c in rest[:8]:

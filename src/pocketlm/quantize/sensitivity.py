@@ -67,9 +67,16 @@ class Sensitivity:
     act_gains: dict = field(default_factory=dict)  # kind -> KLD per unit of activation rounding error
 
     def loss(self, name: str, type_name: str) -> float:
-        info, kind = self.tensors[name], kind_of(name)
-        runtime = info.get("act_errors", {}).get(str(get_format(type_name).activation_block), 0.0)
-        return self.gains[kind] * info["errors"][type_name] + self.act_gains.get(kind, 0.0) * runtime
+        return self.gains[kind_of(name)] * self.tensors[name]["errors"][type_name] + self._runtime(name, type_name)
+
+    def _runtime(self, name: str, type_name: str) -> float:
+        """The predicted KLD of llama.cpp rounding this tensor's input to 8 bits for `type_name`."""
+        runtime = self.tensors[name].get("act_errors", {}).get(str(get_format(type_name).activation_block), 0.0)
+        return self.act_gains.get(kind_of(name), 0.0) * runtime
+
+    def runtime_kld(self, types: dict[str, str]) -> float:
+        """The part of predicted_kld that is activation rounding, not the weights' error."""
+        return float(sum(self._runtime(n, types[n]) for n in self.tensors))
 
     def options(self) -> dict[str, list[Option]]:
         return {name: [Option(t, tensor_bytes(t, info["shape"]), self.loss(name, t)) for t in info["errors"]]
