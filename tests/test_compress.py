@@ -109,6 +109,7 @@ def test_compress_can_distill_first(job, sample_text):
     assert len(choice["pilots"]) >= 2 and all(p["pilot_kld"] > 0 and p["quant_kld"] > 0 for p in choice["pilots"])
     first = choice["pilots"][0]  # quantized and measured: its file's KLD is its healing's plus its quantization's
     assert first["quant_measured"] and first["file_kld"] > first["pilot_kld"], first
+    assert first["float_kld"] == first["pilot_kld"]  # distill's own measure, exact with the full-vocabulary teacher
     assert first["quant_kld"] >= first["file_kld"] - first["pilot_kld"] and not any((out / "choose").glob("*.gguf"))
     best = min(choice["pilots"], key=lambda p: p["pilot_kld"] + p["quant_kld"])
     assert choice["chosen"] == best["label"] and steps["distill"]["result"]["shape"]["ffn"] == best["ffn"]

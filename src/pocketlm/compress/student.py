@@ -77,9 +77,12 @@ def pilot_heal(src, folder: Path, c, data: list[str], d: dict, q: dict, calib: l
     result = {"pilot_kld": last["kld"], "pilot_ppl": last["ppl"], "quant_kld": predicted, "quant_measured": False,
               "predicted_quant_kld": predicted, "file_bytes": sens.file_bytes(types), "tokens": m["tokens"]}
     if best is None or last["kld"] < best:
-        file_kld = _file_kld(src, model, types, data, opts, q, calib, folder / f"{c.label}.gguf", progress)
+        # distill's held-out KLD is exact with the full-vocabulary teacher, an estimate from its draws otherwise
+        float_kld, file_kld = _file_kld(src, model, types, data, opts, q, calib, folder / f"{c.label}.gguf", progress,
+                                        last["kld"] if m["targets"] == "full" else None)
         # llama.cpp rounds each matmul's input to 8 bits, which the float forward above does not: the proxy's term
-        result.update(quant_kld=file_kld - last["kld"] + sens.runtime_kld(types), quant_measured=True, file_kld=file_kld)
+        result.update(quant_kld=file_kld - float_kld + sens.runtime_kld(types), quant_measured=True, file_kld=file_kld,
+                      float_kld=float_kld)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(done, {"key": key, "result": result})
     shutil.rmtree(model)  # a float32 student is hundreds of MB; its numbers are all the choice needs
@@ -87,10 +90,11 @@ def pilot_heal(src, folder: Path, c, data: list[str], d: dict, q: dict, calib: l
 
 
 def _file_kld(src, model: Path, types: dict, data: list[str], opts, q: dict, calib: list[str], gguf: Path,
-              progress: bool) -> float:
-    """The held-out KLD to the teacher of `model` quantized to `types` as compress will quantize
-    it, measured as distill measured the pilot's (same sequences, signal and precision): the
-    file's values, decoded exactly as llama.cpp decodes them, in the student's float forward."""
+              progress: bool, float_kld: float | None) -> tuple[float, float]:
+    """(the float `model`'s held-out KLD to the teacher, that of `model` quantized to `types` as
+    compress will quantize it), both over the whole vocabulary on distill's held-out sequences at
+    its precision; the file's values decoded exactly as llama.cpp decodes them, in the student's
+    float forward. `float_kld`: the first, when distill measured it so already."""
     import torch
 
     from ..distill.data import load_sequences
@@ -108,9 +112,12 @@ def _file_kld(src, model: Path, types: dict, data: list[str], opts, q: dict, cal
         seqs = load_sequences(teacher.tokenizer, data, opts.seq, teacher.add_bos)
         device = compute_device(0)
         teacher.model.to(device, torch.bfloat16 if opts.bf16 else torch.float32)
-        student, _, _ = build_student(load(model).model, gguf)
-        cfg = TrainConfig(micro_batch=opts.micro_batch, bf16=opts.bf16)
-        return float(evaluate_student(student.to(device), seqs.held_out, OnlineTeacher(teacher.model), cfg)["kld"])
+        signal, cfg = OnlineTeacher(teacher.model), TrainConfig(micro_batch=opts.micro_batch, bf16=opts.bf16)
+        skeleton = load(model).model
+        if float_kld is None:
+            float_kld = float(evaluate_student(skeleton.to(device), seqs.held_out, signal, cfg)["kld"])
+        student, _, _ = build_student(skeleton.to("cpu"), gguf)
+        return float_kld, float(evaluate_student(student.to(device), seqs.held_out, signal, cfg)["kld"])
     finally:
         gguf.unlink(missing_ok=True)
 
