@@ -58,16 +58,16 @@ def main() -> None:
     print(f"{machine_name()}: {args.size}, {args.tokens:,} tokens per pilot", flush=True)
     # a pilot kept under another key (other code, data or recipe) is redone, as compress's are
     key = key_of("choose", budget, d, q, _hash_files(data), _hash_files(calib))
-    rows, scores = [], []
-    for c in (named[s] for s in dict.fromkeys(args.shapes.split(","))):
-        r = pilot_heal(src, CACHE / f"{args.size}-{args.tokens}", c, data, d, q, calib, True, key, min(scores, default=None))
-        scores.append(r["pilot_kld"] + r["quant_kld"])
-        measured = f"{r['quant_kld']:.3f}" if r.get("quant_measured") else "not measured"
-        rows.append(f"| {c.label} | {c.non_embedding / 1e6:.1f}M | {c.bpw:.2f} | {r['pilot_kld']:.3f} | "
-                    f"{r.get('predicted_quant_kld', r['quant_kld']):.3f} | {measured} | {scores[-1]:.3f} | {r['seconds']:.0f} |")
+    # compress's own verdict over the named shapes, so each pilot gets the best score so far as compress's do
+    shapes = [named[s] for s in dict.fromkeys(args.shapes.split(","))]
+    result = choose.choose(shapes, lambda c, best: pilot_heal(src, CACHE / f"{args.size}-{args.tokens}", c, data, d, q,
+                                                              calib, True, key, best))
     print("| shape | non-emb params | bpw | KLD after healing | + quantization KLD predicted | + measured (file) | score | s |")
     print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    for r in result["pilots"]:
+        measured = f"{r['quant_kld']:.3f}" if r.get("quant_measured") else "not measured"
+        print(f"| {r['label']} | {r['non_embedding'] / 1e6:.1f}M | {r['bpw']:.2f} | {r['pilot_kld']:.3f} | "
+              f"{r.get('predicted_quant_kld', r['quant_kld']):.3f} | {measured} | {r['score']:.3f} | {r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":
