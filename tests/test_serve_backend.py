@@ -172,3 +172,50 @@ def _tokenizer():
     from pocketlm.serve.backend import LocalTokenizer
 
     return LocalTokenizer(DEFAULT_MODEL)
+
+
+class _Scripted:
+    """A backend that answers every POST with one canned reply (status, content type, body)."""
+
+    def __init__(self, status: int, body: bytes, content_type: str = "text/event-stream"):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(status)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answers(self, stream: bool) -> httpx.Response:
+        pool = ContextPool(self.url, n_ctx=1024, parallel=1, max_queue=1,
+                           loader=lambda url, n_ctx, n_threads: RemoteModel(url, None, "m", _tokenizer(), n_ctx, timeout=5))
+        server = LiveServer(create_app(pool, "m", None, api_key=None, max_upload_mb=1))
+        try:
+            return httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+                "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": stream})
+        finally:
+            server.stop()
+            self.httpd.shutdown()
+
+
+def test_the_backends_refusals_and_stream_errors_reach_the_client():
+    busy = _Scripted(429, b'{"error": {"message": "all slots busy", "type": "server_error"}}', "application/json")
+    r = busy.answers(stream=False)
+    assert r.status_code == 429 and "all slots busy" in r.json()["error"]["message"], r.text
+
+    piece = b'data: {"choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": null}]}\n\n'
+    broken = _Scripted(200, piece + b'data: {"error": {"message": "the engine ran out of memory"}}\n\n')
+    r = broken.answers(stream=True)
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert '"Hel"' in events[1] and "ran out of memory" in events[-2] and events[-1] == "[DONE]", events

@@ -235,7 +235,7 @@ def test_streamed_answers_reuse_one_connection_to_llama_server():
             assert pieces
             await asyncio.sleep(0.5)  # time for a close from either side to arrive
             seen.append(open_to_server())
-        await model.connection.client().aclose()
+        await model.connection.aclose()
         return seen
 
     try:

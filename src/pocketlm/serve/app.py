@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import json
 import time
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from importlib import resources
 
 from fastapi import FastAPI, File, Request, UploadFile
@@ -111,7 +111,14 @@ def _too_large(limit: int) -> JSONResponse:
 
 def create_app(pool, model_id: str, kb=None, *, api_key: str | None = None, max_body_mb: float = 1,
                max_upload_mb: float = 10, body_timeout_s: float = 30) -> FastAPI:
-    app = FastAPI(title="pocketlm", docs_url=None, redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        # the backend client's open connections, closed on the loop that made them
+        for connection in {id(m.connection): m.connection for m in pool.models if hasattr(m, "connection")}.values():
+            await connection.aclose()
+
+    app = FastAPI(title="pocketlm", docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = Metrics(pool)
     app.state.pool, app.state.kb, app.state.metrics = pool, kb, metrics
     app.add_middleware(Guard, api_key=api_key, max_body=int(max_body_mb * MB), max_upload=int(max_upload_mb * MB),
