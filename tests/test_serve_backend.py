@@ -219,3 +219,11 @@ def test_the_backends_refusals_and_stream_errors_reach_the_client():
     r = broken.answers(stream=True)
     events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
     assert '"Hel"' in events[1] and "ran out of memory" in events[-2] and events[-1] == "[DONE]", events
+
+    # one chunk longer than the HTTP client's default line limit (128 KiB) still comes through whole
+    long = "x" * 300_000
+    r = _Scripted(200, b'data: {"choices": [{"index": 0, "delta": {"content": "%s"}, "finish_reason": "stop"}]}\n\n'
+                  % long.encode()).answers(stream=False)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == long, r.text[:300]
+    r = _Scripted(200, b'data: {"choices": [{"index": 0, "delta": {"content": "Hel\n\n').answers(stream=False)
+    assert r.status_code == 502 and "malformed stream" in r.json()["error"]["message"], r.text

@@ -61,6 +61,9 @@ class LocalTokenizer:
         return estimate_chat_tokens(self.tokenize, messages)
 
 
+LONGEST_LINE = 16 * 2**20  # bytes of one streamed chunk from the backend
+
+
 def auth_headers(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
@@ -92,7 +95,10 @@ class Connection:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)
             # sock_read: the longest the backend may go quiet between two streamed pieces
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self.timeout)
-            self._session = aiohttp.ClientSession(headers=self.headers, timeout=timeout, connector=connector)
+            # read_bufsize: aiohttp refuses a line over twice this (128 KiB by default); a streamed
+            # chunk is one line, and httpx, before, took any length
+            self._session = aiohttp.ClientSession(headers=self.headers, timeout=timeout, connector=connector,
+                                                  read_bufsize=LONGEST_LINE // 2)
             self._loop = loop
         return self._session
 
@@ -153,6 +159,8 @@ class RemoteModel:
                         yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise APIError(502, f"the backend at {self.url} failed: {type(exc).__name__}: {exc}", type="server_error") from None
+        except ValueError as exc:  # a chunk that is not JSON, or a line over LONGEST_LINE
+            raise APIError(502, f"the backend at {self.url} sent a malformed stream: {exc}", type="server_error") from None
 
 
 _DONE: Any = object()
