@@ -47,10 +47,13 @@ def test_batched_q4_1_logprobs_match_llama_cpp_python():
     """setup's llama-server carries pocketlm's patches (scripts/llama.cpp-patches): a Q4_1 kernel
     for batches, and flash attention jumping over other sequences' cells of the shared KV pool.
     With four greedy requests at once in that pool (prompt processing, then decoding in batches of
-    4 down to 1 as they end) every generated token's logprob equals, to float rounding (2e-4
-    measured), what llama-cpp-python's unpatched build gives, which takes one dot product per row
-    and column. The kernel with its min term off by 0.1% moved them by 0.2, the skip one cell too
-    far by 15.9; without flash attention on both sides they differ by 0.25."""
+    4 down to 1 as they end) every generated token's logprob is what llama-cpp-python's unpatched
+    build gives, to this model's sensitivity to float summation order: the kernel sums a block in
+    integers and then scales it, where llama.cpp scales eight partial sums, and that alone moves
+    them by up to 0.20 (mean 0.03, measured; writing float64-exact products instead moved them as
+    much, and so does turning flash attention off on both sides: 0.25). So this catches a kernel
+    or a skip that is wrong (the skip one cell too far moved them by 15.9); the kernel's arithmetic
+    is checked to float rounding, away from the model, by test_q4_1_kernel."""
     import concurrent.futures
 
     import numpy as np
@@ -76,16 +79,17 @@ def test_batched_q4_1_logprobs_match_llama_cpp_python():
             answers = list(ex.map(ask, range(4)))
     finally:
         server.stop()
-    worst, compared = 0.0, 0
+    worst, total, compared = 0.0, 0.0, 0
     for prompt, answer in zip(prompts, answers):
         ids = [i for i, _ in answer]
         ref.reset()
         ref.eval(prompt + ids)
         logprobs = log_softmax(np.asarray(ref.scores[: len(prompt) + len(ids)]))
         for t, (token, logprob) in enumerate(answer):
-            worst = max(worst, abs(logprobs[len(prompt) - 1 + t, token] - logprob))
+            diff = abs(logprobs[len(prompt) - 1 + t, token] - logprob)
+            worst, total = max(worst, diff), total + diff
             compared += 1
-    assert compared >= 40 and worst < 2e-3, (compared, worst)
+    assert compared >= 40 and worst < 1.0 and total / compared < 0.1, (compared, worst, total / compared)
 
 
 def _chat(url: str, key: str | None, question: str = "Say hi.", **extra) -> httpx.Response:

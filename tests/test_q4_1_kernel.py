@@ -1,0 +1,146 @@
+"""pocketlm's Q4_1 batch kernel for llama.cpp (scripts/llama.cpp-patches/q4_1-batched-matmul.patch),
+compiled from the patch's own lines into a small harness and checked against a float64 reference
+of the product llama.cpp's ggml_vec_dot_q4_1_q8_1 computes. The served model cannot check this
+finely: its logprobs move by up to ~0.2 under any change of float summation order (see
+test_serve_supervise), as much as a kernel with its min term off by 0.1% moved them; here such a
+kernel is off by ~100x the bound."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PATCH = Path(__file__).resolve().parents[1] / "scripts" / "llama.cpp-patches" / "q4_1-batched-matmul.patch"
+
+# ggml's block layouts (ggml-common.h) and the few helpers sgemm.cpp gives the kernel
+_SHIM = """
+#include <immintrin.h>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+#include <vector>
+#define NOINLINE __attribute__((noinline))
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+typedef uint16_t ggml_fp16_t;
+struct block_q4_1 { ggml_fp16_t d, m; uint8_t qs[16]; };
+struct block_q8_1 { ggml_fp16_t d, s; int8_t qs[32]; };
+static inline float unhalf(ggml_fp16_t d) { return _cvtsh_ss(d); }
+"""
+
+_MAIN = """
+int main() {
+    long m, n, k, nth;
+    if (fread(&m, 8, 1, stdin) != 1 || fread(&n, 8, 1, stdin) != 1 || fread(&k, 8, 1, stdin) != 1 ||
+        fread(&nth, 8, 1, stdin) != 1) return 2;
+    std::vector<block_q4_1> A(m * k);
+    std::vector<block_q8_1> B(n * k);
+    std::vector<float> C(n * m, -1e30f);
+    if (fread(A.data(), sizeof(block_q4_1), A.size(), stdin) != A.size() ||
+        fread(B.data(), sizeof(block_q8_1), B.size(), stdin) != B.size()) return 2;
+    std::vector<std::thread> threads;  // llama.cpp runs the kernel on every thread at once
+    for (long t = 0; t < nth; ++t)
+        threads.emplace_back([&, t] {
+            tinyBLAS_Q4_1_AVX tb(k, A.data(), k, B.data(), k, C.data(), m, (int)t, (int)nth);
+            tb.matmul(m, n);
+        });
+    for (auto &t : threads) t.join();
+    fwrite(C.data(), sizeof(float), C.size(), stdout);
+}
+"""
+
+Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
+Q8_1 = np.dtype([("d", "<f2"), ("s", "<f2"), ("qs", "i1", 32)])
+
+
+def _kernel_source() -> str:
+    """The kernel class as the patch adds it: its added lines from the class to its #endif."""
+    added = [line[1:] for line in PATCH.read_text().splitlines() if line.startswith("+") and not line.startswith("+++")]
+    start = next(i for i, line in enumerate(added) if line.startswith("class tinyBLAS_Q4_1_AVX"))
+    end = next(i for i, line in enumerate(added) if i > start and line.startswith("#endif // __AVX2__"))
+    return "\n".join(added[start:end])
+
+
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+# The kernel's two paths: 256-bit VNNI dot products with 32 registers where AVX-512 is (what the
+# server is built with on our hosts), and AVX2's multiply-adds with 16 registers elsewhere.
+VARIANTS = {"avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+            "avx512-vnni": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq",
+                             "-mavx512vnni"], {"avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512_vnni"})}
+
+
+@pytest.fixture(scope="module")
+def harnesses(tmp_path_factory) -> dict[str, Path]:
+    compiler = shutil.which("g++") or shutil.which("c++")
+    assert compiler, "setup builds llama-server with a C++ compiler; the kernel's test uses the same"
+    flags = _cpu_flags()
+    assert VARIANTS["avx2"][1] <= flags, "the kernel is built only for AVX2 hosts; this host runs stock llama.cpp"
+    out = {}
+    folder = tmp_path_factory.mktemp("q4_1")
+    (folder / "harness.cpp").write_text(_SHIM + _kernel_source() + _MAIN)
+    for name, (cflags, needs) in VARIANTS.items():
+        if needs <= flags:
+            exe = folder / name
+            subprocess.run([compiler, "-O2", "-std=c++17", "-pthread", *cflags, "-o", str(exe),
+                            str(folder / "harness.cpp")], check=True)
+            out[name] = exe
+    return out
+
+
+def _blocks(m: int, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = np.zeros((m, k), Q4_1)
+    a["d"] = rng.uniform(0.001, 0.05, (m, k))
+    a["m"] = -a["d"].astype(np.float32) * rng.uniform(0, 8, (m, k))
+    a["qs"] = rng.integers(0, 256, (m, k, 16))
+    b = np.zeros((n, k), Q8_1)
+    b["qs"] = rng.integers(-127, 128, (n, k, 32))
+    d = rng.uniform(0.001, 0.1, (n, k)).astype(np.float32)
+    b["d"] = d
+    b["s"] = d * b["qs"].astype(np.int32).sum(-1)  # as quantize_row_q8_1 keeps it
+    return a, b
+
+
+def _reference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(C, bound): the exact product of the decoded blocks, C[j, i] for column j and row i, and a
+    float32 rounding bound from the sum of its terms' magnitudes."""
+    q = np.concatenate([a["qs"] & 15, a["qs"] >> 4], -1).astype(np.int64)  # element e, then e+16
+    sums = np.einsum("ikx,jkx->jik", q, b["qs"].astype(np.int64)).astype(np.float64)
+    ad, am = a["d"].astype(np.float64), a["m"].astype(np.float64)
+    bd, bs = b["d"].astype(np.float64), b["s"].astype(np.float64)
+    scaled = sums * np.einsum("ik,jk->jik", ad, bd)
+    mins = np.einsum("ik,jk->jik", am, bs)
+    return (scaled + mins).sum(-1), (np.abs(scaled) + np.abs(mins)).sum(-1)
+
+
+def _run(exe: Path, a: np.ndarray, b: np.ndarray, nth: int) -> np.ndarray:
+    (m, k), n = a.shape, b.shape[0]
+    stdin = np.array([m, n, k, nth], "<i8").tobytes() + a.tobytes() + b.tobytes()
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, check=True).stdout
+    return np.frombuffer(out, np.float32).reshape(n, m)
+
+
+# rows and columns that fill the kernel's tiles and that leave remainders in both directions;
+# one and several threads splitting the tiles
+SHAPES = [(4, 2, 1, 1), (8, 8, 3, 2), (13, 5, 2, 2), (6, 9, 4, 3), (576, 16, 18, 2), (192, 17, 48, 2),
+          (16, 40, 5, 3), (1536, 3, 2, 2)]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_q4_1_kernel_computes_llama_cpps_product(harnesses, variant):
+    if variant not in harnesses:
+        pytest.skip(f"this CPU lacks {sorted(VARIANTS[variant][1] - _cpu_flags())}: llama-server is built without it")
+    for seed, (m, n, k, nth) in enumerate(SHAPES):
+        a, b = _blocks(m, n, k, seed)
+        c = _run(harnesses[variant], a, b, nth)
+        ref, bound = _reference(a, b)
+        err = np.abs(c - ref) / bound
+        assert np.isfinite(c).all() and err.max() < 1e-5, ((m, n, k, nth), err.max())
