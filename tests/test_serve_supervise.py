@@ -44,16 +44,16 @@ _TEXTS = ("The history of the Roman Empire spans many centuries and includes",
 
 
 def test_batched_q4_1_logprobs_match_llama_cpp_python():
-    """setup's llama-server carries pocketlm's patches (scripts/llama.cpp-patches): a Q4_1 kernel
-    for batches, and flash attention jumping over other sequences' cells of the shared KV pool.
-    With four greedy requests at once in that pool (prompt processing, then decoding in batches of
-    4 down to 1 as they end) every generated token's logprob is what llama-cpp-python's unpatched
-    build gives, to this model's sensitivity to float summation order: the kernel sums a block in
-    integers and then scales it, where llama.cpp scales eight partial sums, and that alone moves
-    them by up to 0.20 (mean 0.03, measured; writing float64-exact products instead moved them as
-    much, and so does turning flash attention off on both sides: 0.25). So this catches a kernel
-    or a skip that is wrong (the skip one cell too far moved them by 15.9); the kernel's arithmetic
-    is checked to float rounding, away from the model, by test_q4_1_kernel."""
+    """setup's llama-server carries pocketlm's patches (scripts/llama.cpp-patches): a Q4_1 and Q8_0
+    kernel for batches, and flash attention jumping over other sequences' cells of the shared KV
+    pool. With four greedy requests at once in that pool (prompt processing, then decoding in
+    batches of 4 down to 1 as they end) every generated token's logprob is what llama-cpp-python's
+    unpatched build gives, to this model's sensitivity to float summation order: the kernel sums a
+    block in integers and then scales it, where llama.cpp scales eight partial sums, and that alone
+    moves them by up to 0.20 (mean 0.03, measured; float64-exact products moved them as much, and
+    so does turning flash attention off on both sides: 0.25). So this catches a kernel or a skip
+    that is wrong (the skip one cell too far moved them by 15.9); the kernel's arithmetic is
+    checked to float rounding, away from the model, by test_batch_kernel."""
     import concurrent.futures
 
     import numpy as np

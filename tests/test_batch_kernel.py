@@ -1,6 +1,6 @@
-"""pocketlm's Q4_1 batch kernel for llama.cpp (scripts/llama.cpp-patches/q4_1-batched-matmul.patch),
-compiled from the patch's own lines into a small harness and checked against a float64 reference
-of the product llama.cpp's ggml_vec_dot_q4_1_q8_1 computes. The served model cannot check this
+"""pocketlm's batch kernel for llama.cpp (scripts/llama.cpp-patches/batched-matmul.patch: Q4_1 and
+Q8_0 weights), compiled from the patch's own lines into a small harness and checked against a
+float64 reference of the product llama.cpp's ggml_vec_dot_q4_1_q8_1 / ggml_vec_dot_q8_0_q8_0 compute. The served model cannot check this
 finely: its logprobs move by up to ~0.2 under any change of float summation order (see
 test_serve_supervise), as much as a kernel with its min term off by 0.1% moved them; here such a
 kernel is off by ~100x the bound."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-PATCH = Path(__file__).resolve().parents[1] / "scripts" / "llama.cpp-patches" / "q4_1-batched-matmul.patch"
+PATCH = Path(__file__).resolve().parents[1] / "scripts" / "llama.cpp-patches" / "batched-matmul.patch"
 
 # ggml's block layouts (ggml-common.h) and the few helpers sgemm.cpp gives the kernel
 _SHIM = """
@@ -22,44 +22,53 @@ _SHIM = """
 #include <cstdio>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #define NOINLINE __attribute__((noinline))
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 typedef uint16_t ggml_fp16_t;
 struct block_q4_1 { ggml_fp16_t d, m; uint8_t qs[16]; };
 struct block_q8_1 { ggml_fp16_t d, s; int8_t qs[32]; };
+struct block_q8_0 { ggml_fp16_t d; int8_t qs[32]; };
 static inline float unhalf(ggml_fp16_t d) { return _cvtsh_ss(d); }
 """
 
 _MAIN = """
-int main() {
-    long m, n, k, nth;
-    if (fread(&m, 8, 1, stdin) != 1 || fread(&n, 8, 1, stdin) != 1 || fread(&k, 8, 1, stdin) != 1 ||
-        fread(&nth, 8, 1, stdin) != 1) return 2;
-    std::vector<block_q4_1> A(m * k);
-    std::vector<block_q8_1> B(n * k);
+template <typename TA, typename TB>
+int run(long m, long n, long k, long nth) {
+    std::vector<TA> A(m * k);
+    std::vector<TB> B(n * k);
     std::vector<float> C(n * m, -1e30f);
-    if (fread(A.data(), sizeof(block_q4_1), A.size(), stdin) != A.size() ||
-        fread(B.data(), sizeof(block_q8_1), B.size(), stdin) != B.size()) return 2;
+    if (fread(A.data(), sizeof(TA), A.size(), stdin) != A.size() ||
+        fread(B.data(), sizeof(TB), B.size(), stdin) != B.size()) return 2;
     std::vector<std::thread> threads;  // llama.cpp runs the kernel on every thread at once
     for (long t = 0; t < nth; ++t)
         threads.emplace_back([&, t] {
-            tinyBLAS_Q4_1_AVX tb(k, A.data(), k, B.data(), k, C.data(), m, (int)t, (int)nth);
+            tinyBLAS_cols_AVX<TA, TB> tb(k, A.data(), k, B.data(), k, C.data(), m, (int)t, (int)nth);
             tb.matmul(m, n);
         });
     for (auto &t : threads) t.join();
     fwrite(C.data(), sizeof(float), C.size(), stdout);
+    return 0;
+}
+
+int main() {
+    long type, m, n, k, nth;
+    if (fread(&type, 8, 1, stdin) != 1 || fread(&m, 8, 1, stdin) != 1 || fread(&n, 8, 1, stdin) != 1 ||
+        fread(&k, 8, 1, stdin) != 1 || fread(&nth, 8, 1, stdin) != 1) return 2;
+    return type == 0 ? run<block_q4_1, block_q8_1>(m, n, k, nth) : run<block_q8_0, block_q8_0>(m, n, k, nth);
 }
 """
 
 Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
 Q8_1 = np.dtype([("d", "<f2"), ("s", "<f2"), ("qs", "i1", 32)])
+Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
 
 
 def _kernel_source() -> str:
-    """The kernel class as the patch adds it: its added lines from the class to its #endif."""
+    """The kernel class as the patch adds it: its added lines from the class's template to its #endif."""
     added = [line[1:] for line in PATCH.read_text().splitlines() if line.startswith("+") and not line.startswith("+++")]
-    start = next(i for i, line in enumerate(added) if line.startswith("class tinyBLAS_Q4_1_AVX"))
+    start = next(i for i, line in enumerate(added) if line.startswith("class tinyBLAS_cols_AVX")) - 1
     end = next(i for i, line in enumerate(added) if i > start and line.startswith("#endif // __AVX2__"))
     return "\n".join(added[start:end])
 
@@ -95,36 +104,48 @@ def harnesses(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _blocks(m: int, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _blocks(kind: str, m: int, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weights of `kind` and activations as llama.cpp quantizes them (Q8_1 beside Q4_1, Q8_0 beside
+    Q8_0), codes over their whole ranges: Q8_0 weights include -128, which a file may hold."""
     rng = np.random.default_rng(seed)
-    a = np.zeros((m, k), Q4_1)
-    a["d"] = rng.uniform(0.001, 0.05, (m, k))
-    a["m"] = -a["d"].astype(np.float32) * rng.uniform(0, 8, (m, k))
-    a["qs"] = rng.integers(0, 256, (m, k, 16))
-    b = np.zeros((n, k), Q8_1)
+    if kind == "Q4_1":
+        a = np.zeros((m, k), Q4_1)
+        a["d"] = rng.uniform(0.001, 0.05, (m, k))
+        a["m"] = -a["d"].astype(np.float32) * rng.uniform(0, 8, (m, k))
+        a["qs"] = rng.integers(0, 256, (m, k, 16))
+        b = np.zeros((n, k), Q8_1)
+    else:
+        a = np.zeros((m, k), Q8_0)
+        a["d"] = rng.uniform(0.001, 0.05, (m, k))
+        a["qs"] = rng.integers(-128, 128, (m, k, 32))
+        b = np.zeros((n, k), Q8_0)
     b["qs"] = rng.integers(-127, 128, (n, k, 32))
     d = rng.uniform(0.001, 0.1, (n, k)).astype(np.float32)
     b["d"] = d
-    b["s"] = d * b["qs"].astype(np.int32).sum(-1)  # as quantize_row_q8_1 keeps it
+    if kind == "Q4_1":
+        b["s"] = d * b["qs"].astype(np.int32).sum(-1)  # as quantize_row_q8_1 keeps it
     return a, b
 
 
 def _reference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(C, bound): the exact product of the decoded blocks, C[j, i] for column j and row i, and a
     float32 rounding bound from the sum of its terms' magnitudes."""
-    q = np.concatenate([a["qs"] & 15, a["qs"] >> 4], -1).astype(np.int64)  # element e, then e+16
+    if a.dtype == Q4_1:
+        q = np.concatenate([a["qs"] & 15, a["qs"] >> 4], -1).astype(np.int64)  # element e, then e+16
+    else:
+        q = a["qs"].astype(np.int64)
     sums = np.einsum("ikx,jkx->jik", q, b["qs"].astype(np.int64)).astype(np.float64)
-    ad, am = a["d"].astype(np.float64), a["m"].astype(np.float64)
-    bd, bs = b["d"].astype(np.float64), b["s"].astype(np.float64)
-    scaled = sums * np.einsum("ik,jk->jik", ad, bd)
-    mins = np.einsum("ik,jk->jik", am, bs)
-    return (scaled + mins).sum(-1), (np.abs(scaled) + np.abs(mins)).sum(-1)
+    terms = [sums * np.einsum("ik,jk->jik", a["d"].astype(np.float64), b["d"].astype(np.float64))]
+    if a.dtype == Q4_1:
+        terms.append(np.einsum("ik,jk->jik", a["m"].astype(np.float64), b["s"].astype(np.float64)))
+    return sum(terms).sum(-1), sum(np.abs(t) for t in terms).sum(-1)
 
 
 def _run(exe: Path, a: np.ndarray, b: np.ndarray, nth: int) -> np.ndarray:
     (m, k), n = a.shape, b.shape[0]
-    stdin = np.array([m, n, k, nth], "<i8").tobytes() + a.tobytes() + b.tobytes()
-    out = subprocess.run([str(exe)], input=stdin, capture_output=True, check=True).stdout
+    header = np.array([0 if a.dtype == Q4_1 else 1, m, n, k, nth], "<i8")
+    out = subprocess.run([str(exe)], input=header.tobytes() + a.tobytes() + b.tobytes(), capture_output=True,
+                         check=True).stdout
     return np.frombuffer(out, np.float32).reshape(n, m)
 
 
@@ -134,12 +155,13 @@ SHAPES = [(4, 2, 1, 1), (8, 8, 3, 2), (13, 5, 2, 2), (6, 9, 4, 3), (576, 16, 18,
           (16, 40, 5, 3), (1536, 3, 2, 2)]
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_the_q4_1_kernel_computes_llama_cpps_product(harnesses, variant):
+def test_the_batch_kernel_computes_llama_cpps_product(harnesses, variant, kind):
     if variant not in harnesses:
         pytest.skip(f"this CPU lacks {sorted(VARIANTS[variant][1] - _cpu_flags())}: llama-server is built without it")
     for seed, (m, n, k, nth) in enumerate(SHAPES):
-        a, b = _blocks(m, n, k, seed)
+        a, b = _blocks(kind, m, n, k, seed)
         c = _run(harnesses[variant], a, b, nth)
         ref, bound = _reference(a, b)
         err = np.abs(c - ref) / bound
