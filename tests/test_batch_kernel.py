@@ -1,9 +1,10 @@
 """pocketlm's batch kernel for llama.cpp (scripts/llama.cpp-patches/batched-matmul.patch: Q4_1 and
 Q8_0 weights), compiled from the patch's own lines into a small harness and checked against a
-float64 reference of the product llama.cpp's ggml_vec_dot_q4_1_q8_1 / ggml_vec_dot_q8_0_q8_0 compute. The served model cannot check this
-finely: its logprobs move by up to ~0.2 under any change of float summation order (see
-test_serve_supervise), as much as a kernel with its min term off by 0.1% moved them; here such a
-kernel is off by ~100x the bound."""
+float64 reference of the product ggml_vec_dot_q4_1_q8_1 / ggml_vec_dot_q8_0_q8_0 compute, and
+each column computed alone (one sequence's decode) against the same column in a batch, bit for
+bit. The served model cannot check this finely: its logprobs move by up to ~0.2 under any change
+of float summation order (see test_serve_supervise), as much as a kernel with its min term off by
+0.1% moved them; here such a kernel is off by ~100x the bound."""
 from __future__ import annotations
 
 import shutil
@@ -20,6 +21,7 @@ _SHIM = """
 #include <immintrin.h>
 #include <cstdint>
 #include <cstdio>
+#include <cmath>
 #include <cstring>
 #include <thread>
 #include <type_traits>
@@ -49,6 +51,18 @@ int run(long m, long n, long k, long nth) {
         });
     for (auto &t : threads) t.join();
     fwrite(C.data(), sizeof(float), C.size(), stdout);
+    // then each column alone (a single sequence's decode): the same kernel, rows in the lanes
+    std::vector<float> one(m);
+    for (long j = 0; j < n; ++j) {
+        std::vector<std::thread> alone;
+        for (long t = 0; t < nth; ++t)
+            alone.emplace_back([&, t] {
+                tinyBLAS_cols_AVX<TA, TB> tb(k, A.data(), k, B.data() + j * k, k, one.data(), m, (int)t, (int)nth);
+                tb.matmul(m, 1);
+            });
+        for (auto &t : alone) t.join();
+        fwrite(one.data(), sizeof(float), one.size(), stdout);
+    }
     return 0;
 }
 
@@ -141,12 +155,14 @@ def _reference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sum(terms).sum(-1), sum(np.abs(t) for t in terms).sum(-1)
 
 
-def _run(exe: Path, a: np.ndarray, b: np.ndarray, nth: int) -> np.ndarray:
+def _run(exe: Path, a: np.ndarray, b: np.ndarray, nth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the batch's product, each column's product computed alone), both [column, row]."""
     (m, k), n = a.shape, b.shape[0]
     header = np.array([0 if a.dtype == Q4_1 else 1, m, n, k, nth], "<i8")
     out = subprocess.run([str(exe)], input=header.tobytes() + a.tobytes() + b.tobytes(), capture_output=True,
                          check=True).stdout
-    return np.frombuffer(out, np.float32).reshape(n, m)
+    both = np.frombuffer(out, np.float32).reshape(2, n, m)
+    return both[0], both[1]
 
 
 # rows and columns that fill the kernel's tiles and that leave remainders in both directions;
@@ -163,7 +179,9 @@ SHAPES = [(4, 2, 1, 1), (8, 8, 3, 2), (13, 5, 2, 2), (6, 9, 4, 3), (576, 16, 18,
 def test_the_batch_kernel_computes_llama_cpps_product(harnesses, variant, kind):
     for seed, (m, n, k, nth) in enumerate(SHAPES):
         a, b = _blocks(kind, m, n, k, seed)
-        c = _run(harnesses[variant], a, b, nth)
+        c, alone = _run(harnesses[variant], a, b, nth)
         ref, bound = _reference(a, b)
         err = np.abs(c - ref) / bound
         assert np.isfinite(c).all() and err.max() < 1e-5, ((m, n, k, nth), err.max())
+        # a token's logits must not depend on the batch it was decoded in: the same bits alone
+        assert np.array_equal(alone.view(np.uint32), c.view(np.uint32)), (m, n, k, nth)

@@ -123,16 +123,16 @@ def test_a_backend_that_is_wrong_is_found_at_start(backend):
 def test_the_backends_own_token_count_is_passed_on(front, backend):
     """The front asks for usage in the stream and reports the backend's count, not its own recount;
     all of a pool's slots share one HTTP client."""
-    # an answer that ends itself: llama-server counts its end token, a recount of the text would not
-    ask = dict(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=60, temperature=0,
-               stream=True, stream_options={"include_usage": True})
-    # Asked straight first, so that the two compared requests both find the prompt in llama-server's
-    # cache and evaluate only its last token again: setup's llama-server computes a token alone and in
-    # a batch to different float rounding (scripts/llama.cpp-patches/batched-matmul.patch), which
-    # changed this greedy answer's length when one request found the cache and the other did not.
-    list(_client(backend, BACK_KEY).chat.completions.create(**ask))
-    via = list(_client(front.url, FRONT_KEY).chat.completions.create(**ask))
-    direct = list(_client(backend, BACK_KEY).chat.completions.create(**ask))
+    # an answer that ends itself: llama-server counts its end token, a recount of the text would not.
+    # The second request finds the prompt in llama-server's cache and evaluates only its last token
+    # again, alone: the same answer only because setup's llama-server computes a token alone and in
+    # a batch to the same bits (scripts/llama.cpp-patches/batched-matmul.patch; 24 tokens against
+    # 25 when one sequence's decode went through llama.cpp's own dot product)
+    ask = dict(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=60, temperature=0)
+    direct = list(_client(backend, BACK_KEY).chat.completions.create(**ask, stream=True,
+                                                                     stream_options={"include_usage": True}))
+    via = list(_client(front.url, FRONT_KEY).chat.completions.create(**ask, stream=True,
+                                                                    stream_options={"include_usage": True}))
     assert [c.choices[0].finish_reason for c in via if c.choices][-1] == "stop"
     assert direct[-1].usage.completion_tokens == via[-1].usage.completion_tokens > 0
     text = "".join(c.choices[0].delta.content or "" for c in via if c.choices)
