@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pocketlm.util.machine import cpu_flags
+
 PATCH = Path(__file__).resolve().parents[1] / "scripts" / "llama.cpp-patches" / "batched-matmul.patch"
 
 # ggml's block layouts (ggml-common.h) and the few helpers sgemm.cpp gives the kernel
@@ -87,12 +89,6 @@ def _kernel_source() -> str:
     return "\n".join(added[start:end])
 
 
-def _cpu_flags() -> set[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 # The kernel's two paths: 256-bit VNNI dot products with 32 registers where AVX-512 is (what the
 # server is built with on our hosts), and AVX2's multiply-adds with 16 registers elsewhere.
 VARIANTS = {"avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
@@ -104,7 +100,7 @@ VARIANTS = {"avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
 def harnesses(tmp_path_factory) -> dict[str, Path]:
     compiler = shutil.which("g++") or shutil.which("c++")
     assert compiler, "setup builds llama-server with a C++ compiler; the kernel's test uses the same"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     assert VARIANTS["avx2"][1] <= flags, "the kernel is built only for AVX2 hosts; this host runs stock llama.cpp"
     out = {}
     folder = tmp_path_factory.mktemp("q4_1")
@@ -175,7 +171,7 @@ SHAPES = [(4, 2, 1, 1), (8, 8, 3, 2), (13, 5, 2, 2), (6, 9, 4, 3), (576, 16, 18,
 # the AVX2 path everywhere (the harness fixture fails without AVX2), the AVX-512 one where this
 # CPU has it, as setup's llama-server build does
 @pytest.mark.parametrize("variant", ["avx2"] + [v for v, (_, needs) in VARIANTS.items() if v != "avx2"
-                                                and needs <= _cpu_flags()])
+                                                and needs <= cpu_flags()])
 def test_the_batch_kernel_computes_llama_cpps_product(harnesses, variant, kind):
     for seed, (m, n, k, nth) in enumerate(SHAPES):
         a, b = _blocks(kind, m, n, k, seed)

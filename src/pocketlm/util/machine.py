@@ -5,20 +5,33 @@ import functools
 import platform
 
 
-def cpu_name() -> str:
-    """The processor and its widest vector instructions: hosts sold under one name ("AMD EPYC") came
-    with and without AVX-512 here, and llama.cpp and torch ran ~2x slower without it."""
-    name, flags = "", set[str]()
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, instruction flags) of the first core, which says it for all (the file repeats
+    per core); empty where there is no /proc/cpuinfo."""
+    name, flags = "", frozenset[str]()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name") and not name:
                 name = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if name and flags:  # the first core says it for all; the file repeats per core
+                flags = frozenset(line.split(":", 1)[1].split())
+            if name and flags:
                 break
     except OSError:
         pass
+    return name, flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction flags as Linux names them (avx2, avx512f, avx512_vnni, amx_tile...)."""
+    return _cpuinfo()[1]
+
+
+def cpu_name() -> str:
+    """The processor and its widest vector instructions: hosts sold under one name ("AMD EPYC") came
+    with and without AVX-512 here, and llama.cpp and torch ran ~2x slower without it."""
+    name, flags = _cpuinfo()
     name = name or platform.processor() or platform.machine()
     if not flags:
         return name
