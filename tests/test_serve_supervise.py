@@ -53,7 +53,9 @@ def test_batched_q4_1_logprobs_match_llama_cpp_python():
     moves them by up to 0.20 (mean 0.03, measured; float64-exact products moved them as much, and
     so does turning flash attention off on both sides: 0.25). So this catches a kernel or a skip
     that is wrong (the skip one cell too far moved them by 15.9); the kernel's arithmetic is
-    checked to float rounding, away from the model, by test_batch_kernel."""
+    checked to float rounding, away from the model, by test_batch_kernel. Each request asked again
+    alone gives the same tokens and logprobs to the bit (with llama.cpp's own dot product for one
+    sequence they differed, and a greedy answer's length with them)."""
     import concurrent.futures
 
     import numpy as np
@@ -77,8 +79,10 @@ def test_batched_q4_1_logprobs_match_llama_cpp_python():
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as ex:
             answers = list(ex.map(ask, range(4)))
+        alone = [ask(i) for i in range(4)]
     finally:
         server.stop()
+    assert alone == answers  # the same bits decoded alone as in the batch (the kernel's one-column path)
     worst, total, compared = 0.0, 0.0, 0
     for prompt, answer in zip(prompts, answers):
         ids = [i for i, _ in answer]
