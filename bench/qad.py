@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--block-tokens", type=int, default=None,
                     help="tokens of the layer-by-layer phase (the first of the training sequences, reused); "
                          "default: by format, as quantize does (qad_options.layer_phase_tokens)")
+    ap.add_argument("--data", default=None,
+                    help="comma-separated files qad trains on (default: pocketlm's bundled general text)")
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--cached-only", action="store_true",
@@ -69,7 +71,9 @@ def main() -> None:
     codes = f"scales{SUB_CODE_RATE:g}" if args.codes == "scales" else args.codes
     qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {codes}" + (" norms" if args.norms else "") + \
         (f" batch{args.batch}" if args.batch != QadOptions.batch else "") + \
-        (f" layers{args.block_tokens // 1024}k" if args.block_tokens is not None else "")
+        (f" layers{args.block_tokens // 1024}k" if args.block_tokens is not None else "") + \
+        (" data-" + "+".join(Path(d).stem for d in args.data.split(",")) if args.data else "")
+    data = args.data.split(",") if args.data else general_text()
     results: dict = {}
     for preset in args.types.split(","):
         for variant in VARIANTS:
@@ -87,7 +91,7 @@ def main() -> None:
                 qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, norms=args.norms, batch=args.batch,
                                  micro_batch=min(args.batch, QadOptions.micro_batch),
                                  block_tokens=args.block_tokens, progress=True)
-                r = train_file(str(ref), gptq_file, out, general_text(), qad, work / f"{preset}.ckpt")
+                r = train_file(str(ref), gptq_file, out, data, qad, work / f"{preset}.ckpt")
                 seconds = r["seconds"]
                 evals = [h for h in r["history"] if h.get("kld") is not None]
                 extra = {"train_tokens": r["tokens"], "max_difference": r["max_difference"], "trainer_start_kld": r["start"]["kld"],
@@ -117,12 +121,15 @@ def other_qad_rows(work: Path, preset: str, name: str) -> list[dict]:
 
 
 def write_section(tag: str, args, results: dict, work: Path) -> None:
+    trained_on = f"the files {args.data}" if args.data else "pocketlm's bundled general text (wiki-first80 + c4)"
     lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/qad.py --model {args.model} --tag {tag} --types {args.types} "
              f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}{' --norms' if args.norms else ''}"
-             + (f" --block-tokens {args.block_tokens}" if args.block_tokens is not None else "") + "`", "",
+             + (f" --block-tokens {args.block_tokens}" if args.block_tokens is not None else "")
+             + (f" --data {args.data}" if args.data else "") + "`", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp at 2 threads. Reference: the model in F32. "
              f"gptq and llama.cpp's imatrix calibrate on {args.calib_tokens} tokens of the first 80% of wiki.txt; qad "
-             f"trains on pocketlm's bundled general text (wiki-first80 + c4) from the gptq file. Evaluation: "
+             f"trains on {trained_on}"
+             " from the gptq file (rows name their data when it is not the bundled text). Evaluation: "
              f"{args.eval_tokens} tokens of the last 20% of wiki.txt, ctx 512, KLD over the full vocabulary, in llama.cpp.",
              ""]
     if args.note:

@@ -312,3 +312,23 @@ def test_hidden_loss_is_the_cosine_distance_on_the_kept_channels(teacher):
     with pytest.raises(PocketError, match="--hidden-weight 1.0: .* needs --targets full"):
         check_targets("fkl", "bucket", "sampled", 0.0, 1.0)
     check_targets("fkl", "bucket", "auto", 0.0, 1.0)  # auto becomes full for a small teacher
+
+
+def test_a_token_budget_takes_windows_from_every_document(teacher, tmp_path):
+    """--tokens below the data's size samples all documents, not the first file alone (the bundled
+    text's c4.txt sorts before its Wikipedia), and never reaches into the held-out windows."""
+    from pocketlm.distill.data import load_sequences
+
+    (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 400)
+    (tmp_path / "b.txt").write_text("a dog ran in the park! " * 400)
+    tok = teacher.tokenizer
+    a_ids = set(tok("the cat sat on the mat.", add_special_tokens=False).input_ids)
+    b_ids = set(tok("a dog ran in the park!", add_special_tokens=False).input_ids)
+    every = load_sequences(tok, [str(tmp_path)], 32, teacher.add_bos)
+    some = load_sequences(tok, [str(tmp_path)], 32, teacher.add_bos, max_train_tokens=4 * 31)
+    assert len(some.train) == 4 and len(every.train) > 20
+    seen = set(some.train.flatten().tolist())
+    assert seen & (a_ids - b_ids) and seen & (b_ids - a_ids)
+    assert torch.equal(some.held_out, every.held_out)
+    rows = {tuple(r) for r in every.train.tolist()}
+    assert all(tuple(r) in rows for r in some.train.tolist())

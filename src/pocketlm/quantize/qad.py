@@ -193,7 +193,8 @@ def _run_key(settings: dict, start_gguf: Path) -> str:
     from ..util.cache import code_version
     from ..util.hashing import file_sha256
 
-    code = code_version("quantize/qad", "quantize/qad_blocks", "quantize/fakequant", "distill/trainer", "distill/losses")
+    code = code_version("quantize/qad", "quantize/qad_blocks", "quantize/fakequant", "distill/trainer", "distill/losses",
+                        "distill/data")
     text = json.dumps({**settings, "start": file_sha256(start_gguf), "code": code}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
