@@ -17,7 +17,7 @@ class Sequences:
     train: torch.Tensor  # (n, seq) int64; position t predicts token t+1
     held_out: torch.Tensor
     documents: int
-    fingerprint: str = ""  # of every token of the data, before --tokens cuts the training part short
+    fingerprint: str = ""  # of every token of the data, before --tokens picks the training windows
 
     @property
     def train_tokens(self) -> int:
