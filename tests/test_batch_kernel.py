@@ -45,24 +45,21 @@ int run(long m, long n, long k, long nth) {
     std::vector<float> C(n * m, -1e30f);
     if (fread(A.data(), sizeof(TA), A.size(), stdin) != A.size() ||
         fread(B.data(), sizeof(TB), B.size(), stdin) != B.size()) return 2;
-    std::vector<std::thread> threads;  // llama.cpp runs the kernel on every thread at once
-    for (long t = 0; t < nth; ++t)
-        threads.emplace_back([&, t] {
-            tinyBLAS_cols_AVX<TA, TB> tb(k, A.data(), k, B.data(), k, C.data(), m, (int)t, (int)nth);
-            tb.matmul(m, n);
-        });
-    for (auto &t : threads) t.join();
+    auto product = [&](const TB *b, long cols, float *c) {
+        std::vector<std::thread> threads;  // llama.cpp runs the kernel on every thread at once
+        for (long t = 0; t < nth; ++t)
+            threads.emplace_back([&, t] {
+                tinyBLAS_cols_AVX<TA, TB> tb(k, A.data(), k, b, k, c, m, (int)t, (int)nth);
+                tb.matmul(m, cols);
+            });
+        for (auto &t : threads) t.join();
+    };
+    product(B.data(), n, C.data());
     fwrite(C.data(), sizeof(float), C.size(), stdout);
     // then each column alone (a single sequence's decode): the same kernel, rows in the lanes
     std::vector<float> one(m);
     for (long j = 0; j < n; ++j) {
-        std::vector<std::thread> alone;
-        for (long t = 0; t < nth; ++t)
-            alone.emplace_back([&, t] {
-                tinyBLAS_cols_AVX<TA, TB> tb(k, A.data(), k, B.data() + j * k, k, one.data(), m, (int)t, (int)nth);
-                tb.matmul(m, 1);
-            });
-        for (auto &t : alone) t.join();
+        product(B.data() + j * k, 1, one.data());
         fwrite(one.data(), sizeof(float), one.size(), stdout);
     }
     return 0;
