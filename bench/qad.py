@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--norms", action="store_true", help="the file's float32 norms train too")
     ap.add_argument("--batch", type=int, default=QadOptions.batch,
                     help="sequences per step (fewer: more steps for the same tokens)")
+    ap.add_argument("--epochs", type=int, default=QadOptions.epochs, help="passes over the --tokens of text")
     ap.add_argument("--block-tokens", type=int, default=None,
                     help="tokens of the layer-by-layer phase (the first of the training sequences, reused); "
                          "default: by format, as quantize does (qad_options.layer_phase_tokens)")
@@ -71,6 +72,7 @@ def main() -> None:
     codes = f"scales{SUB_CODE_RATE:g}" if args.codes == "scales" else args.codes
     qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {codes}" + (" norms" if args.norms else "") + \
         (f" batch{args.batch}" if args.batch != QadOptions.batch else "") + \
+        (f" epochs{args.epochs}" if args.epochs != QadOptions.epochs else "") + \
         (f" layers{args.block_tokens // 1024}k" if args.block_tokens is not None else "") + \
         (" data-" + "+".join(Path(d).stem for d in args.data.split(",")) if args.data else "")
     data = args.data.split(",") if args.data else general_text()
@@ -89,12 +91,13 @@ def main() -> None:
             extra: dict = {}
             if variant == "pocketlm qad":
                 qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, norms=args.norms, batch=args.batch,
-                                 micro_batch=min(args.batch, QadOptions.micro_batch),
+                                 epochs=args.epochs, micro_batch=min(args.batch, QadOptions.micro_batch),
                                  block_tokens=args.block_tokens, progress=True)
                 r = train_file(str(ref), gptq_file, out, data, qad, work / f"{preset}.ckpt")
                 seconds = r["seconds"]
                 evals = [h for h in r["history"] if h.get("kld") is not None]
-                extra = {"train_tokens": r["tokens"], "max_difference": r["max_difference"], "trainer_start_kld": r["start"]["kld"],
+                extra = {"train_tokens": r["tokens"], "epochs": r["epochs"], "max_difference": r["max_difference"],
+                         "trainer_start_kld": r["start"]["kld"],
                          "trainer_kld": [(h["step"], h["kld"]) for h in evals], "settings": r["settings"]}
             else:
                 seconds = produce(variant, ref, out, preset, calib, args.calib_tokens, imatrix, tools)
@@ -124,6 +127,8 @@ def write_section(tag: str, args, results: dict, work: Path) -> None:
     trained_on = f"the files {args.data}" if args.data else "pocketlm's bundled general text (wiki-first80 + c4)"
     lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/qad.py --model {args.model} --tag {tag} --types {args.types} "
              f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}{' --norms' if args.norms else ''}"
+             + (f" --batch {args.batch}" if args.batch != QadOptions.batch else "")
+             + (f" --epochs {args.epochs}" if args.epochs != QadOptions.epochs else "")
              + (f" --block-tokens {args.block_tokens}" if args.block_tokens is not None else "")
              + (f" --data {args.data}" if args.data else "") + "`", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp at 2 threads. Reference: the model in F32. "
@@ -162,8 +167,9 @@ def write_section(tag: str, args, results: dict, work: Path) -> None:
 
 
 def row_line(preset: str, r: dict, variant: str, mark: str = "") -> str:
+    passes = f" x{r['epochs']} passes" if r.get("epochs", 1) > 1 else ""
     return (f"| {preset} | {mark}{r.get('name', variant)} | {r['size_bytes'] / 2**20:.2f} | {r['ppl']:.3f} | "
-            f"{r['kld_mean']:.4f} | {100 * r['top1']:.1f}% | {r.get('train_tokens', '-')} | {r['quantize_s']:.0f} |")
+            f"{r['kld_mean']:.4f} | {100 * r['top1']:.1f}% | {r.get('train_tokens', '-')}{passes} | {r['quantize_s']:.0f} |")
 
 
 if __name__ == "__main__":

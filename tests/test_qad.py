@@ -15,6 +15,7 @@ from conftest import interrupt_once_started
 from gguf.quants import dequantize
 
 from pocketlm.cli import cli
+from pocketlm.errors import PocketError
 from pocketlm.models import load
 from pocketlm.models.tensors import open_tensors
 from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model
@@ -164,7 +165,7 @@ def test_cli_qad_trains_k_quant_sub_block_codes(tiny_hf, sample_text, tmp_path):
 
 
 def test_cli_qad_options_need_qad(tiny_hf, tmp_path):
-    for extra in (["--tokens", "1000"], ["--resume"], ["--qad-codes", "frozen"], ["--teacher", str(tiny_hf)]):
+    for extra in (["--tokens", "1000"], ["--resume"], ["--qad-codes", "frozen"], ["--qad-epochs", "2"], ["--teacher", str(tiny_hf)]):
         res = CliRunner().invoke(cli, ["quantize", str(tiny_hf), "-o", str(tmp_path / "x.gguf"), "--type", "Q4_0",
                                        "--method", "gptq", *extra])
         assert res.exit_code == 1 and "are for --method qad" in res.output, res.output
@@ -252,3 +253,21 @@ def test_a_file_training_made_worse_is_not_kept(tiny_hf, sample_text, start_file
     assert r["end"]["kld"] > r["start"]["kld"] and r["kept_start"], (r["start"], r["end"])
     assert out.read_bytes() == start_file.read_bytes()
     assert any("is kept" in s for s in said), said
+
+
+def test_a_second_pass_reads_the_same_text_again_and_trains_further(tiny_hf, sample_text, start_file, tmp_path):
+    """epochs: the same --tokens of text, read twice (twice the steps), and the file ends closer to the
+    original than after one pass; the tokens reported are the text's, not the steps'."""
+    from pocketlm.quantize.qad import train_file
+    from pocketlm.quantize.qad_options import QadOptions
+
+    runs = [train_file(str(tiny_hf), start_file, tmp_path / f"e{n}.gguf", [str(sample_text)],
+                       QadOptions(tokens=4000, epochs=n, block_tokens=0, progress=False), tmp_path / f"ckpt{n}")
+            for n in (1, 2)]
+    one, two = runs
+    assert two["steps"] == 2 * one["steps"] and two["tokens"] == one["tokens"] and two["epochs"] == 2
+    assert two["settings"]["data"] == one["settings"]["data"]
+    assert two["end"]["kld"] < one["end"]["kld"] < one["start"]["kld"], (one["start"], one["end"], two["end"])
+    with pytest.raises(PocketError, match="at least 1"):
+        train_file(str(tiny_hf), start_file, tmp_path / "e0.gguf", [str(sample_text)],
+                   QadOptions(tokens=4000, epochs=0, progress=False), tmp_path / "ckpt0")

@@ -153,8 +153,8 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile and a model card beside the output.")
 @click.option("--quiet", is_flag=True, help="No progress bars, no per-tensor table.")
 @user_errors
-def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx, method, tokens, lr, qad_codes, teacher,
-             resume, calib, calib_tokens, keep, allow_requant, force, modelfile, quiet):
+def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx, method, tokens, lr, qad_epochs, qad_codes,
+             teacher, resume, calib, calib_tokens, keep, allow_requant, force, modelfile, quiet):
     """Quantize MODEL to a GGUF file that llama.cpp, Ollama and LM Studio run."""
     from .quantize.plan import PRESETS, parse_keep
 
@@ -167,8 +167,8 @@ def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx,
         raise PocketError(f"unknown --type {preset!r} (choose one of {', '.join(PRESETS)})")
     if output.suffix.lower() != ".gguf":
         raise PocketError("the output of quantize is a .gguf file")
-    if method != "qad" and (resume or teacher or given("tokens", "lr", "qad_codes")):
-        raise PocketError("--tokens, --lr, --qad-codes, --teacher and --resume are for --method qad")
+    if method != "qad" and (resume or teacher or given("tokens", "lr", "qad_codes", "qad_epochs")):
+        raise PocketError("--tokens, --lr, --qad-epochs, --qad-codes, --teacher and --resume are for --method qad")
     refuse_existing(output, force)
     keep = parse_keep(keep)
     check_files(calib, "--calib")
@@ -183,8 +183,8 @@ def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx,
     if method == "qad":
         from .quantize.qad_options import QadOptions
 
-        opts.qad = QadOptions(tokens=tokens, lr=lr, codes=qad_codes, teacher=teacher, resume=resume, progress=not quiet,
-                              say=click.echo)
+        opts.qad = QadOptions(tokens=tokens, lr=lr, epochs=qad_epochs, codes=qad_codes, teacher=teacher, resume=resume,
+                              progress=not quiet, say=click.echo)
     reports = quantize_model(model, output, opts)
     if not quiet:
         print_quantize(reports)

@@ -106,6 +106,8 @@ def qad_options(fn):
                       "distilled MODEL was made from) instead of MODEL itself.")(fn)
     fn = click.option("--qad-codes", type=click.Choice(list(CODES)), default=d.codes, show_default=True,
                       help="With --method qad: " + "; ".join(f"{k}: {v}" for k, v in CODES.items()) + ".")(fn)
+    fn = click.option("--qad-epochs", type=POSITIVE, default=d.epochs, show_default=True,
+                      help="With --method qad: passes over the --tokens of text (each pass takes as long as the first).")(fn)
     fn = click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=d.lr, show_default=True,
                       help="With --method qad: grid steps per optimizer step.")(fn)
     return click.option("--tokens", type=POSITIVE, default=d.tokens, show_default=True,

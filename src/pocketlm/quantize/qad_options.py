@@ -19,6 +19,9 @@ class QadOptions:
     # sequences per step. Tokens train, not steps: on the off-grid student's Q2_K at 200k tokens, 2 a step
     # (196 steps) left the KLD where 4 did (0.2524 vs 0.2517; 100k at 4: 0.2826; bench/results/qad.md)
     batch: int = 4
+    # passes over the --tokens of text: the scales are few (two per 256 weights in Q2_K) against the teacher's
+    # full distribution at every position, so the same text read again may still teach them
+    epochs: int = 1
     micro_batch: int = 4  # the whole batch in one pass: the fake-quant decode then runs once per step
     # end-to-end phase: grid steps per optimizer step (fakequant.py's units, every format alike). Pilot on the
     # default model's Q4_0 after the layer phase: 0.01 took the KLD 0.094 -> 0.087 in 20 steps, still falling
