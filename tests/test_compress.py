@@ -124,7 +124,7 @@ def test_compress_trains_the_file_when_the_budget_is_tight(job, sample_text):
 
     assert qad_applies("auto", job["model"], 600_000)[0]  # ~3.7 bits per weight
     assert not qad_applies("auto", job["model"], 1_200_000)[0]
-    job["recipe"].write_text(f"quantize:\n  calib: [{sample_text}]\n  calib_tokens: 1024\n  qad_tokens: 4000\n"
+    job["recipe"].write_text(f"quantize:\n  calib: [{sample_text}]\n  calib_tokens: 1024\n  qad_tokens: 4000\n  qad_epochs: 2\n"
                              f"distill:\n  data: [{sample_text}]\n"
                              f"evaluate:\n  texts: [{sample_text}]\n  max_tokens: 256\n  ctx: 64\n  speed: false\n"
                              "  compare_preset: false\n")
@@ -134,13 +134,13 @@ def test_compress_trains_the_file_when_the_budget_is_tight(job, sample_text):
     assert "qad: the budget leaves" in r.output
     steps = json.loads((out / "manifest.json").read_text())["steps"]
     q = steps["qad"]["result"]
-    assert q["tokens"] >= 4000 and q["max_difference"] == 0 and q["kld_after"] < q["kld_before"]
+    assert q["tokens"] >= 4000 and q["epochs"] == 2 and q["max_difference"] == 0 and q["kld_after"] < q["kld_before"]
     gptq, final = out / "model-gptq.gguf", out / "model.gguf"
     assert gptq.stat().st_size == final.stat().st_size and gptq.read_bytes() != final.read_bytes()
     rows = json.loads((out / "eval.json").read_text())
     assert set(rows) == {"original", "pocketlm", "pocketlm before qad"}
     md = (out / "report.md").read_text()
-    assert "| pocketlm before qad |" in md and "the gptq file the final one was trained from" in md
+    assert "| pocketlm before qad |" in md and "the gptq file the final one was trained from" in md and "tokens read 2 times" in md
     assert not (out / "qad.ckpt").exists()
     again = _compress(job)
     assert again.exit_code == 0 and "[qad] done earlier" in again.output, again.output

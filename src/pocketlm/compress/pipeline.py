@@ -190,15 +190,17 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
             from ..quantize.qad import train_file
             from ..quantize.qad_options import QadOptions
 
-            r = train_file(src.path, out / first, path, data, QadOptions(tokens=q["qad_tokens"], progress=progress,
-                                                                             resume=True, say=say),
+            r = train_file(src.path, out / first, path, data, QadOptions(tokens=q["qad_tokens"], epochs=q["qad_epochs"],
+                                                                             progress=progress, resume=True, say=say),
                            ckpt_folder=out / "qad.ckpt", student_source=None if quant_source == src.path else quant_source)
-            return {"tokens": r["tokens"], "seconds": r["seconds"], "kld_before": r["start"]["kld"],
+            return {"tokens": r["tokens"], "epochs": r["epochs"], "seconds": r["seconds"], "kld_before": r["start"]["kld"],
                     "kld_after": r["end"]["kld"], "max_difference": r["max_difference"], "why": qad_why,
                     "kept_start": r["kept_start"]}
 
-        qad = manifest.run("qad", key_of("qad", src_hash, file_sha256(out / first), q["qad_tokens"], _hash_files(data)),
-                           "model.gguf", make_qad, params={"tokens": q["qad_tokens"]}, say=say)["result"]
+        qad = manifest.run("qad", key_of("qad", src_hash, file_sha256(out / first), q["qad_tokens"], q["qad_epochs"],
+                                         _hash_files(data)),
+                           "model.gguf", make_qad, params={"tokens": q["qad_tokens"], "epochs": q["qad_epochs"]},
+                           say=say)["result"]
         quantized = {**quantized, "qad": qad}
 
     ev = recipe["evaluate"]

@@ -64,6 +64,7 @@ class QuantizeStep(_Step):
     # (compress/pipeline.py's qad_applies) and the original is small enough to run beside it
     qad: Literal["auto", "always", "never"] = "auto"
     qad_tokens: int = Field(100_000, ge=1)
+    qad_epochs: int = Field(1, ge=1)  # passes over qad_tokens (qad_options.QadOptions.epochs: why one)
 
 
 class EvaluateStep(_Step):

@@ -149,7 +149,8 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
     qad = quantized.get("qad")
     if qad:
         notes.append(f"`pocketlm before qad` is the gptq file the final one was trained from ({qad['why']}): "
-                     f"{qad['tokens']} tokens against the original's logits in {qad['seconds'] / 60:.0f} min, held-out "
+                     f"{qad['tokens']} tokens" + (f" read {qad['epochs']} times" if qad.get("epochs", 1) > 1 else "") +
+                     f" against the original's logits in {qad['seconds'] / 60:.0f} min, held-out "
                      f"KLD {qad['kld_before']:.4f} -> {qad['kld_after']:.4f} during training; " +
                      ("worse than where it started, so the gptq file was kept as the final one." if qad.get("kept_start")
                       else f"the file decodes exactly to the trained weights (max difference {qad['max_difference']:g})."))
