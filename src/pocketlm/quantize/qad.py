@@ -217,7 +217,8 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     t0 = time.perf_counter()
     teacher = load(resolve(source))
     seqs = load_sequences(teacher.tokenizer, data, opts.seq, teacher.add_bos, max_train_tokens=opts.tokens)
-    steps = opts.epochs * max(1, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))
+    per_pass = max(1, math.ceil(opts.tokens / (opts.batch * (opts.seq - 1))))
+    steps = opts.epochs * per_pass
     skeleton = teacher.model if student_source is None else load(resolve(student_source)).model
     student, trained, norms = build_student(skeleton, start_gguf, free_codes=opts.codes == "free", norms=opts.norms,
                                             sub_codes=opts.codes == "scales")
@@ -268,7 +269,7 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     baseline_file.unlink(missing_ok=True)
     ckpt.remove()  # and its folder, once nothing else is left in it
     return {"kept_start": kept_start,
-            "tokens": steps // opts.epochs * opts.batch * (opts.seq - 1), "epochs": opts.epochs, "steps": steps,
+            "tokens": per_pass * opts.batch * (opts.seq - 1), "epochs": opts.epochs, "steps": steps,
             "history": history, "start": baseline["start"],
             "end": {"ppl": end["ppl"], "kld": end["kld"]},
             "block_errors": baseline["block_errors"], "seconds": time.perf_counter() - t0, "max_difference": worst,
