@@ -23,6 +23,8 @@ from ..errors import PocketError
 if TYPE_CHECKING:
     from .pgstore import PgStore
 
+BUSY_SECONDS = 30  # how long one run waits for another's write before giving up
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS documents(
@@ -58,18 +60,40 @@ class Store:
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path)
-            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if tables and "meta" not in tables:  # someone else's database: adding our tables would change it
-                self.db.close()
-                raise PocketError(f"{self.path} is an SQLite database of something else (tables: "
-                                  f"{', '.join(sorted(tables)[:5])}); pocketlm will not add its index to it")
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.executescript(SCHEMA)
+            self.db = sqlite3.connect(self.path, timeout=BUSY_SECONDS)
+            self._set_up()
+        except sqlite3.OperationalError as exc:
+            if _locked(exc):
+                raise PocketError(f"{self.path} stayed locked by another process for {BUSY_SECONDS} s; "
+                                  f"try again when it is done") from None
+            raise PocketError(f"{self.path} is not a pocketlm index: {exc}") from None
         except sqlite3.DatabaseError as exc:
             raise PocketError(f"{self.path} is not a pocketlm index: {exc}") from None
         self._matrix: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _set_up(self) -> None:
+        # Runs that open a new file at once race to turn on WAL and create the tables while the
+        # file is still in rollback mode, where SQLite answers one of them "locked" at once
+        # instead of waiting (it would deadlock otherwise), so the busy timeout alone does not
+        # cover it (CI failed on it; 5 of 40 three-way races here): retry until the timeout's end.
+        deadline = time.monotonic() + BUSY_SECONDS
+        while True:
+            try:
+                tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if tables and "meta" not in tables:  # someone else's database: adding our tables would change it
+                    self.db.close()
+                    raise PocketError(f"{self.path} is an SQLite database of something else (tables: "
+                                      f"{', '.join(sorted(tables)[:5])}); pocketlm will not add its index to it")
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA foreign_keys=ON")
+                self.db.executescript(SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc) or time.monotonic() > deadline:
+                    raise
+                if self.db.in_transaction:
+                    self.db.rollback()
+                time.sleep(0.05)
 
     # -- settings the index was built with ------------------------------------------------
     def meta(self, key: str, default: str | None = None) -> str | None:
@@ -164,6 +188,10 @@ def open_store(db, create: bool = False) -> AnyStore:
     from .pgstore import PgStore, is_url
 
     return PgStore(str(db), create) if is_url(db) else Store(db, create)
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
