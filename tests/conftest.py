@@ -10,6 +10,16 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker keeps to its own
+# cores, and torch to as many threads: two workers spinning two threads each on two cores slow
+# each other several-fold. Set before torch is imported; subprocesses inherit both.
+_WORKER, _WORKERS = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKER and _WORKERS > 1 and hasattr(os, "sched_setaffinity"):
+    _cpus = sorted(os.sched_getaffinity(0))
+    if len(_cpus) >= _WORKERS:
+        os.sched_setaffinity(0, _cpus[int(_WORKER.removeprefix("gw")) % _WORKERS::_WORKERS])
+        os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
+
 WIKI_HELDOUT = Path(__file__).parent / "data" / "wiki-heldout.txt"  # see tests/data/README.md
 # CI runs with POCKETLM_STRICT_TESTS=1 (scripts/test.sh sets it): a skipped test fails there, so a
 # missing dependency or model can never pass CI by skipping what it should have tested.
