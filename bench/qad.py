@@ -70,11 +70,7 @@ def main() -> None:
         ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
     # the sub-block codes' rate is in the name: rows of 'scales' at different rates are different runs
     codes = f"scales{SUB_CODE_RATE:g}" if args.codes == "scales" else args.codes
-    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {codes}" + (" norms" if args.norms else "") + \
-        (f" batch{args.batch}" if args.batch != QadOptions.batch else "") + \
-        (f" epochs{args.epochs}" if args.epochs != QadOptions.epochs else "") + \
-        (f" layers{args.block_tokens // 1024}k" if args.block_tokens is not None else "") + \
-        (" data-" + "+".join(Path(d).stem for d in args.data.split(",")) if args.data else "")
+    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {codes}" + "".join(f" {n}" for n, _ in named(args))
     data = args.data.split(",") if args.data else general_text()
     results: dict = {}
     for preset in args.types.split(","):
@@ -116,6 +112,20 @@ def main() -> None:
     write_section(tag, args, results, work)
 
 
+def named(args) -> list[tuple[str, str]]:
+    """The settings of this run that differ from the defaults, each as (its word in the qad row's
+    name, its command-line flag), so that a row's name and the section's command agree. Names are
+    the cache keys of rows measured before: their spelling stays."""
+    data = args.data.split(",") if args.data else []
+    return [(word, flag) for on, word, flag in [
+        (args.norms, "norms", "--norms"),
+        (args.batch != QadOptions.batch, f"batch{args.batch}", f"--batch {args.batch}"),
+        (args.epochs != QadOptions.epochs, f"epochs{args.epochs}", f"--epochs {args.epochs}"),
+        (args.block_tokens is not None, f"layers{(args.block_tokens or 0) // 1024}k", f"--block-tokens {args.block_tokens}"),
+        (bool(data), "data-" + "+".join(Path(d).stem for d in data), f"--data {args.data}"),
+    ] if on]
+
+
 def other_qad_rows(work: Path, preset: str, name: str) -> list[dict]:
     """The qad rows measured earlier in this work folder with other settings (pilots): shown
     under the command's own row, against the same references."""
@@ -126,11 +136,7 @@ def other_qad_rows(work: Path, preset: str, name: str) -> list[dict]:
 def write_section(tag: str, args, results: dict, work: Path) -> None:
     trained_on = f"the files {args.data}" if args.data else "pocketlm's bundled general text (wiki-first80 + c4)"
     lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/qad.py --model {args.model} --tag {tag} --types {args.types} "
-             f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}{' --norms' if args.norms else ''}"
-             + (f" --batch {args.batch}" if args.batch != QadOptions.batch else "")
-             + (f" --epochs {args.epochs}" if args.epochs != QadOptions.epochs else "")
-             + (f" --block-tokens {args.block_tokens}" if args.block_tokens is not None else "")
-             + (f" --data {args.data}" if args.data else "") + "`", "",
+             f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}" + "".join(f" {f}" for _, f in named(args)) + "`", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp at 2 threads. Reference: the model in F32. "
              f"gptq and llama.cpp's imatrix calibrate on {args.calib_tokens} tokens of the first 80% of wiki.txt; qad "
              f"trains on {trained_on}"
