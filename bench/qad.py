@@ -29,7 +29,7 @@ from quant_vs_llamacpp import measure, prepare_reference, produce, remembered_no
 from results_file import put_section  # noqa: E402
 
 from pocketlm.data import general_text  # noqa: E402
-from pocketlm.quantize.fakequant import SUB_CODE_RATE  # noqa: E402
+from pocketlm.quantize import fakequant  # noqa: E402
 from pocketlm.quantize.qad import train_file  # noqa: E402
 from pocketlm.quantize.qad_options import CODES, QadOptions  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
@@ -37,6 +37,7 @@ from pocketlm.util.machine import cpu_name  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "qad.md"
 VARIANTS = ["llama.cpp", "llama.cpp+imatrix", "pocketlm gptq", "pocketlm qad"]
+SUB_CODE_RATE = fakequant.SUB_CODE_RATE  # the product's, before --sub-code-rate replaces it for a run
 GOAL = 0.6  # qad's mean KLD / gptq's, issue #22
 
 
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200_000)
     ap.add_argument("--lr", type=float, default=QadOptions.lr)
     ap.add_argument("--codes", default=QadOptions.codes, choices=list(CODES))
+    ap.add_argument("--sub-code-rate", type=float, default=SUB_CODE_RATE,
+                    help="with --codes scales: how fast the k-quants' sub-block codes move (fakequant.SUB_CODE_RATE)")
     ap.add_argument("--norms", action="store_true", help="the file's float32 norms train too")
     ap.add_argument("--batch", type=int, default=QadOptions.batch,
                     help="sequences per step (fewer: more steps for the same tokens)")
@@ -69,7 +72,8 @@ def main() -> None:
         calib, held_out = split_texts(work, calib_chars=args.calib_tokens * 8)
         ref, tools, imatrix = prepare_reference(args.model, work, calib, args.calib_tokens)
     # the sub-block codes' rate is in the name: rows of 'scales' at different rates are different runs
-    codes = f"scales{SUB_CODE_RATE:g}" if args.codes == "scales" else args.codes
+    fakequant.SUB_CODE_RATE = args.sub_code_rate  # read at each step; not a QadOptions field (a bench knob)
+    codes = f"scales{args.sub_code_rate:g}" if args.codes == "scales" else args.codes
     qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {codes}" + "".join(f" {n}" for n, _ in named(args))
     data = args.data.split(",") if args.data else general_text()
     results: dict = {}
@@ -126,6 +130,11 @@ def named(args) -> list[tuple[str, str]]:
     ] if on]
 
 
+def rate_flag(args) -> str:
+    """The sub-block codes' rate on the command line, when it is not fakequant's (it is in the codes' word of the name)."""
+    return f" --sub-code-rate {args.sub_code_rate:g}" if args.codes == "scales" and args.sub_code_rate != SUB_CODE_RATE else ""
+
+
 def other_qad_rows(work: Path, preset: str, name: str) -> list[dict]:
     """The qad rows measured earlier in this work folder with other settings (pilots): shown
     under the command's own row, against the same references."""
@@ -136,7 +145,8 @@ def other_qad_rows(work: Path, preset: str, name: str) -> list[dict]:
 def write_section(tag: str, args, results: dict, work: Path) -> None:
     trained_on = f"the files {args.data}" if args.data else "pocketlm's bundled general text (wiki-first80 + c4)"
     lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/qad.py --model {args.model} --tag {tag} --types {args.types} "
-             f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}" + "".join(f" {f}" for _, f in named(args)) + "`", "",
+             f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}" + rate_flag(args)
+             + "".join(f" {f}" for _, f in named(args)) + "`", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp at 2 threads. Reference: the model in F32. "
              f"gptq and llama.cpp's imatrix calibrate on {args.calib_tokens} tokens of the first 80% of wiki.txt; qad "
              f"trains on {trained_on}"
