@@ -1,0 +1,80 @@
+"""Where a quantized file's divergence from its original comes from, by tensor kind and by depth:
+the original model with only that part taken from the file (dequantized exactly as qad trains it),
+mean KLD per token against the original on held-out text. Made to ask why qad's k-quant files stop
+short (bench/results/qad.md, section student512-100k-xeon).
+
+    .venv/bin/python bench/qad_error_budget.py MODEL FILE.gguf HELD_OUT.txt [--seqs 16]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from pocketlm.models.load import load  # noqa: E402
+from pocketlm.quantize.fakequant import QuantLinear  # noqa: E402
+from pocketlm.quantize.qad import build_student  # noqa: E402
+
+SEQ, MICRO = 512, 4
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", help="the original (a folder or name pocketlm loads)")
+    ap.add_argument("file", type=Path, help="a quantization of it (GGUF)")
+    ap.add_argument("held_out", type=Path, help="text neither calibrated nor trained on")
+    ap.add_argument("--seqs", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    original = load(args.model)
+    ids = original.tokenizer(args.held_out.read_text()[:200_000])["input_ids"]
+    seqs = torch.tensor([ids[i * SEQ:(i + 1) * SEQ] for i in range(args.seqs)])
+    teacher = original.model.float().eval()
+    with torch.no_grad():
+        ref = torch.cat([teacher(input_ids=seqs[i:i + MICRO]).logits[:, :-1].float().log_softmax(-1)
+                         for i in range(0, len(seqs), MICRO)])
+    student, _, _ = build_student(teacher, args.file, free_codes=False)
+    student.eval()
+    quantized = [name for name, mod in student.named_modules() if isinstance(mod, QuantLinear)]
+    originals = dict(teacher.named_modules())
+
+    def kld(model) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, len(seqs), MICRO):
+                logp = model(input_ids=seqs[i:i + MICRO]).logits[:, :-1].float().log_softmax(-1)
+                p = ref[i:i + MICRO]
+                total += (p.exp() * (p - logp)).sum(-1).mean().item()
+        return total / (len(seqs) // MICRO)
+
+    def only(keep, embedding: bool) -> float:
+        """The original with the file's matrices where keep(name), and the file's embedding table if embedding."""
+        model = copy.deepcopy(student)
+        for name in quantized:
+            if not keep(name):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, copy.deepcopy(originals[name]))
+        if not embedding:
+            model.get_input_embeddings().weight.data.copy_(teacher.get_input_embeddings().weight.data)
+            if not teacher.config.tie_word_embeddings:
+                model.get_output_embeddings().weight.data.copy_(teacher.get_output_embeddings().weight.data)
+        return kld(model)
+
+    print("| only this part from the file | mean KLD |\n|---|---|")
+    print(f"| all of it | {kld(student):.4f} |")
+    for kind in sorted({name.split(".")[-1] for name in quantized}):
+        print(f"| {kind} | {only(lambda n, k=kind: n.split('.')[-1] == k, False):.4f} |", flush=True)
+    print(f"| embedding | {only(lambda n: False, True):.4f} |")
+    layers = teacher.config.num_hidden_layers
+    for lo in range(0, layers, -(-layers // 3)):
+        hi = min(layers, lo - (-layers // 3))
+        print(f"| layers {lo}-{hi - 1} | {only(lambda n, lo=lo, hi=hi: lo <= int(n.split('.')[2]) < hi, False):.4f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
