@@ -61,13 +61,15 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, timeout=BUSY_SECONDS)
+        except sqlite3.Error as exc:  # a folder, or a path this user may not open
+            raise PocketError(f"{self.path} is not a pocketlm index: {exc}") from None
+        try:
             self._set_up()
-        except sqlite3.OperationalError as exc:
-            if _locked(exc):
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            if isinstance(exc, sqlite3.OperationalError) and _locked(exc):
                 raise PocketError(f"{self.path} stayed locked by another process for {BUSY_SECONDS} s; "
                                   f"try again when it is done") from None
-            raise PocketError(f"{self.path} is not a pocketlm index: {exc}") from None
-        except sqlite3.DatabaseError as exc:
             raise PocketError(f"{self.path} is not a pocketlm index: {exc}") from None
         self._matrix: tuple[np.ndarray, np.ndarray] | None = None
 
