@@ -92,11 +92,15 @@ def main() -> None:
             if variant == "pocketlm qad":
                 qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, norms=args.norms, batch=args.batch,
                                  epochs=args.epochs, micro_batch=min(args.batch, QadOptions.micro_batch),
-                                 block_tokens=args.block_tokens, progress=True)
-                r = train_file(str(ref), gptq_file, out, data, qad, work / f"{preset}.ckpt")
+                                 block_tokens=args.block_tokens, progress=True, resume=True)
+                # one checkpoint folder per row: the same command again continues an interrupted row (its key
+                # refuses another run's checkpoint), and rows of one type never share a folder
+                ckpt = row.with_suffix(".ckpt")
+                extra["resumed"] = (ckpt / "last.pt").exists()  # its seconds then count only the last stretch
+                r = train_file(str(ref), gptq_file, out, data, qad, ckpt)
                 seconds = r["seconds"]
                 evals = [h for h in r["history"] if h.get("kld") is not None]
-                extra = {"train_tokens": r["tokens"], "epochs": r["epochs"], "max_difference": r["max_difference"],
+                extra |= {"train_tokens": r["tokens"], "epochs": r["epochs"], "max_difference": r["max_difference"],
                          "trainer_start_kld": r["start"]["kld"],
                          "trainer_kld": [(h["step"], h["kld"]) for h in evals], "settings": r["settings"]}
             else:
@@ -184,8 +188,10 @@ def write_section(tag: str, args, results: dict, work: Path) -> None:
 
 def row_line(preset: str, r: dict, variant: str, mark: str = "") -> str:
     passes = f" x{r['epochs']} passes" if r.get("epochs", 1) > 1 else ""
+    resumed = " (resumed: its last part)" if r.get("resumed") else ""
     return (f"| {preset} | {mark}{r.get('name', variant)} | {r['size_bytes'] / 2**20:.2f} | {r['ppl']:.3f} | "
-            f"{r['kld_mean']:.4f} | {100 * r['top1']:.1f}% | {r.get('train_tokens', '-')}{passes} | {r['quantize_s']:.0f} |")
+            f"{r['kld_mean']:.4f} | {100 * r['top1']:.1f}% | {r.get('train_tokens', '-')}{passes} | "
+            f"{r['quantize_s']:.0f}{resumed} |")
 
 
 if __name__ == "__main__":
