@@ -22,7 +22,8 @@ class QadOptions:
     # passes over the --tokens of text. The scales are few against the teacher's full distribution at every
     # position, so text read again teaches them about as much as new text: 200k tokens twice took the default
     # model's Q4_0 from 0.607x to 0.584x gptq's KLD, three times the off-grid Q2_K from 0.708x to 0.658x
-    # (bench/results/qad.md). One pass by default: each pass costs what the first did, and compress has 90 minutes
+    # (bench/results/qad.md), and five no further than three (0.658x both). One pass by default: each pass costs
+    # what the first did, and compress has 90 minutes
     epochs: int = 1
     micro_batch: int = 4  # the whole batch in one pass: the fake-quant decode then runs once per step
     # end-to-end phase: grid steps per optimizer step (fakequant.py's units, every format alike). Pilot on the
@@ -41,6 +42,7 @@ class QadOptions:
     block_lr: float = 0.05  # of 0.02 / 0.05 / 0.1 on the default model's Q4_0, 0.05 left the least KLD
     eval_every: int = 25
     save_every: int = 25
+    # float32 instead trained the off-grid Q3_K_M file no better (0.0809 against 0.0815 in llama.cpp) in 2.4x the time
     bf16: bool = True
     seed: int = 0
     teacher: str | None = None  # train against this model instead of the one quantized (a student's original)
