@@ -29,6 +29,7 @@ from quant_vs_llamacpp import measure, prepare_reference, produce, remembered_no
 from results_file import put_section  # noqa: E402
 
 from pocketlm.data import general_text  # noqa: E402
+from pocketlm.distill.trainer import Checkpoint  # noqa: E402
 from pocketlm.quantize import fakequant  # noqa: E402
 from pocketlm.quantize.qad import train_file  # noqa: E402
 from pocketlm.quantize.qad_options import CODES, QadOptions  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> None:
                 # one checkpoint folder per row: the same command again continues an interrupted row (its key
                 # refuses another run's checkpoint), and rows of one type never share a folder
                 ckpt = row.with_suffix(".ckpt")
-                extra["resumed"] = (ckpt / "last.pt").exists()  # its seconds then count only the last stretch
+                extra["resumed"] = Checkpoint(ckpt, "").exists()  # its seconds then count only the last stretch
                 r = train_file(str(ref), gptq_file, out, data, qad, ckpt)
                 seconds = r["seconds"]
                 evals = [h for h in r["history"] if h.get("kld") is not None]

@@ -17,11 +17,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from pocketlm.distill.signals import OnlineTeacher  # noqa: E402
 from pocketlm.distill.trainer import TrainConfig, evaluate_student  # noqa: E402
+from pocketlm.eval.windows import make_windows  # noqa: E402
 from pocketlm.models.load import load  # noqa: E402
 from pocketlm.quantize.fakequant import QuantLinear  # noqa: E402
 from pocketlm.quantize.qad import build_student  # noqa: E402
+from pocketlm.quantize.qad_options import QadOptions  # noqa: E402
 
-SEQ = 512
 # the KLD as qad's training measures it, in float32 (the committed numbers were measured in float32)
 EVAL = TrainConfig(micro_batch=4, bf16=False)
 
@@ -50,7 +51,8 @@ def main() -> None:
     torch.set_num_threads(2)
     original = load(args.model)
     ids = original.tokenizer(args.held_out.read_text()[:200_000])["input_ids"]
-    seqs = torch.tensor([ids[i * SEQ:(i + 1) * SEQ] for i in range(args.seqs)])
+    bos = original.tokenizer.bos_token_id if original.add_bos else None
+    seqs = torch.from_numpy(make_windows(ids, QadOptions.seq, bos).inputs[:args.seqs])  # qad's own window length
     teacher = original.model.float().eval()
     reference = OriginalOnce(teacher)
     student, _, _ = build_student(teacher, args.file, free_codes=False)
