@@ -105,6 +105,11 @@ def test_compress_can_distill_first(job, sample_text):
     assert (out / "model.gguf").stat().st_size <= 500_000
     md = (out / "report.md").read_text()
     assert "the recipe asks for distillation" in md
+    rows = json.loads((out / "eval.json").read_text())
+    student, final = rows["distilled student, unquantized"], rows["pocketlm"]
+    assert student["size_bytes"] > 4 * final["size_bytes"] and student["backend"] != final["backend"], (student, final)
+    assert 0 < student["kld_mean"] and student["tokens"] == final["tokens"]  # the same windows as the file's
+    assert f"distillation left {student['kld_mean']:.4f}" in md and f"({final['kld_mean']:.4f})" in md
     choice = steps["choose"]["result"]
     assert len(choice["pilots"]) >= 2 and all(p["pilot_kld"] > 0 and p["quant_kld"] > 0 for p in choice["pilots"])
     first = choice["pilots"][0]  # quantized and measured: its file's KLD is its healing's plus its quantization's

@@ -219,6 +219,7 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
                      params={"preset": preset}, say=say)
 
     def make_eval(path: Path) -> dict:
+        from ..eval.report import STUDENT_ROW
         from ..eval.runner import EvalOptions, evaluate
 
         base = dict(texts=texts, max_tokens=ev["max_tokens"], ctx=ev["ctx"], speed=ev["speed"], mmlu=ev["mmlu"],
@@ -227,6 +228,12 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
         rows["pocketlm"] = evaluate(str(out / "model.gguf"), EvalOptions(**base, reference=str(src.path)))
         if use_qad:
             rows["pocketlm before qad"] = evaluate(str(out / first), EvalOptions(**base, reference=str(src.path)))
+        if plan["distill"]:
+            # the float student on the same text splits the file's divergence into what distillation
+            # lost and what quantization added, which say where more tokens would go (text only: its
+            # torch speed says nothing about the file's)
+            rows[STUDENT_ROW] = evaluate(str(out / "student"), EvalOptions(**{**base, "speed": False, "mmlu": None},
+                                                                           reference=str(src.path)))
         if preset:
             rows[f"llama.cpp {preset}"] = evaluate(str(out / f"llamacpp-{preset}.gguf"),
                                                    EvalOptions(**base, reference=str(src.path)))
@@ -234,7 +241,8 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
         return {"rows": list(rows)}
 
     model_hash = file_sha256(out / "model.gguf")
-    manifest.run("evaluate", key_of("evaluate", src_hash, model_hash, preset, ev, _hash_files(texts), use_qad), "eval.json",
+    manifest.run("evaluate", key_of("evaluate", src_hash, model_hash, preset, ev, _hash_files(texts), use_qad, quant_hash),
+                 "eval.json",
                  make_eval,
                  params=ev, say=say)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from ..util.atomic import write_bytes, write_text
 
+# the eval row of compress's float student (distilled, before quantization): written by the pipeline, read here
+STUDENT_ROW = "distilled student, unquantized"
 KIND_ORDER = ["token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
 
@@ -146,6 +148,14 @@ def write_report(out: Path, src, plan: dict, quantized: dict, preset: str | None
               "what distillation lost." if plan["distill"] else
               f"Predicted KLD of the allocation (from measured sensitivity): {quantized['predicted_kld']:.4f}; measured: "
               f"{rows['pocketlm'].get('kld_mean', float('nan')):.4f}.")]
+    student = rows.get(STUDENT_ROW, {}).get("kld_mean")
+    final = rows["pocketlm"].get("kld_mean")
+    if student is not None and final is not None:
+        added = (f"quantization added {final - student:.4f}" if final >= student else
+                 f"the file ended {student - final:.4f} closer to it than the student")
+        notes.append(f"`{STUDENT_ROW}` is the float student the file was quantized from: of the file's mean KLD to the "
+                     f"original ({final:.4f}), distillation left {student:.4f} ({100 * student / final:.0f}%) and "
+                     f"{added}, on the same text.")
     qad = quantized.get("qad")
     if qad:
         notes.append(f"`pocketlm before qad` is the gptq file the final one was trained from ({qad['why']}): "
