@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--tag", default=None)
     ap.add_argument("--types", default="Q4_0,IQ4_NL")
     ap.add_argument("--tokens", type=int, default=200_000)
-    ap.add_argument("--lr", type=float, default=QadOptions.lr)
+    ap.add_argument("--lr", type=float, default=QadOptions.lr,
+                    help="default: by format, as quantize does (qad_options.learning_rate); rows say 'lrauto'")
     ap.add_argument("--codes", default=QadOptions.codes, choices=list(CODES))
     ap.add_argument("--sub-code-rate", type=float, default=SUB_CODE_RATE,
                     help="with --codes scales: how fast the k-quants' sub-block codes move (fakequant.SUB_CODE_RATE)")
@@ -75,7 +76,8 @@ def main() -> None:
     # the sub-block codes' rate is in the name: rows of 'scales' at different rates are different runs
     fakequant.SUB_CODE_RATE = args.sub_code_rate  # read at each step; not a QadOptions field (a bench knob)
     codes = f"scales{args.sub_code_rate:g}" if args.codes == "scales" else args.codes
-    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{args.lr:g} {codes}" + "".join(f" {n}" for n, _ in named(args))
+    lr_name = "auto" if args.lr is None else f"{args.lr:g}"
+    qad_name = f"pocketlm qad {args.tokens // 1000}k lr{lr_name} {codes}" + "".join(f" {n}" for n, _ in named(args))
     data = args.data.split(",") if args.data else general_text()
     results: dict = {}
     for preset in args.types.split(","):
@@ -150,7 +152,8 @@ def other_qad_rows(work: Path, preset: str, name: str) -> list[dict]:
 def write_section(tag: str, args, results: dict, work: Path) -> None:
     trained_on = f"the files {args.data}" if args.data else "pocketlm's bundled general text (wiki-first80 + c4)"
     lines = [f"## {tag}", "", f"Command: `.venv/bin/python bench/qad.py --model {args.model} --tag {tag} --types {args.types} "
-             f"--tokens {args.tokens} --lr {args.lr:g} --codes {args.codes}" + rate_flag(args)
+             f"--tokens {args.tokens}" + ("" if args.lr is None else f" --lr {args.lr:g}") + f" --codes {args.codes}"
+             + rate_flag(args)
              + "".join(f" {f}" for _, f in named(args)) + "`", "",
              f"Machine: {cpu_name()}, {os.cpu_count()} cores; llama.cpp at 2 threads. Reference: the model in F32. "
              f"gptq and llama.cpp's imatrix calibrate on {args.calib_tokens} tokens of the first 80% of wiki.txt; qad "

@@ -225,11 +225,12 @@ def test_layer_phase_brings_each_layer_closer_to_the_original(tiny_hf, start_fil
     assert len(trained) == 2 and all(t < u for t, u in zip(trained, untouched)), (untouched, trained)
 
 
-def test_layer_phase_runs_for_legacy_files_only(tiny_hf, start_file, tmp_path):
+def test_layer_phase_and_rate_go_by_format(tiny_hf, start_file, tmp_path):
     """By default the layer phase trains Q4_0-like files and skips k-quant ones (qad_options:
-    on the off-grid student's k-quants it measured worse than none)."""
+    on the off-grid student's k-quants it measured worse than none), and k-quant files train at
+    the lower rate they measured better at; a given value wins over both."""
     from pocketlm.quantize.qad import _kquant_share
-    from pocketlm.quantize.qad_options import LEGACY_BLOCK_TOKENS, layer_phase_tokens
+    from pocketlm.quantize.qad_options import KQUANT_LR, LEGACY_BLOCK_TOKENS, LEGACY_LR, layer_phase_tokens, learning_rate
 
     teacher = load(tiny_hf).model
     legacy = tmp_path / "q4_0.gguf"
@@ -239,6 +240,8 @@ def test_layer_phase_runs_for_legacy_files_only(tiny_hf, start_file, tmp_path):
     assert k_share > 0.5 and legacy_share < 0.5
     assert layer_phase_tokens(None, k_share) == 0 and layer_phase_tokens(None, legacy_share) == LEGACY_BLOCK_TOKENS
     assert layer_phase_tokens(4096, k_share) == 4096
+    assert learning_rate(None, k_share) == KQUANT_LR < LEGACY_LR == learning_rate(None, legacy_share)
+    assert learning_rate(0.03, k_share) == 0.03
 
 
 def test_a_file_training_made_worse_is_not_kept(tiny_hf, sample_text, start_file, tmp_path):
@@ -266,6 +269,7 @@ def test_a_second_pass_reads_the_same_text_again_and_trains_further(tiny_hf, sam
             for n in (1, 2)]
     one, two = runs
     assert two["steps"] == 2 * one["steps"] and two["tokens"] == one["tokens"] and two["epochs"] == 2
+    assert one["lr"] == 0.01  # a Q4_K_M file: the k-quants' rate, as no --lr was given
     assert two["settings"]["data"] == one["settings"]["data"]
     assert two["end"]["kld"] < one["end"]["kld"] < one["start"]["kld"], (one["start"], one["end"], two["end"])
     with pytest.raises(PocketError, match="at least 1"):

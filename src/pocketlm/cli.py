@@ -144,6 +144,8 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
               help="Default: gptq with --calib, else imatrix on bundled text. qad: gptq, then the file trained "
                    "against the original's logits in its own format.")
 @qad_options
+@click.option("--fisher", is_flag=True, help="gptq weighs each calibration token by how much the output distribution "
+              "depends on each layer there (one backward pass of the whole model first; up to 1B parameters).")
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
 @click.option("--calib-tokens", default=8192, show_default=True, type=POSITIVE,
               help="Calibration tokens (8192 and 16384 gave the same KLD on SmolLM2 Q4_K_M).")
@@ -154,7 +156,7 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
 @click.option("--quiet", is_flag=True, help="No progress bars, no per-tensor table.")
 @user_errors
 def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx, method, tokens, lr, qad_epochs, qad_codes,
-             teacher, resume, calib, calib_tokens, keep, allow_requant, force, modelfile, quiet):
+             teacher, resume, fisher, calib, calib_tokens, keep, allow_requant, force, modelfile, quiet):
     """Quantize MODEL to a GGUF file that llama.cpp, Ollama and LM Studio run."""
     from .quantize.plan import PRESETS, parse_keep
 
@@ -172,14 +174,18 @@ def quantize(model, output, preset, target_size, target_bpw, target_memory, ctx,
     refuse_existing(output, force)
     keep = parse_keep(keep)
     check_files(calib, "--calib")
-    types = {}
-    if preset is None:
-        types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, table=not quiet, progress=not quiet)
     from .quantize.pipeline import QuantizeOptions, method_of, quantize_model
     from .report_table import print_quantize
 
     opts = QuantizeOptions(preset=preset.upper() if preset else None, method=method, calib=[str(c) for c in calib],
-                           calib_tokens=calib_tokens, keep=keep, allow_requant=allow_requant, types=types, progress=not quiet)
+                           calib_tokens=calib_tokens, keep=keep, allow_requant=allow_requant, progress=not quiet,
+                           fisher=fisher)
+    if fisher:
+        from .quantize.fisher import check
+
+        check(model, method_of(opts))  # before the budget's sensitivity pass, which takes minutes
+    if preset is None:
+        opts.types = _budget_types(model, target_size, target_bpw, calib, calib_tokens, table=not quiet, progress=not quiet)
     if method == "qad":
         from .quantize.qad_options import QadOptions
 

@@ -98,7 +98,7 @@ def given(*names: str) -> bool:
 
 def qad_options(fn):
     """What --method qad trains for (quantize/qad.py); the defaults are QadOptions'."""
-    from .quantize.qad_options import CODES, QadOptions  # not qad.py: the CLI must not import torch to parse flags
+    from .quantize.qad_options import CODES, KQUANT_LR, LEGACY_LR, QadOptions  # not qad.py: the CLI must not import torch to parse flags
 
     d = QadOptions()
     fn = click.option("--resume", is_flag=True, help="With --method qad: continue an interrupted training run.")(fn)
@@ -108,8 +108,9 @@ def qad_options(fn):
                       help="With --method qad: " + "; ".join(f"{k}: {v}" for k, v in CODES.items()) + ".")(fn)
     fn = click.option("--qad-epochs", type=POSITIVE, default=d.epochs, show_default=True,
                       help="With --method qad: passes over the --tokens of text (each pass takes as long as the first).")(fn)
-    fn = click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=d.lr, show_default=True,
-                      help="With --method qad: grid steps per optimizer step.")(fn)
+    fn = click.option("--lr", type=click.FloatRange(0, 1, min_open=True), default=d.lr,
+                      help=f"With --method qad: grid steps per optimizer step [default: {KQUANT_LR} for files mostly of "
+                      f"k-quants, {LEGACY_LR} for the others].")(fn)
     return click.option("--tokens", type=POSITIVE, default=d.tokens, show_default=True,
                         help="With --method qad: training tokens (of --calib, else bundled general text).")(fn)
 

@@ -37,11 +37,13 @@ class LinearStats:
         """Mean squared 8-bit rounding error per input channel, by activation block size."""
         return {b: (e / max(self.tokens, 1)).cpu().numpy() for b, e in self.act_err.items()}
 
-    def add(self, x: torch.Tensor, want_hessian: bool, act_blocks: Sequence[int]) -> None:
-        """Accumulates the inputs x (tokens, in) into every statistic wanted."""
+    def add(self, x: torch.Tensor, want_hessian: bool, act_blocks: Sequence[int], weight: torch.Tensor | None = None) -> None:
+        """Accumulates the inputs x (tokens, in) into every statistic wanted; `weight` (tokens,)
+        weighs each token's share of the Hessian (fisher.py), not of the importance."""
         self.sq_sum += (x * x).sum(0)
         if want_hessian:
-            self._xtx().addmm_(x.T, x)
+            xw = x if weight is None else x * weight.to(x.device).sqrt()[:, None]
+            self._xtx().addmm_(xw.T, xw)
         for b in act_blocks:
             if x.shape[1] % b == 0:
                 e = activation_rounding(x, b)
@@ -160,6 +162,7 @@ def _run_for_hooks(layer, hidden: Sequence[torch.Tensor], kwargs: dict, seen: di
     8B its matmul, ffn_down's, is a quarter of the layer's flops)."""
     with torch.inference_mode():
         for k, hs in enumerate(hidden):
+            seen["window"] = k
             try:
                 layer_output(layer, hs, kwargs)
             except _StopForward:
@@ -172,7 +175,7 @@ def _run_for_hooks(layer, hidden: Sequence[torch.Tensor], kwargs: dict, seen: di
 def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
                         on_layer: Callable[[int, dict[str, LinearStats]], dict[str, torch.Tensor]],
                         progress: bool = True, stream=None, visit=None, release: bool = False,
-                        act_blocks: Sequence[int] = ()) -> LinearStats:
+                        act_blocks: Sequence[int] = (), token_weights: dict | None = None) -> LinearStats:
     """Calls on_layer(i, {module name within layer: stats}) for each layer; it returns new
     weights {module name: tensor} to load before the layer's outputs are propagated, or yields
     (module name, tensor) pairs, each loaded as it comes.
@@ -184,7 +187,9 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
     weights are dropped while on_layer runs and the layer is rebuilt from the new weights and
     the checkpoint's other tensors after it, so quantizing a layer never holds the layer too
     (0.9 GB of float32 at 8B, beside gptq's two ffn_down Hessians).
-    act_blocks: also gather each input's activation_rounding error for these block sizes."""
+    act_blocks: also gather each input's activation_rounding error for these block sizes.
+    token_weights: {layer: {Linear's name: (windows, positions)}}, each token's weight in the
+    Hessians (fisher.py); None: every token alike."""
     if stream is not None:
         windows = stream.embed_only(windows)
     hidden, kwargs_by_layer = _capture_layer_inputs(model, windows)
@@ -199,7 +204,8 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
         for name, mod in layer.named_modules():
             if isinstance(mod, torch.nn.Linear):
                 handles.append(mod.register_forward_pre_hook(
-                    _accumulator(stats, name, mod.in_features, want_hessian, last_input, seen, act_blocks)))
+                    _accumulator(stats, name, mod.in_features, want_hessian, last_input, seen, act_blocks,
+                                 None if token_weights is None else token_weights[i][name])))
         try:
             _run_for_hooks(layer, hidden, kwargs_by_layer[i], seen)
         finally:
@@ -235,7 +241,7 @@ def calibrate_layerwise(model, windows: list[torch.Tensor], want_hessian: bool,
 
 
 def _accumulator(stats: dict, name: str, width: int, want_hessian: bool, last: dict, seen: dict,
-                 act_blocks: Sequence[int] = ()):
+                 act_blocks: Sequence[int] = (), weights: torch.Tensor | None = None):
     """Linears fed the same tensor (q/k/v, gate/up) share one LinearStats: X^T X is the
     costliest part of calibration, so it is computed once per distinct input. `last` holds the
     previous hook's input by reference (not address, which a freed tensor's successor reuses).
@@ -259,6 +265,6 @@ def _accumulator(stats: dict, name: str, width: int, want_hessian: bool, last: d
             with torch.inference_mode(False):  # ordinary tensors, so gptq may later reuse X^T X in place
                 st = stats[name] = LinearStats(torch.zeros(width, device=dev),
                                                torch.zeros(width, width, device=dev) if want_hessian else None)
-        st.add(x, want_hessian, act_blocks)
+        st.add(x, want_hessian, act_blocks, None if weights is None else weights[seen["window"]])
         last["input"], last["stats"] = args[0], st
     return hook

@@ -50,6 +50,7 @@ class QuantizeOptions:
     types: dict = field(default_factory=dict)  # GGUF name -> type: a budget's allocation (budget.py)
     device: str | None = None  # where calibration's layer forward and X^T X run; None: CUDA when present
     qad: QadOptions | None = None  # qad.QadOptions for --method qad (gptq, then trained against the original: qad.py)
+    fisher: bool = False  # gptq's tokens weighted by the logits' Fisher energy at each layer (fisher.py)
 
 
 @dataclass
@@ -154,6 +155,10 @@ def quantize_model(source, out: str | Path, opts: QuantizeOptions) -> list[Tenso
     method = method_of(opts)
     if method not in METHODS:
         raise PocketError(f"unknown --method {method!r} (choose one of {', '.join(METHODS)})")
+    if opts.fisher:
+        from .fisher import check
+
+        check(source, method)
     if method == "qad":
         from .qad import quantize_qad
 
@@ -217,6 +222,11 @@ def _calibrated_pass(src, ts, plans, method, opts, stream, reports):
     layers = LayerStream(src, device=opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     windows = calibration_windows(layers.tokenizer, layers.add_bos, opts.calib, opts.calib_tokens, opts.calib_ctx)
     names = ts.facts.name_map()
+    weights = None
+    if opts.fisher and method == "gptq":
+        from .fisher import token_weights
+
+        weights = token_weights(src, windows, opts.progress)
 
     def on_layer(i, stats):  # a generator: each tensor's decoded weights are handed over before the next is made
         users = Counter(id(st) for st in stats.values())  # q/k/v and gate/up share their statistics
@@ -238,4 +248,4 @@ def _calibrated_pass(src, ts, plans, method, opts, stream, reports):
             del deq  # the layer rebuilt from these holds them; this frame need not
 
     return calibrate_layerwise(layers.model, windows, method == "gptq", on_layer, opts.progress, stream=layers,
-                               release=True)
+                               release=True, token_weights=weights)

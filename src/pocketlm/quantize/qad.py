@@ -32,7 +32,7 @@ from ..util.cache import model_content_hash
 from .fakequant import FakeQuant, QuantLinear
 from .formats import REGISTRY
 from .formats import get as get_format
-from .qad_options import CODES, QadOptions, layer_phase_tokens
+from .qad_options import CODES, QadOptions, layer_phase_tokens, learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,8 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     settings["data"] = seqs.fingerprint
     settings["student"] = None if student_source is None else str(student_source)
     ckpt = Checkpoint(ckpt_folder or out.with_name(out.name + ".ckpt"), _run_key(settings, start_gguf))
-    cfg = TrainConfig(loss="fkl", steps=steps, batch=opts.batch, micro_batch=opts.micro_batch, lr=opts.lr,
+    cfg = TrainConfig(loss="fkl", steps=steps, batch=opts.batch, micro_batch=opts.micro_batch,
+                      lr=learning_rate(opts.lr, _kquant_share(trained)),
                       warmup=max(1, steps // 10), weight_decay=0.0, eval_every=opts.eval_every,
                       save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed, label="qad")
     signal = OnlineTeacher(teacher.model)
@@ -269,7 +270,7 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     baseline_file.unlink(missing_ok=True)
     ckpt.remove()  # and its folder, once nothing else is left in it
     return {"kept_start": kept_start,
-            "tokens": per_pass * opts.batch * (opts.seq - 1), "epochs": opts.epochs, "steps": steps,
+            "tokens": per_pass * opts.batch * (opts.seq - 1), "epochs": opts.epochs, "steps": steps, "lr": cfg.lr,
             "history": history, "start": baseline["start"],
             "end": {"ppl": end["ppl"], "kld": end["kld"]},
             "block_errors": baseline["block_errors"], "seconds": time.perf_counter() - t0, "max_difference": worst,
@@ -305,7 +306,7 @@ def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:
     start_opts = dataclasses.replace(opts, method="gptq")
     key = json.dumps({"source": model_content_hash(resolve(source)), "preset": opts.preset, "types": opts.types,
                       "calib": [str(Path(c).resolve()) for c in opts.calib], "calib_tokens": opts.calib_tokens,
-                      "keep": opts.keep, "code": code_version("quantize", "models")}, sort_keys=True)
+                      "keep": opts.keep, "fisher": opts.fisher, "code": code_version("quantize", "models")}, sort_keys=True)
     stamp = folder / "start.json"
     if not (qad.resume and start.exists() and stamp.exists() and stamp.read_text() == key):
         Checkpoint(folder, "").refuse_unless(qad.resume)  # before gptq, not minutes later in training

@@ -26,9 +26,9 @@ class QadOptions:
     # what the first did, and compress has 90 minutes
     epochs: int = 1
     micro_batch: int = 4  # the whole batch in one pass: the fake-quant decode then runs once per step
-    # end-to-end phase: grid steps per optimizer step (fakequant.py's units, every format alike). Pilot on the
-    # default model's Q4_0 after the layer phase: 0.01 took the KLD 0.094 -> 0.087 in 20 steps, still falling
-    lr: float = 0.02
+    # end-to-end phase: grid steps per optimizer step (fakequant.py's units, every format alike); None: by
+    # format (learning_rate)
+    lr: float | None = None
     # frozen: only scales and offsets train (EfficientQAT's end-to-end phase); free: the weights move and
     # re-choose their levels too. On the default model's Q4_0, layer by layer, frozen measured 0.74x the
     # gptq file's KLD, free 0.83-0.96x (moving weights fit the layer's few calibration tokens, not the model)
@@ -52,6 +52,19 @@ class QadOptions:
 
 
 LEGACY_BLOCK_TOKENS = 8192
+# Legacy files (the default model's Q4_0, after the layer phase) were tuned at 0.02: a pilot at 0.01 took the
+# KLD 0.094 -> 0.087 in 20 steps, 0.04 did worse on Q2_K. The k-quant files of the off-grid student measured
+# 0.01 better in all four comparisons (bench/results/qad.md, llama.cpp's KLD): Q3_K_M one pass 0.0799 against
+# 0.0815, three passes 0.0769 against 0.0775 (0.005: 0.0807); Q2_K one pass 0.701x gptq's against 0.708x, and
+# the H200 screen's training measure 0.2227 against 0.2247. Small (1-2%), but always the same way.
+LEGACY_LR, KQUANT_LR = 0.02, 0.01
+
+
+def learning_rate(lr: float | None, kquant_share: float) -> float:
+    """The end-to-end phase's learning rate when not given: by the share of the trained weights stored as k-quants."""
+    if lr is not None:
+        return lr
+    return KQUANT_LR if kquant_share > 0.5 else LEGACY_LR
 
 
 def layer_phase_tokens(block_tokens: int | None, kquant_share: float) -> int:
