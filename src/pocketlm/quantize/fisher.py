@@ -5,10 +5,11 @@ alike, though an error at the first positions (the attention sink) or at a token
 sure of moves the logits far less than one elsewhere. Weighting token t by the Fisher energy
 of the output distribution at the layer's output, w_t = E_y ||d log p(y | t) / d out_t||^2 with
 y drawn from the model itself (the Fisher of KL(p || q) at q = p: GuidedQuant, ICML 2025, in its
-per-token form), makes gptq's H = sum_t w_t x_t x_t^T answer to the logits instead. Measured on
-the off-grid 512-wide student (bench/results/fisher_gptq.md): the files' mean KLD 4-6% lower at
-Q3_K_M and Q2_K for one backward pass of the whole model over the calibration windows, which is
-why it needs the model whole in memory and is offered up to qad's size limit only.
+per-token form), makes gptq's H = sum_t w_t x_t x_t^T answer to the logits instead. Measured
+(bench/results/fisher_gptq.md): the default model's Q4_0 0.61x plain gptq's mean KLD, Q4_K_M
+0.69x; the off-grid 512-wide student's Q3_K_M and Q2_K 0.96x and 0.94x. It costs one backward
+pass of the whole model over the calibration windows, so it needs the model whole in memory and
+is offered up to qad's size limit only.
 """
 from __future__ import annotations
 
