@@ -229,8 +229,9 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
     settings["data"] = seqs.fingerprint
     settings["student"] = None if student_source is None else str(student_source)
     ckpt = Checkpoint(ckpt_folder or out.with_name(out.name + ".ckpt"), _run_key(settings, start_gguf))
+    kquant_share = _kquant_share(trained)  # the rate and the layer phase both go by it
     cfg = TrainConfig(loss="fkl", steps=steps, batch=opts.batch, micro_batch=opts.micro_batch,
-                      lr=learning_rate(opts.lr, _kquant_share(trained)),
+                      lr=learning_rate(opts.lr, kquant_share),
                       warmup=max(1, steps // 10), weight_decay=0.0, eval_every=opts.eval_every,
                       save_every=opts.save_every, bf16=opts.bf16, seed=opts.seed, label="qad")
     signal = OnlineTeacher(teacher.model)
@@ -243,7 +244,7 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
         # a distilled student's layers answer to no single layer of its original (layers dropped,
         # widths cut): matching them one by one trained each to the wrong target and made a 60 MB
         # student's file worse (below_floor.md, 2026-12-04), so a student trains end to end only
-        block_tokens = 0 if student_source is not None else layer_phase_tokens(opts.block_tokens, _kquant_share(trained))
+        block_tokens = 0 if student_source is not None else layer_phase_tokens(opts.block_tokens, kquant_share)
         if block_tokens:
             from .qad_blocks import reconstruct_blocks
 
