@@ -1,12 +1,13 @@
 """Quantization-aware distillation (`quantize --method qad`) against gptq and llama.cpp, at the
 same bytes, in one run on one machine.
 
-For each type: llama.cpp's quantizer (and with its imatrix), pocketlm gptq, and pocketlm qad
-started from that very gptq file, trained on pocketlm's bundled general text (wiki-first80 +
-c4), evaluated like bench/quant_vs_llamacpp.py: mean KLD against the F32 model, perplexity
-and top-1 agreement on the last 20% of wiki.txt (never trained on), ctx 512, in llama.cpp.
+For each type: llama.cpp's quantizer (and with its imatrix), pocketlm gptq (and with --fisher,
+gptq --fisher too), and pocketlm qad started from that very gptq file (the --fisher one with
+--fisher), trained on pocketlm's bundled general text (wiki-first80 + c4), evaluated like
+bench/quant_vs_llamacpp.py: mean KLD against the F32 model, perplexity and top-1
+agreement on the last 20% of wiki.txt (never trained on), ctx 512, in llama.cpp.
 
-  .venv/bin/python bench/qad.py [--model smollm2-135m] [--types Q4_0,IQ4_NL] [--tokens 200000] [--tag NAME]
+  .venv/bin/python bench/qad.py [--model smollm2-135m] [--types Q4_0,IQ4_NL] [--tokens 200000] [--fisher] [--tag NAME]
 
 Rows are kept in ~/.cache/pocketlm-bench/qad/<tag>/ (a rerun measures only what is missing);
 the table goes to bench/results/qad.md, one section per --tag.
@@ -37,7 +38,7 @@ from pocketlm.util.atomic import write_json  # noqa: E402
 from pocketlm.util.machine import cpu_name  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "qad.md"
-VARIANTS = ["llama.cpp", "llama.cpp+imatrix", "pocketlm gptq", "pocketlm qad"]
+VARIANTS = ["llama.cpp", "llama.cpp+imatrix", "pocketlm gptq", "pocketlm gptq --fisher", "pocketlm qad"]
 SUB_CODE_RATE = fakequant.SUB_CODE_RATE  # the product's, before --sub-code-rate replaces it for a run
 GOAL = 0.6  # qad's mean KLD / gptq's, issue #22
 
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--block-tokens", type=int, default=None,
                     help="tokens of the layer-by-layer phase (the first of the training sequences, reused); "
                          "default: by format, as quantize does (qad_options.layer_phase_tokens)")
+    ap.add_argument("--fisher", action="store_true",
+                    help="qad starts from gptq --fisher's file, as `quantize --method qad --fisher` does (a row of its own)")
     ap.add_argument("--data", default=None,
                     help="comma-separated files qad trains on (default: pocketlm's bundled general text)")
     ap.add_argument("--calib-tokens", type=int, default=16384)
@@ -81,7 +84,7 @@ def main() -> None:
     data = args.data.split(",") if args.data else general_text()
     results: dict = {}
     for preset in args.types.split(","):
-        for variant in VARIANTS:
+        for variant in variants(args):
             name = qad_name if variant == "pocketlm qad" else variant
             row = work / f"{preset}-{name.replace(' ', '_').replace('+', '_')}.json"
             if row.exists():
@@ -90,7 +93,7 @@ def main() -> None:
             if args.cached_only:
                 continue
             out = row.with_suffix(".gguf")
-            gptq_file = work / f"{preset}-gptq-start.gguf"
+            gptq_file = work / f"{preset}-gptq{'-fisher' if args.fisher else ''}-start.gguf"
             extra: dict = {}
             if variant == "pocketlm qad":
                 qad = QadOptions(tokens=args.tokens, lr=args.lr, codes=args.codes, norms=args.norms, batch=args.batch,
@@ -100,7 +103,7 @@ def main() -> None:
                 # refuses another run's checkpoint), and rows of one type never share a folder
                 ckpt = row.with_suffix(".ckpt")
                 extra["resumed"] = Checkpoint(ckpt, "").exists()  # its seconds then count only the last stretch
-                r = train_file(str(ref), gptq_file, out, data, qad, ckpt)
+                r = train_file(str(ref), gptq_file, out, data, qad, ckpt, weighted_start=args.fisher)
                 seconds = r["seconds"]
                 evals = [h for h in r["history"] if h.get("kld") is not None]
                 extra |= {"train_tokens": r["tokens"], "epochs": r["epochs"], "max_difference": r["max_difference"],
@@ -114,13 +117,17 @@ def main() -> None:
             res = measure(out, ref, held_out, args.eval_tokens)
             res.update(quantize_s=seconds, name=name, **extra)
             write_json(row, res)
-            if variant == "pocketlm gptq":
+            if variant == ("pocketlm gptq --fisher" if args.fisher else "pocketlm gptq"):
                 out.replace(gptq_file)  # qad starts from this very file
             else:
                 out.unlink()
             results[(preset, variant)] = res
             print(preset, name, f"kld {res['kld_mean']:.5f} ppl {res['ppl']:.3f} top1 {res['top1']:.4f}", flush=True)
     write_section(tag, args, results, work)
+
+
+def variants(args) -> list[str]:
+    return [v for v in VARIANTS if args.fisher or v != "pocketlm gptq --fisher"]
 
 
 def named(args) -> list[tuple[str, str]]:
@@ -133,6 +140,7 @@ def named(args) -> list[tuple[str, str]]:
         (args.batch != QadOptions.batch, f"batch{args.batch}", f"--batch {args.batch}"),
         (args.epochs != QadOptions.epochs, f"epochs{args.epochs}", f"--epochs {args.epochs}"),
         (args.block_tokens is not None, f"layers{(args.block_tokens or 0) // 1024}k", f"--block-tokens {args.block_tokens}"),
+        (args.fisher, "fisher", "--fisher"),
         (bool(data), "data-" + "+".join(Path(d).stem for d in data), f"--data {args.data}"),
     ] if on]
 
@@ -166,7 +174,7 @@ def write_section(tag: str, args, results: dict, work: Path) -> None:
     lines += ["| type | quantizer | MiB | PPL | mean KLD | top-1 | training tokens | seconds |", "|---|---|---|---|---|---|---|---|"]
     goals = []
     for preset in args.types.split(","):
-        for variant in VARIANTS:
+        for variant in variants(args):
             r = results.get((preset, variant))
             if r is None:
                 lines.append(f"| {preset} | {variant} | - | - | - | - | - | - |")
@@ -181,9 +189,11 @@ def write_section(tag: str, args, results: dict, work: Path) -> None:
             ratio = q["kld_mean"] / g["kld_mean"]
             same = q["size_bytes"] == g["size_bytes"]
             which = "" if own else f" (this command's row not measured; from '{q['name']}')"
+            f = results.get((preset, "pocketlm gptq --fisher"))
+            start = f" (its start, gptq --fisher: {q['kld_mean'] / f['kld_mean']:.4f}x)" if f and own and args.fisher else ""
             goals.append(f"- {preset}: qad / gptq mean KLD = {ratio:.4f}{which} (goal ≤ {GOAL}): "
-                         f"{'met' if ratio <= GOAL else 'NOT met'}; same bytes: {'yes' if same else 'NO'}; file decodes to "
-                         f"the trained weights with max |difference| {q.get('max_difference', '?')}.")
+                         f"{'met' if ratio <= GOAL else 'NOT met'}{start}; same bytes: {'yes' if same else 'NO'}; file "
+                         f"decodes to the trained weights with max |difference| {q.get('max_difference', '?')}.")
     lines += ["", "Goals (issue #22):", "", *goals, ""]
     section = "\n".join(lines)
     put_section(RESULTS, "Quantization-aware distillation (qad) vs gptq and llama.cpp", tag, section)

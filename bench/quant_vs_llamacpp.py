@@ -108,9 +108,10 @@ def produce(variant: str, ref: Path, out: Path, preset: str, calib: Path, calib_
     elif variant == "llama.cpp+imatrix":
         llamacpp_quantize(ref, out, preset, imatrix=imatrix, tools_dir=tools)
     else:
-        method = variant.split()[1]
+        method = variant.split()[1]  # "pocketlm gptq", "pocketlm gptq --fisher"
         quantize_model(str(ref), out, QuantizeOptions(preset=preset, method=method, calib=[str(calib)],
-                                                      calib_tokens=calib_tokens, allow_requant=True, progress=False))
+                                                      calib_tokens=calib_tokens, allow_requant=True, progress=False,
+                                                      fisher=variant.endswith("--fisher")))
     return time.perf_counter() - t0
 
 

@@ -64,3 +64,23 @@ def test_cli_refuses_fisher_without_gptq(tiny_hf, tmp_path):
                                    "--method", "rtn", "--fisher", "--quiet"])
     assert res.exit_code == 1 and res.output.startswith("error: --fisher weighs gptq's calibration tokens"), res.output
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_qad_from_a_fisher_start_skips_the_layer_phase(tiny_hf, sample_text, tmp_path, monkeypatch):
+    """A Q4_0 file would take the layer phase by default; made by --fisher it trains end to end only
+    (the phase fits every token alike and undid the weighting, bench/results/qad.md), and says so
+    in its result; without --fisher the same command runs the phase."""
+    from pocketlm.quantize import qad, qad_blocks
+    from pocketlm.quantize.qad_options import QadOptions
+
+    phases = []
+    monkeypatch.setattr(qad_blocks, "reconstruct_blocks", lambda *a, **k: phases.append(len(a[2])) or [0.0])
+    trained = []
+    real = qad.train_file
+    monkeypatch.setattr(qad, "train_file", lambda *a, **k: trained.append(k) or real(*a, **k))
+    for weighted in (True, False):
+        opts = QuantizeOptions(preset="Q4_0", method="qad", calib=[str(sample_text)], calib_tokens=256, progress=False,
+                               fisher=weighted, qad=QadOptions(tokens=2000, progress=False))
+        quantize_model(str(tiny_hf), tmp_path / f"{weighted}.gguf", opts)
+    assert [k["weighted_start"] for k in trained] == [True, False]
+    assert len(phases) == 1  # the plain start's run only

@@ -240,6 +240,7 @@ def test_layer_phase_and_rate_go_by_format(tiny_hf, start_file, tmp_path):
     assert k_share > 0.5 and legacy_share < 0.5
     assert layer_phase_tokens(None, k_share) == 0 and layer_phase_tokens(None, legacy_share) == LEGACY_BLOCK_TOKENS
     assert layer_phase_tokens(4096, k_share) == 4096
+    assert layer_phase_tokens(None, legacy_share, weighted_start=True) == 0  # a --fisher start keeps its weighting
     assert learning_rate(None, k_share) == KQUANT_LR < LEGACY_LR == learning_rate(None, legacy_share)
     assert learning_rate(0.03, k_share) == 0.03
 

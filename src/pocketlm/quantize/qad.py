@@ -200,10 +200,10 @@ def _run_key(settings: dict, start_gguf: Path) -> str:
 
 
 def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOptions,
-               ckpt_folder: Path | None = None, student_source=None) -> dict:
+               ckpt_folder: Path | None = None, student_source=None, weighted_start: bool = False) -> dict:
     """Train the quantized file `start_gguf` against `source` (the teacher) on `data`; write
     `out`. The file is a quantization of `source`, or of `student_source` (a student distilled
-    from it: its own shape, the teacher's vocabulary)."""
+    from it: its own shape, the teacher's vocabulary); `weighted_start`: it was made by gptq --fisher."""
     from ..distill.data import load_sequences
     from ..distill.signals import OnlineTeacher
     from ..distill.trainer import Checkpoint, TrainConfig, evaluate_student, train
@@ -244,7 +244,8 @@ def train_file(source, start_gguf: Path, out: Path, data: list[str], opts: QadOp
         # a distilled student's layers answer to no single layer of its original (layers dropped,
         # widths cut): matching them one by one trained each to the wrong target and made a 60 MB
         # student's file worse (below_floor.md, 2026-12-04), so a student trains end to end only
-        block_tokens = 0 if student_source is not None else layer_phase_tokens(opts.block_tokens, kquant_share)
+        block_tokens = (0 if student_source is not None
+                        else layer_phase_tokens(opts.block_tokens, kquant_share, weighted_start))
         if block_tokens:
             from .qad_blocks import reconstruct_blocks
 
@@ -319,9 +320,9 @@ def quantize_qad(source, out: Path, opts, qad: QadOptions) -> list:
         reports = None
     data = list(opts.calib) if opts.calib else general_text()
     if qad.teacher is None:
-        result = train_file(source, start, out, data, qad, folder)
+        result = train_file(source, start, out, data, qad, folder, weighted_start=opts.fisher)
     else:  # a distilled student: trained against the original it was distilled from
-        result = train_file(qad.teacher, start, out, data, qad, folder, student_source=source)
+        result = train_file(qad.teacher, start, out, data, qad, folder, student_source=source, weighted_start=opts.fisher)
     (qad.say or log.info)(f"qad: {result['tokens']} tokens in {result['seconds']:.0f} s; held-out KLD to the original "
                           f"{result['start']['kld']:.4f} (gptq) -> {result['end']['kld']:.4f}; " +
                           ("the gptq file kept" if result["kept_start"] else "the file decodes to the trained "

@@ -67,14 +67,16 @@ def learning_rate(lr: float | None, kquant_share: float) -> float:
     return KQUANT_LR if kquant_share > 0.5 else LEGACY_LR
 
 
-def layer_phase_tokens(block_tokens: int | None, kquant_share: float) -> int:
+def layer_phase_tokens(block_tokens: int | None, kquant_share: float, weighted_start: bool = False) -> int:
     """The layer phase's tokens when not given: on for files whose trained weights are mostly legacy
     formats, off for mostly k-quants. Measured (bench/results/qad.md): on the default model's Q4_0 the
     phase takes training's KLD 0.128 -> 0.091 and the file ends at 0.60x gptq's; on the off-grid
     student's k-quants it makes the file worse before end-to-end training starts (Q3_K_M 0.082 ->
     0.097, Q2_K 0.297 -> 0.355), and the files end better without it (Q3_K_M 0.94x gptq's KLD
     against 1.00x, Q2_K 0.86x against 0.92x). k-quants train only two scales per 256 weights, and
-    one layer's few calibration tokens overfit them."""
+    one layer's few calibration tokens overfit them. A start made by `--fisher` gptq skips it too: the
+    phase fits each layer's output with every token alike and undoes the weighting (default model
+    Q4_0 from the --fisher file: 0.0757 KLD with the phase, 0.0674 without, bench/results/qad.md)."""
     if block_tokens is not None:
         return block_tokens
-    return 0 if kquant_share > 0.5 else LEGACY_BLOCK_TOKENS
+    return 0 if kquant_share > 0.5 or weighted_start else LEGACY_BLOCK_TOKENS
