@@ -70,6 +70,8 @@ def test_bad_inputs_are_refused_clearly(job, tmp_path, monkeypatch):
         load_recipe(None, **{"distill.when": "sometimes"})
     with pytest.raises(PocketError, match="forward KL only"):
         load_recipe(None, **{"distill.loss": "rkl", "distill.targets": "sampled"})
+    with pytest.raises(PocketError, match="fisher weighs gptq's calibration tokens: it needs method gptq, not rtn"):
+        load_recipe(None, **{"quantize.fisher": True, "quantize.method": "rtn"})
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "photo.jpg").write_bytes(b"\xff\xd8")
@@ -124,7 +126,7 @@ def test_compress_can_distill_first(job, sample_text):
     assert again.exit_code == 0 and "[choose] done earlier" in again.output, again.output
 
 
-def test_compress_trains_the_file_when_the_budget_is_tight(job, sample_text):
+def test_compress_trains_the_file_when_the_budget_is_tight(job, sample_text, monkeypatch):
     from pocketlm.compress.pipeline import qad_applies
 
     assert qad_applies("auto", job["model"], 600_000)[0]  # ~3.7 bits per weight
@@ -149,6 +151,19 @@ def test_compress_trains_the_file_when_the_budget_is_tight(job, sample_text):
     assert not (out / "qad.ckpt").exists()
     again = _compress(job)
     assert again.exit_code == 0 and "[qad] done earlier" in again.output, again.output
+
+    # quantize.fisher: a Fisher-weighted gptq file (a new start: quantize and qad rerun), trained end to end only
+    from pocketlm.quantize import qad
+
+    starts = []
+    real = qad.train_file
+    monkeypatch.setattr(qad, "train_file", lambda *a, **k: starts.append(k["weighted_start"]) or real(*a, **k))
+    plain = gptq.read_bytes()
+    job["recipe"].write_text(job["recipe"].read_text().replace("  qad_epochs: 2\n", "  qad_epochs: 2\n  fisher: true\n"))
+    weighted = _compress(job)
+    assert weighted.exit_code == 0 and "[quantize] running" in weighted.output, weighted.output
+    assert starts == [True] and gptq.read_bytes() != plain and gptq.stat().st_size == len(plain)
+    assert json.loads((out / "manifest.json").read_text())["steps"]["qad"]["result"]["max_difference"] == 0
 
 
 def test_report_shows_measured_speed():

@@ -90,6 +90,10 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
     src_hash = model_content_hash(src)
     calib_hashes = _hash_files(calib)
     q = recipe["quantize"]
+    if q["fisher"]:  # the original's size is refused now; a student of it is smaller
+        from ..quantize.fisher import check
+
+        check(src.path, q["method"])
 
     def make_plan(path: Path) -> dict:
         from ..quantize.sensitivity import measure
@@ -168,7 +172,8 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
         sens = measure(quant_source, calib, q["calib_tokens"], progress)
         types = types_for_budget(sens, quant_budget)
         quantize_model(str(quant_source), path, QuantizeOptions(types=types, method=q["method"], calib=calib,
-                                                                calib_tokens=q["calib_tokens"], progress=progress))
+                                                                calib_tokens=q["calib_tokens"], progress=progress,
+                                                                fisher=q["fisher"]))
         kinds = {n: sens.loss(n, t) for n, t in types.items()}
         result = {"types": types, "predicted_kld": sens.predicted_kld(types), "loss": kinds, "size": path.stat().st_size}
         if memory is not None:
@@ -192,7 +197,8 @@ def compress(model: str, out: str | Path, *, target_size: str | int | None = Non
 
             r = train_file(src.path, out / first, path, data, QadOptions(tokens=q["qad_tokens"], epochs=q["qad_epochs"],
                                                                              progress=progress, resume=True, say=say),
-                           ckpt_folder=out / "qad.ckpt", student_source=None if quant_source == src.path else quant_source)
+                           ckpt_folder=out / "qad.ckpt", student_source=None if quant_source == src.path else quant_source,
+                           weighted_start=q["fisher"])
             return {"tokens": r["tokens"], "epochs": r["epochs"], "seconds": r["seconds"], "kld_before": r["start"]["kld"],
                     "kld_after": r["end"]["kld"], "max_difference": r["max_difference"], "why": qad_why,
                     "kept_start": r["kept_start"]}

@@ -65,6 +65,15 @@ class QuantizeStep(_Step):
     qad: Literal["auto", "always", "never"] = "auto"
     qad_tokens: int = Field(100_000, ge=1)
     qad_epochs: int = Field(1, ge=1)  # passes over qad_tokens (qad_options.QadOptions.epochs: why one)
+    # gptq weighs its calibration tokens by the logits' Fisher energy (quantize/fisher.py); off by
+    # default until compress's measured numbers are rerun with it
+    fisher: bool = False
+
+    @model_validator(mode="after")
+    def _fisher_needs_gptq(self):
+        if self.fisher and self.method != "gptq":
+            raise ValueError(f"fisher weighs gptq's calibration tokens: it needs method gptq, not {self.method}")
+        return self
 
 
 class EvaluateStep(_Step):
