@@ -145,7 +145,8 @@ def eval_cmd(model, reference, texts, text_tokens, old_max_tokens, ctx, mmlu, mm
                    "against the original's logits in its own format.")
 @qad_options
 @click.option("--fisher", is_flag=True, help="gptq weighs each calibration token by how much the output distribution "
-              "depends on each layer there (one backward pass of the whole model first; up to 1B parameters).")
+              "depends on each layer there (one backward pass of the whole model first; up to 1B parameters). "
+              "With --method qad, training then runs end to end only.")
 @click.option("--calib", multiple=True, type=click.Path(path_type=Path), help="Calibration text file(s).")
 @click.option("--calib-tokens", default=8192, show_default=True, type=POSITIVE,
               help="Calibration tokens (8192 and 16384 gave the same KLD on SmolLM2 Q4_K_M).")
