@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +23,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from quant_vs_llamacpp import measure, prepare_reference, remembered_note, split_texts, work_folder  # noqa: E402
+from quant_vs_llamacpp import measure, prepare_reference, produce, remembered_note, split_texts, work_folder  # noqa: E402
 from results_file import put_section  # noqa: E402
 
-from pocketlm.quantize.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from pocketlm.util.atomic import write_json  # noqa: E402
 from pocketlm.util.machine import cpu_name  # noqa: E402
 
@@ -56,11 +54,7 @@ def main() -> None:
                 rows[(preset, variant)] = json.loads(row.read_text())
                 continue
             out = row.with_suffix(".gguf")
-            t0 = time.perf_counter()
-            quantize_model(str(ref), out, QuantizeOptions(preset=preset, method="gptq", calib=[str(calib)], fisher=fisher,
-                                                          calib_tokens=args.calib_tokens, allow_requant=True,
-                                                          progress=False))
-            seconds = time.perf_counter() - t0
+            seconds = produce(variant, ref, out, preset, calib, args.calib_tokens, None, None)  # the variant says --fisher
             res = measure(out, ref, held_out, args.eval_tokens) | {"quantize_s": seconds}
             out.unlink()
             write_json(row, res)
